@@ -1,0 +1,342 @@
+"""DeltaProduct kernels in plain PyTorch: a step-by-step recurrence and a chunk-parallel form.
+
+Both follow flash-linear-attention's ``gated_delta_product`` tensor convention, so that its Triton
+kernel can serve as a CUDA backend:
+
+- ``q`` [B, T, H, K]; ``k`` [B, T*n_h, H, K] and ``v`` [B, T*n_h, H, V], the n_h keys of token t at
+  positions t*n_h ... t*n_h+n_h-1; ``beta`` [B, T*n_h, H]; ``g`` [B, T, H] log-space decay or None;
+- ``initial_state`` [N, H, K, V] (N = B, or the number of sequences with ``cu_seqlens``);
+- returns ``(o [B, T, H, V] in q's dtype, final_state [N, H, K, V] or None)``.
+
+Per token t, with S the [K, V] state::
+
+    S <- exp(g_t) * S
+    for j in 0..n_h-1:  S <- S + beta_j k_j (v_j - S^T k_j)^T
+    o_t = S^T (scale * q_t)
+
+The kernels do not normalise q or k (the layer does). Math runs in fp32 (fp64 when the inputs are
+fp64); the final state is returned in that dtype.
+
+This file is copied into the Hugging Face module cache for ``trust_remote_code`` loading: it imports
+only the standard library and torch, and flash-linear-attention stays an optional, guarded import.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional CUDA backend; the torch paths below never need it
+    from fla.ops.gated_delta_product import chunk_gated_delta_product as _fla_chunk_gated_delta_product
+except Exception:  # ImportError, or a broken triton install
+    _fla_chunk_gated_delta_product = None
+
+__all__ = ["chunk_delta_product", "recurrent_delta_product"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks shared by both kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, num_householder):
+    """Validate the convention above; return (B, T, H, K, V, N)."""
+    if not isinstance(num_householder, int) or num_householder < 1:
+        raise ValueError(f"num_householder must be a positive int, got {num_householder!r}")
+    n = num_householder
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, T, H, K], got shape {tuple(q.shape)}")
+    B, T, H, K = q.shape
+    if k.dim() != 4 or tuple(k.shape) != (B, T * n, H, K):
+        raise ValueError(
+            f"k must be [B, T*num_householder, H, K] = {(B, T * n, H, K)} for q {tuple(q.shape)} and "
+            f"num_householder={n}, got {tuple(k.shape)}"
+        )
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T * n, H):
+        raise ValueError(f"v must be [B, T*num_householder, H, V] = {(B, T * n, H)} + (V,), got {tuple(v.shape)}")
+    V = v.shape[-1]
+    if tuple(beta.shape) != (B, T * n, H):
+        raise ValueError(f"beta must be [B, T*num_householder, H] = {(B, T * n, H)}, got {tuple(beta.shape)}")
+    if g is not None and tuple(g.shape) != (B, T, H):
+        raise ValueError(f"g must be [B, T, H] = {(B, T, H)} (one decay per token), got {tuple(g.shape)}")
+    N = B
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs packed inputs with batch size 1, got B={B}; flatten the batch first")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+            raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N+1], got {tuple(cu_seqlens.shape)}")
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T} (token offsets), got {offsets}")
+        N = len(offsets) - 1
+    if initial_state is not None and tuple(initial_state.shape) != (N, H, K, V):
+        raise ValueError(
+            f"initial_state must be [N, H, K, V] = {(N, H, K, V)} (N = number of sequences), "
+            f"got {tuple(initial_state.shape)}"
+        )
+    return B, T, H, K, V, N
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (tests); everything else accumulates in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Recurrence: the reference, and the decode path (T = 1)
+# ----------------------------------------------------------------------------------------------
+
+
+def _recurrent(q, k, v, beta, g, scale, h0, n):
+    """One sequence batch, no cu_seqlens. Returns (o [B, T, H, V] compute dtype, S [B, H, K, V])."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = _compute_dtype(q)
+    # time-major so that each step indexes a contiguous slice
+    qs = (q.to(dt) * scale).transpose(0, 1)  # [T, B, H, K]
+    ks = k.to(dt).view(B, T, n, H, K).permute(1, 2, 0, 3, 4)  # [T, n, B, H, K]
+    vs = v.to(dt).view(B, T, n, H, V).permute(1, 2, 0, 3, 4)  # [T, n, B, H, V]
+    bks = ks * beta.to(dt).view(B, T, n, H).permute(1, 2, 0, 3).unsqueeze(-1)  # [T, n, B, H, K], beta * k
+    decay = g.to(dt).exp().transpose(0, 1)[..., None, None] if g is not None else None  # [T, B, H, 1, 1]
+    S = h0.to(dt) if h0 is not None else q.new_zeros(B, H, K, V, dtype=dt)  # [B, H, K, V]
+    outs = []
+    for t in range(T):
+        if decay is not None:
+            S = S * decay[t]
+        for j in range(n):
+            pred = (ks[t, j].unsqueeze(-2) @ S).squeeze(-2)  # [B, H, V] = S^T k
+            S = S + bks[t, j].unsqueeze(-1) * (vs[t, j] - pred).unsqueeze(-2)
+        outs.append((qs[t].unsqueeze(-2) @ S).squeeze(-2))  # [B, H, V]
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, V, dtype=dt)  # [B, T, H, V]
+    return o, S
+
+
+def recurrent_delta_product(
+    q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    num_householder=1,
+):
+    """Token-by-token DeltaProduct (see module docstring). Reference for the chunk kernel and decode path."""
+    B, T, H, K, V, N = _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, num_householder)
+    n = num_householder
+    scale = K**-0.5 if scale is None else scale
+    if cu_seqlens is None:
+        o, S = _recurrent(q, k, v, beta, g, scale, initial_state, n)
+        return o.to(q.dtype), (S if output_final_state else None)
+    # packed sequences: run each one from its own initial state
+    offsets = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        h0 = initial_state[i : i + 1] if initial_state is not None else None
+        o_i, S_i = _recurrent(
+            q[:, s:e], k[:, s * n : e * n], v[:, s * n : e * n], beta[:, s * n : e * n],
+            None if g is None else g[:, s:e], scale, h0, n,
+        )
+        outs.append(o_i)
+        finals.append(S_i)
+    o = torch.cat(outs, dim=1).to(q.dtype)
+    return o, (torch.cat(finals, dim=0) if output_final_state else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk-parallel form
+# ----------------------------------------------------------------------------------------------
+# The n_h Householder steps of a token are n_h delta-rule steps on an interleaved sequence of
+# length L = T*n_h. A chunk holds Ct whole tokens, i.e. C = Ct*n_h interleaved positions. Inside a
+# chunk, with decays gamma_p (cumulative log decay up to position p; a token's decay sits on its
+# first position) and state S0 at the chunk start, the WY form gives
+#     X = (I + tril(diag(beta) K K^T * exp(gamma_i - gamma_j), -1))^-1 [beta V | beta exp(gamma) K]
+#     U, W = X[:, :V], X[:, V:]          new values u_p - w_p S0 are what the delta rule writes
+#     S1 = M S0 + B  with  M = exp(gamma_last) I - Kd^T W,  B = Kd^T U,  Kd = exp(gamma_last - gamma) K
+#     o  = Aq U + (Qd - Aq W) S0  with  Aq = (Q K^T * exp(gamma_q - gamma)) masked, Qd = exp(gamma_q) Q
+# Everything except S0 is computed for all chunks at once; only S1 = M S0 + B runs chunk by chunk.
+
+
+def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
+    """Chunk math on pre-chunked inputs.
+
+    q [B, H, NC, Ct, K] (already scaled); k [B, H, NC, C, K]; v [B, H, NC, C, V]; beta [B, H, NC, C];
+    g [B, H, NC, Ct] or None. S0: state entering chunk 0 [B, H, K, V]. resets: {chunk: state} replaces
+    the carried state at document starts; captures: {chunk: key} records the state after that chunk.
+    Returns (o [B, H, NC, Ct, V], {key: state [B, H, K, V]}).
+    """
+    B, H, NC, Ct, K = q.shape
+    C, V = v.shape[-2], v.shape[-1]
+    dev, dt = q.device, q.dtype
+    pos = torch.arange(C, device=dev)
+    strict_lower = pos[:, None] > pos[None, :]  # [C, C] earlier positions of the chunk
+    sees = (pos[None, :] // n) <= torch.arange(Ct, device=dev)[:, None]  # [Ct, C] query i reads after token i
+
+    kt = k.transpose(-1, -2)  # [B, H, NC, K, C]
+    kk = k @ kt  # [B, H, NC, C, C]
+    qk = q @ kt  # [B, H, NC, Ct, C]
+    bk = beta.unsqueeze(-1)  # [B, H, NC, C, 1]
+    if g is not None:
+        gq = g.cumsum(-1)  # [B, H, NC, Ct] log decay from the chunk start up to token i
+        gk = gq.repeat_interleave(n, dim=-1)  # [B, H, NC, C] same for all n_h positions of a token
+        glast = gq[..., -1:]  # [B, H, NC, 1]
+        # differences of cumulative sums are <= 0 where unmasked; mask to -inf before exp so nothing overflows
+        a_decay = (gk.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill(~strict_lower, float("-inf")).exp()
+        q_decay = (gq.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill(~sees, float("-inf")).exp()
+        A = kk * a_decay * bk  # [B, H, NC, C, C] strictly lower
+        Aq = qk * q_decay  # [B, H, NC, Ct, C]
+        rhs = torch.cat([v * bk, k * (bk * gk.unsqueeze(-1).exp())], dim=-1)  # [B, H, NC, C, V+K]
+        qd = q * gq.unsqueeze(-1).exp()  # [B, H, NC, Ct, K]
+        kd = k * (glast - gk).unsqueeze(-1).exp()  # [B, H, NC, C, K]
+        chunk_decay = glast.exp().unsqueeze(-1)  # [B, H, NC, 1, 1]
+    else:
+        A = (kk * bk).masked_fill(~strict_lower, 0.0)
+        Aq = qk.masked_fill(~sees, 0.0)
+        rhs = torch.cat([v * bk, k * bk], dim=-1)
+        qd, kd, chunk_decay = q, k, None
+
+    # unit lower-triangular solve (diagonal taken as 1): X = [U | W]
+    X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [B, H, NC, C, V+K]
+    AqX = Aq @ X  # [B, H, NC, Ct, V+K]
+    o_intra = AqX[..., :V]  # [B, H, NC, Ct, V]
+    q_eff = qd - AqX[..., V:]  # [B, H, NC, Ct, K]
+    KdX = kd.transpose(-1, -2) @ X  # [B, H, NC, K, V+K]
+    eye = torch.eye(K, device=dev, dtype=dt)
+    M = (eye * chunk_decay if chunk_decay is not None else eye) - KdX[..., V:]  # [B, H, NC, K, K]
+    Badd = KdX[..., :V]  # [B, H, NC, K, V]
+
+    # the only sequential part: one batched matmul-add per chunk
+    M = M.permute(2, 0, 1, 3, 4).reshape(NC, B * H, K, K)
+    Badd = Badd.permute(2, 0, 1, 3, 4).reshape(NC, B * H, K, V)
+    S = S0.reshape(B * H, K, V)
+    starts, finals = [], {}
+    for c in range(NC):
+        if c in resets:
+            S = resets[c].reshape(B * H, K, V)
+        starts.append(S)
+        S = torch.baddbmm(Badd[c], M[c], S)
+        if c in captures:
+            finals[captures[c]] = S.view(B, H, K, V)
+    S_starts = torch.stack(starts, dim=0).view(NC, B, H, K, V).permute(1, 2, 0, 3, 4)  # [B, H, NC, K, V]
+    o = o_intra + q_eff @ S_starts  # [B, H, NC, Ct, V]
+    return o, finals
+
+
+def _to_chunks(qf, kf, vf, bf, gf, Ct, n):
+    """Token-major padded tensors -> head-first chunks (see _chunk_scan for the shapes)."""
+    B, Tp, H, K = qf.shape
+    V = vf.shape[-1]
+    NC = Tp // Ct
+    q = qf.view(B, NC, Ct, H, K).permute(0, 3, 1, 2, 4)  # [B, H, NC, Ct, K]
+    k = kf.reshape(B, NC, Ct * n, H, K).permute(0, 3, 1, 2, 4)  # [B, H, NC, C, K] interleaved order kept
+    v = vf.reshape(B, NC, Ct * n, H, V).permute(0, 3, 1, 2, 4)  # [B, H, NC, C, V]
+    b = bf.reshape(B, NC, Ct * n, H).permute(0, 3, 1, 2)  # [B, H, NC, C]
+    g = gf.view(B, NC, Ct, H).permute(0, 3, 1, 2) if gf is not None else None  # [B, H, NC, Ct]
+    return q, k, v, b, g
+
+
+def _varlen_layout(offsets, Ct, device):
+    """Pad every packed sequence to whole chunks so that no chunk spans two documents.
+
+    Returns (src [P] token index or -1 for padding, dest [T] padded position of each token,
+    doc_chunks [(first_chunk, last_chunk) or None per document]).
+    """
+    src, dest, doc_chunks, P = [], [], [], 0
+    for s, e in zip(offsets, offsets[1:]):
+        L = e - s
+        Lp = -(-L // Ct) * Ct
+        src.extend(range(s, e))
+        src.extend([-1] * (Lp - L))
+        dest.extend(range(P, P + L))
+        doc_chunks.append((P // Ct, (P + Lp) // Ct - 1) if L > 0 else None)
+        P += Lp
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)
+    return as_long(src), as_long(dest), doc_chunks
+
+
+def _gather_tokens(x, src):
+    """x [1, T, ...] -> [1, P, ...] with x[:, src], zeros where src == -1."""
+    T = x.shape[1]
+    x = torch.cat([x, x.new_zeros(1, 1, *x.shape[2:])], dim=1)
+    return x.index_select(1, torch.where(src < 0, T, src))
+
+
+def _fla_backend(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, n):
+    """flash-linear-attention's Triton kernel (CUDA, bf16/fp16). Same convention; g is required there."""
+    if g is None:
+        g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    o, S = _fla_chunk_gated_delta_product(
+        q=q, k=k, v=v, g=g, beta=beta, num_householder=n, scale=scale,
+        initial_state=None if initial_state is None else initial_state.float(),
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )
+    return o.to(q.dtype), (S.float() if S is not None else None)
+
+
+def _use_fla(backend, q):
+    if backend not in ("auto", "torch", "fla"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'fla', got {backend!r}")
+    fla_ok = _fla_chunk_gated_delta_product is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    if backend == "fla" and not fla_ok:
+        raise ValueError("backend='fla' needs flash-linear-attention installed and bf16/fp16 CUDA inputs")
+    return backend == "fla" or (backend == "auto" and fla_ok)
+
+
+def chunk_delta_product(
+    q, k, v, beta, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    num_householder=1, chunk_size=64, backend="auto",
+):
+    """Chunk-parallel DeltaProduct, same result as ``recurrent_delta_product``.
+
+    ``chunk_size`` counts interleaved positions (tokens * num_householder); a chunk holds
+    ``max(1, chunk_size // num_householder)`` whole tokens. ``backend``: "torch" (this file),
+    "fla" (flash-linear-attention, CUDA bf16/fp16) or "auto" (fla when it applies, else torch).
+    """
+    B, T, H, K, V, N = _check_inputs(q, k, v, beta, g, initial_state, cu_seqlens, num_householder)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    n = num_householder
+    scale = K**-0.5 if scale is None else scale
+    if _use_fla(backend, q):
+        return _fla_backend(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, n)
+
+    dt = _compute_dtype(q)
+    Ct = max(1, chunk_size // n)  # whole tokens per chunk
+    h0 = initial_state.to(dt) if initial_state is not None else None
+    if T == 0:
+        S = h0 if h0 is not None else q.new_zeros(N, H, K, V, dtype=dt)
+        return q.new_zeros(B, 0, H, V), (S if output_final_state else None)
+
+    # token-major views, the n_h keys of a token side by side
+    qf = q.to(dt) * scale  # [B, T, H, K]
+    kf = k.to(dt).view(B, T, n, H, K)
+    vf = v.to(dt).view(B, T, n, H, V)
+    bf = beta.to(dt).view(B, T, n, H)
+    gf = g.to(dt) if g is not None else None  # [B, T, H]
+
+    if cu_seqlens is None:
+        # pad with k = v = beta = g = 0: identity steps, so the final state is unaffected
+        pad = (-T) % Ct
+        if pad:
+            qf, kf, vf, bf = (torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1) for x in (qf, kf, vf, bf))
+            gf = torch.cat([gf, gf.new_zeros(B, pad, H)], dim=1) if gf is not None else None
+        chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
+        NC = chunks[0].shape[2]
+        S0 = h0 if h0 is not None else q.new_zeros(B, H, K, V, dtype=dt)
+        o, finals = _chunk_scan(*chunks, n, S0, resets={}, captures={NC - 1: "all"})
+        o = o.permute(0, 2, 3, 1, 4).reshape(B, NC * Ct, H, V)[:, :T]  # [B, T, H, V]
+        S = finals["all"]
+    else:
+        # packed documents: pad each to whole chunks, reset the state at each document's first chunk
+        src, dest, doc_chunks = _varlen_layout(cu_seqlens.tolist(), Ct, q.device)
+        qf, kf, vf, bf = (_gather_tokens(x, src) for x in (qf, kf, vf, bf))
+        gf = _gather_tokens(gf, src) if gf is not None else None
+        chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
+        NC = chunks[0].shape[2]
+        zeros = q.new_zeros(1, H, K, V, dtype=dt)
+        resets, captures = {}, {}
+        for i, span in enumerate(doc_chunks):
+            if span is not None:
+                resets[span[0]] = h0[i : i + 1] if h0 is not None else zeros
+                captures[span[1]] = i
+        o, finals = _chunk_scan(*chunks, n, zeros, resets, captures)
+        o = o.permute(0, 2, 3, 1, 4).reshape(1, NC * Ct, H, V).index_select(1, dest)  # [1, T, H, V]
+        # an empty document passes its initial state through
+        S = torch.cat(
+            [finals[i] if i in finals else (h0[i : i + 1] if h0 is not None else zeros) for i in range(N)], dim=0
+        )
+    return o.to(q.dtype), (S if output_final_state else None)
