@@ -1,0 +1,53 @@
+"""The `seedlm` command line.
+
+Each subcommand lives in its own module under `launch/commands/` and exposes
+`add_arguments(parser)` and `run(args) -> int`. Command modules keep their
+heavy imports (torch, deepspeed, datasets) inside `run`, so `seedlm --help`
+answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand, module under launch.commands, one-line help)
+COMMANDS = [
+    ("demo", "demo", "build a tiny model of each family, run a forward pass and generate()"),
+    ("convert", "convert", "convert a transformers checkpoint (qwen3_moe) into a seedlm model folder"),
+    ("tokenizer", "tokenizer", "train or inspect a sentencepiece tokenizer"),
+    ("data", "data", "inspect the data pipeline: decode packed rows with document boundaries marked"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seedlm",
+        description="seedlm: pretraining stack for gated-attention MoE and DeltaProduct language models.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name, help_text in COMMANDS:
+        try:
+            module = importlib.import_module(f"launch.commands.{module_name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"launch.commands.{module_name}":
+                raise
+            continue  # subcommand not built yet in this checkout
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Configuration of the gated-attention Mixture-of-Experts decoder (model_type `seedlm_gated_moe`).
+
+Field names follow transformers' Qwen3-MoE where the idea is the same, so configs and checkpoints
+convert by renaming nothing. Imports only transformers: this file travels with exported checkpoints.
+"""
+
+from transformers import PreTrainedConfig
+
+ATTN_OUTPUT_GATES = ("elementwise", "headwise", "none")
+
+
+def validate_attention_fields(config, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Shared by both families: the gated attention layer's shape and gate checks."""
+    if config.attn_output_gate not in ATTN_OUTPUT_GATES:
+        raise ValueError(
+            f"attn_output_gate={config.attn_output_gate!r} is not a gate kind; use one of {list(ATTN_OUTPUT_GATES)}"
+        )
+    if num_heads < 1 or num_kv_heads < 1 or head_dim < 1:
+        raise ValueError(
+            f"attention needs positive sizes, got heads={num_heads}, kv heads={num_kv_heads}, head_dim={head_dim}"
+        )
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_attention_heads={num_heads} must be a multiple of num_key_value_heads={num_kv_heads} (GQA groups)"
+        )
+    if head_dim % 2 != 0:
+        raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+
+
+def validate_moe_fields(config) -> None:
+    """Shared by both families: the MoE FFN's checks (num_experts == 0 means a dense FFN)."""
+    if config.num_experts < 0:
+        raise ValueError(f"num_experts={config.num_experts} must be >= 0 (0 gives a dense FFN)")
+    if config.num_experts > 0:
+        if not 1 <= config.num_experts_per_tok <= config.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok={config.num_experts_per_tok} must be between 1 and "
+                f"num_experts={config.num_experts} (top-k cannot pick more experts than exist)"
+            )
+        if config.moe_intermediate_size < 1:
+            raise ValueError(f"moe_intermediate_size={config.moe_intermediate_size} must be >= 1")
+    if config.shared_expert_intermediate_size < 0:
+        raise ValueError("shared_expert_intermediate_size must be >= 0 (0 = no shared expert)")
+    if config.router_bias_update_rate < 0:
+        raise ValueError("router_bias_update_rate must be >= 0 (0 = no auxiliary-loss-free bias)")
+    if config.hidden_act != "silu":
+        raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; the FFNs are SwiGLU ('silu')")
+
+
+class GatedMoeConfig(PreTrainedConfig):
+    r"""
+    A decoder whose attention output is multiplied by a sigmoid gate computed from the same normed hidden
+    states as the query (the G1 gate of Qiu et al. 2025), with a fine-grained MoE FFN.
+
+    attn_output_gate: "elementwise" (one gate per head and channel: q_proj widens by heads * head_dim),
+        "headwise" (one gate per head: q_proj widens by heads) or "none" (plain attention).
+    qk_norm: RMSNorm over head_dim on queries and keys before RoPE.
+    num_experts: 0 gives a dense SwiGLU FFN of `intermediate_size`; otherwise a top-k MoE of
+        `moe_intermediate_size` experts, plus a sigmoid-gated shared expert when
+        `shared_expert_intermediate_size > 0`.
+    norm_topk_prob: renormalise the top-k router probabilities to sum to one.
+    router_aux_loss_coef / router_z_loss_coef: weights of the load-balancing and z losses added to the
+        language-model loss when labels are given.
+    router_bias_update_rate: > 0 enables auxiliary-loss-free balancing: a per-expert bias added to the
+        router scores for top-k selection only, nudged by this rate after each optimizer step
+        (`model.update_router_biases(expert_counts)`).
+    rope_parameters: transformers' rope dict (e.g. {"rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 4096}) for long-context extension; rope_theta fills its base.
+    """
+
+    model_type = "seedlm_gated_moe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int | None = None
+    intermediate_size: int = 2816
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    attn_output_gate: str = "elementwise"
+    qk_norm: bool = True
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0
+    output_router_logits: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set head_dim explicitly or change the head count"
+                )
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        validate_attention_fields(self, self.num_attention_heads, self.num_key_value_heads, self.head_dim)
+        validate_moe_fields(self)
+        super().__post_init__(**kwargs)
+        # rope_theta lives inside rope_parameters after standardisation; keep the flat field in sync
+        self.rope_theta = self.rope_parameters["rope_theta"]
+
+
+__all__ = ["GatedMoeConfig"]

@@ -1,0 +1,197 @@
+"""Building blocks shared by both model families: RMSNorm, rotary embeddings, the gated attention layer
+and the SwiGLU MLP.
+
+Imports only torch and transformers (this file travels with exported checkpoints for trust_remote_code).
+The attention kernel is chosen through transformers' attention interface (`config._attn_implementation`):
+"sdpa" (default, CPU and GPU), "flash_attention_2" on CUDA when flash-attn is installed, or "eager"
+(needed to return attention weights, e.g. for attention-sink statistics).
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / rms(x), computed in at least fp32 and cast back."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE over `config.head_dim`. Scaled variants (yarn, linear, dynamic, llama3,
+    longrope) come from transformers' rope utilities via `config.rope_parameters["rope_type"]`."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        if self.rope_type == "default":
+            inv_freq, self.attention_scaling = self.compute_default_rope_parameters(config)
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, device=None)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        # named as transformers expects: PreTrainedModel._init_weights calls it to refill the buffers
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update  # recomputes inv_freq for the "dynamic" and "longrope" types as sequences grow
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids [B, T] -> cos, sin [B, T, head_dim]
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 tables for bf16 models, fp64 for fp64
+        freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q, k [B, heads, T, D]; cos, sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain softmax attention that also returns the weights. query [B, H, T, D], key/value [B, Hkv, S, D];
+    attention_mask is transformers' 4-D additive float mask or boolean mask (True = attend)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, T, S]
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [B, T, H, D]
+    return output, weights
+
+
+class GatedAttention(nn.Module):
+    """GQA attention with RoPE, optional QK RMSNorm and a sigmoid output gate (Qiu et al. 2025, "G1").
+
+    The gate is computed by q_proj together with the query, from the same normed hidden states. q_proj's
+    output is packed per head as [q_h | gate_h] (gate_h has head_dim values for "elementwise", 1 for
+    "headwise"): the layout Qwen3-Next uses. Keeping each head's query and gate adjacent means a
+    head-sharded (tensor-parallel) q_proj keeps both on the same rank, and the split is a view.
+    """
+
+    def __init__(
+        self,
+        config,
+        layer_idx: int,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+    ):
+        super().__init__()
+        self.config = config  # read for _attn_implementation at call time
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.num_key_value_groups = num_heads // num_kv_heads
+        self.scaling = head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.gate_kind = config.attn_output_gate
+        self.gate_dim = {"elementwise": head_dim, "headwise": 1, "none": 0}[self.gate_kind]
+
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(hidden_size, num_heads * (head_dim + self.gate_dim), bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, _ = hidden_states.shape
+        q_and_gate = self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim + self.gate_dim)
+        query, gate = q_and_gate.split([self.head_dim, self.gate_dim], dim=-1)  # [B, T, H, D], [B, T, H, G]
+        key = self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, T, D]
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation != "eager":
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )  # attn_output [B, T, H, D]
+
+        if self.gate_dim:
+            attn_output = attn_output * torch.sigmoid(gate)  # gate broadcasts over D when headwise
+        attn_output = attn_output.reshape(B, T, self.num_heads * self.head_dim)
+        return self.o_proj(attn_output), attn_weights
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense FFN and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,302 @@
+"""The gated-attention Mixture-of-Experts decoder: GatedMoeModel and GatedMoeForCausalLM.
+
+Read top to bottom: decoder layer (pre-norm gated attention, then MoE or dense SwiGLU FFN), the
+PreTrainedModel base (weight init, router-bias updates), the backbone, the causal-LM head with the
+router losses. Imports only torch, transformers and sibling files (exported with the checkpoint).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_gated_moe import GatedMoeConfig
+from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP
+from .moe import Experts, RouterOutput, SparseMoeBlock, TopKRouter, load_balancing_loss
+
+
+@dataclass
+class GatedMoeModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None  # one per MoE layer
+
+
+@dataclass
+class GatedMoeCausalLMOutput(ModelOutput):
+    """loss includes router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss when labels are given.
+    aux_loss and z_loss are unweighted means over MoE layers. expert_counts [L_moe, E] (no gradient) and
+    router_probs [L_moe, E] let a trainer form the balancing loss over a larger batch."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    expert_counts: torch.Tensor | None = None
+    router_probs: torch.Tensor | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+
+
+class GatedMoeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: GatedMoeConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = GatedAttention(
+            config,
+            layer_idx,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+        )
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.num_experts > 0:
+            self.mlp = SparseMoeBlock(config)
+        else:
+            self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, token_mask=None, past_key_values=None, **kw):
+        # hidden_states [B, T, hidden] -> same shape, plus this layer's routing (None when dense)
+        attn_out, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kw
+        )
+        hidden_states = hidden_states + attn_out
+        ffn_in = self.post_attention_layernorm(hidden_states)
+        routing = None
+        if isinstance(self.mlp, SparseMoeBlock):
+            ffn_out, routing = self.mlp(ffn_in, token_mask)
+        else:
+            ffn_out = self.mlp(ffn_in)
+        return hidden_states + ffn_out, routing, attn_weights
+
+
+class GatedMoePreTrainedModel(PreTrainedModel):
+    config_class = GatedMoeConfig
+    config: GatedMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GatedMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)  # Linear, Embedding, RMSNorm
+        std = self.config.initializer_range
+        if isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.expert_bias is not None:
+                init.zeros_(module.expert_bias)
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The MoE FFNs in layer order (empty for a dense model)."""
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    @torch.no_grad()
+    def update_router_biases(self, expert_counts: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing step: expert_counts [L_moe, E], ideally summed over the global batch.
+        Call after the optimizer step; needs router_bias_update_rate > 0."""
+        blocks = self.moe_blocks()
+        if expert_counts.shape[0] != len(blocks):
+            raise ValueError(f"expert_counts has {expert_counts.shape[0]} rows, the model has {len(blocks)} MoE layers")
+        for block, counts in zip(blocks, expert_counts):
+            block.gate.update_bias(counts)
+
+
+class GatedMoeModel(GatedMoePreTrainedModel):
+    def __init__(self, config: GatedMoeConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(GatedMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> GatedMoeModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                "output_attentions=True needs the eager attention kernel: load the model with "
+                "attn_implementation='eager'"
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)  # [B, T, hidden]
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)  # [1, T]
+
+        # An empty cache must not hide packed documents: transformers only splits documents at position_ids
+        # restarts when there is no cache, so a first forward that merely *creates* a cache is treated as none.
+        mask_cache = past_key_values if past_seen > 0 or not isinstance(past_key_values, DynamicCache) else None
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=mask_cache,
+            position_ids=position_ids,
+        )
+        # 1 for real tokens: padding is left out of the router statistics
+        token_mask = attention_mask[:, -inputs_embeds.shape[1] :] if attention_mask is not None else None
+        if token_mask is not None and token_mask.dim() != 2:
+            token_mask = None
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden, all_attn, routings = [], [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, routing, attn_weights = layer(
+                hidden_states,
+                position_embeddings,
+                causal_mask,
+                token_mask,
+                past_key_values,
+                position_ids=position_ids,
+                **kwargs,
+            )
+            if routing is not None:
+                routings.append(routing)
+            if output_attentions:
+                all_attn.append(attn_weights)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+
+        return GatedMoeModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            router_outputs=tuple(routings) if routings else None,
+        )
+
+
+def combine_router_losses(routings: tuple[RouterOutput, ...] | None):
+    """Mean over MoE layers of the balancing and z losses, plus the stacked counts and mean probabilities."""
+    if not routings:
+        return None, None, None, None
+    expert_counts = torch.stack([r.expert_counts for r in routings])  # [L_moe, E]
+    router_probs = torch.stack([r.probs_mean for r in routings])  # [L_moe, E]
+    aux_loss = load_balancing_loss(expert_counts, router_probs)
+    z_loss = torch.stack([r.z_loss for r in routings]).mean()
+    return aux_loss, z_loss, expert_counts, router_probs
+
+
+class GatedMoeForCausalLM(GatedMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: GatedMoeConfig):
+        super().__init__(config)
+        self.model = GatedMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> GatedMoeCausalLMOutput:
+        """labels [B, T] are the input ids (the shift happens inside); -100 marks positions not to predict.
+        `num_items_in_batch` in kwargs normalises the loss over a whole gradient-accumulation batch."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])  # [B, T_keep, vocab]
+
+        aux_loss, z_loss, expert_counts, router_probs = combine_router_losses(outputs.router_outputs)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits = None
+        if output_router_logits and outputs.router_outputs:
+            router_logits = tuple(r.logits for r in outputs.router_outputs)
+        return GatedMoeCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            expert_counts=expert_counts,
+            router_probs=router_probs,
+            router_logits=router_logits,
+        )
+
+
+__all__ = ["GatedMoePreTrainedModel", "GatedMoeModel", "GatedMoeForCausalLM"]
