@@ -1,0 +1,141 @@
+"""Configuration of the data pipeline: which text sources, how to pack them, how to read them.
+
+`DataConfig` is what the trainer builds (from the run YAML's `data:` section via
+`DataConfig.from_dict`) and hands to `build_dataloader`. `SourceConfig` names one text source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sysconfig
+from dataclasses import dataclass, field
+from typing import Any
+
+SOURCE_KINDS = ("hub", "jsonl", "parquet", "text", "files", "stdlib")
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
+
+
+class DataError(ValueError):
+    """A user's mistake about the data (missing files, unknown dataset or field, bad state).
+
+    The message names what is wrong and what to do; it is raised before any compute starts.
+    """
+
+
+@dataclass
+class SourceConfig:
+    """One text source.
+
+    kind:
+      - "hub":     `datasets.load_dataset(path, name, split=split, streaming=True)`; `path` is a Hub
+                   dataset id or a local dataset folder (parquet/jsonl files, the same code path).
+      - "jsonl":   one JSON object per line, text in `text_field`.
+      - "parquet": text in column `text_field`.
+      - "text":    plain text files; documents are lines, paragraphs (blank-line separated) or
+                   whole files (`sample_by`).
+      - "files":   a folder of files matched by `glob`, one document per file.
+      - "stdlib":  the embedded default corpus: this Python's standard-library `*.py` files
+                   (a "files" source over `sysconfig.get_paths()["stdlib"]`, site-packages excluded).
+    For local kinds `path` is a file, a folder (then `glob` picks the files) or a glob pattern.
+
+    Held-out split: local sources put a document in the validation split when a stable hash of its
+    key (the file path relative to the root, plus the record index for multi-record files) falls
+    under `holdout_fraction`. Hub sources use their own split named `validation_split`.
+    """
+
+    kind: str = "stdlib"
+    path: str | None = None
+    name: str | None = None  # Hub dataset config name
+    split: str = "train"  # Hub split used for training
+    validation_split: str | None = None  # Hub split used for validation
+    text_field: str = "text"
+    glob: str | None = None  # file pattern under a folder `path`; default depends on kind
+    exclude: list[str] = field(default_factory=list)  # path components to skip, e.g. ["site-packages"]
+    sample_by: str = "paragraph"  # kind "text" only: "line" | "paragraph" | "document"
+    weight: float = 1.0  # mixture weight (normalised over sources)
+    holdout_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise DataError(f"unknown source kind {self.kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+        if self.kind == "stdlib":
+            # The embedded default: real text on every machine, no download.
+            self.path = self.path or sysconfig.get_paths()["stdlib"]
+            self.glob = self.glob or "**/*.py"
+            self.exclude = self.exclude or ["site-packages", "dist-packages", "__pycache__"]
+            if self.holdout_fraction == 0.0:
+                self.holdout_fraction = 0.02
+        if self.kind != "stdlib" and not self.path:
+            raise DataError(f"source of kind {self.kind!r} needs `path` (a dataset id, file, folder or glob)")
+        if self.sample_by not in TEXT_SAMPLE_BY:
+            raise DataError(f"sample_by={self.sample_by!r}; use one of {', '.join(TEXT_SAMPLE_BY)}")
+        if not self.weight > 0:
+            raise DataError(f"source {self.describe()}: weight must be > 0, got {self.weight}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise DataError(
+                f"source {self.describe()}: holdout_fraction must be in [0, 1), got {self.holdout_fraction}"
+            )
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"hub:{self.path}" + (f"/{self.name}" if self.name else "") + f"[{self.split}]"
+        return f"{self.kind}:{self.path}" + (f" ({self.glob})" if self.glob else "")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | str) -> SourceConfig:
+        if isinstance(d, str):  # shorthand: "stdlib"
+            d = {"kind": d}
+        _check_keys(cls, d, "data source")
+        return cls(**d)
+
+
+@dataclass
+class DataConfig:
+    """Everything from text sources to batches.
+
+    Batches are `micro_batch_size` rows of `seq_len` tokens. Documents are shuffled within blocks of
+    `shuffle_buffer` documents (seeded; the block is also the tokenisation batch). `num_epochs=None`
+    repeats the sources forever (training: the trainer stops at max_steps); an integer stops after
+    that many passes. `strict` turns skipped bad records into errors.
+    """
+
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    tokenizer: str | None = None  # path of a tokenizer folder (AutoTokenizer.from_pretrained)
+    seq_len: int = 512
+    micro_batch_size: int = 8
+    num_workers: int = 2
+    shuffle: bool = True
+    shuffle_buffer: int = 256
+    seed: int = 0
+    strict: bool = False
+    num_epochs: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig.from_dict(s) for s in self.sources]
+        if not self.sources:
+            raise DataError("data.sources is empty; name at least one source (or leave it out for the stdlib default)")
+        for key in ("seq_len", "micro_batch_size", "shuffle_buffer"):
+            if getattr(self, key) < 1:
+                raise DataError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise DataError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise DataError(f"data.num_epochs must be None (repeat forever) or >= 1, got {self.num_epochs}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        _check_keys(cls, d, "data")
+        d = dict(d)
+        if "sources" in d:
+            d["sources"] = [SourceConfig.from_dict(s) for s in d["sources"]]
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise DataError(f"unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
