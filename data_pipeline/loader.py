@@ -41,9 +41,6 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = "seedlm.data_pipeline.v1"
 _DRAWS_PER_CHUNK = 1024  # mixture draws come from a counter-based RNG in chunks of this size
 
-# torchdata 0.11 calls a deprecated torch API on every iter(); the warning says nothing about our data.
-warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
-
 
 class SourceReader:
     """One reader's document stream from one source (see the module docstring)."""
@@ -79,7 +76,9 @@ class SourceReader:
     def state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch, "shard_pos": self.shard_pos, "raw_idx": self.raw_idx, "global_base": self.global_base,
-            "block_no": self.block_no, "idx": self.idx, "exhausted": self.exhausted, "loaded": self.block is not None,
+            "block_no": self.block_no, "idx": self.idx, "exhausted": self.exhausted,
+            # whether the current block's bad records were already counted (it was read, or is about to be re-read)
+            "counted": self.block is not None or not self._count,
         }  # fmt: skip
 
     def load_state(self, st: dict[str, Any]) -> None:
@@ -91,7 +90,7 @@ class SourceReader:
             st["exhausted"],
         )
         self.block = self.order = None
-        self._count = not st["loaded"]  # a block loaded before the save had its bad records counted then
+        self._count = not st["counted"]  # re-reading a block must not count its bad records twice
 
     # -- reading
     def _epoch_shards(self, epoch: int) -> list[int]:
@@ -332,9 +331,12 @@ class PackedDataLoader:
 
         self.dataset, self.meta = dataset, meta
         nw = dataset.config.num_workers
-        self.loader = StatefulDataLoader(
-            dataset, batch_size=None, num_workers=nw, prefetch_factor=4 if nw else None, persistent_workers=False
-        )
+        with warnings.catch_warnings():
+            # torchdata 0.11 calls a deprecated torch API in its constructor; the warning says nothing about our data.
+            warnings.filterwarnings("ignore", message=".*set_vital.* is deprecated")
+            self.loader = StatefulDataLoader(
+                dataset, batch_size=None, num_workers=nw, prefetch_factor=4 if nw else None, persistent_workers=False
+            )
 
     def __iter__(self):
         return iter(self.loader)
