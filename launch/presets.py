@@ -1,0 +1,85 @@
+"""Model presets: YAML files under configs/models/ that name a model_type and its config fields.
+
+`load_model_config("gated_moe_tiny")` or `load_model_config("path/to/file.yaml", hidden_size=256)` returns
+the HF config object; an unknown field is refused with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
+
+
+class PresetError(ValueError):
+    """A preset file or field is wrong; the message says which and what is allowed."""
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise PresetError(f"model preset file {path} does not exist")
+        return path
+    candidate = MODEL_PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(str(name_or_path), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PresetError(f"no model preset named {name_or_path!r}{hint}; known presets: {known}")
+    return candidate
+
+
+def config_class_for(model_type: str):
+    from transformers import CONFIG_MAPPING
+
+    import model  # noqa: F401  (registers both families)
+
+    seedlm_types = sorted(t for t in CONFIG_MAPPING.keys() if t.startswith("seedlm_"))
+    if model_type not in seedlm_types:
+        raise PresetError(f"model_type {model_type!r} is not a seedlm model; use one of {seedlm_types}")
+    return CONFIG_MAPPING[model_type]
+
+
+def build_model_config(fields: dict, source: str = "model config"):
+    """fields: {"model_type": ..., <config fields>} -> config object; unknown fields are refused."""
+    fields = dict(fields)
+    if "model_type" not in fields:
+        raise PresetError(f"{source} has no model_type")
+    config_class = config_class_for(fields.pop("model_type"))
+    valid = {f.name for f in dataclasses.fields(config_class)}
+    for key in fields:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise PresetError(f"{source}: unknown field {key!r} for {config_class.model_type}{hint}")
+    return config_class(**fields)
+
+
+def load_model_config(name_or_path: str | Path, **overrides):
+    path = preset_path(name_or_path)
+    fields = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(fields, dict):
+        raise PresetError(f"{path} must hold a mapping of config fields")
+    fields.update(overrides)
+    return build_model_config(fields, source=str(path))
+
+
+def count_parameters(config) -> tuple[int, int]:
+    """(total, active per token) parameter counts, computed on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in built.parameters())
+    active = total
+    for name, param in built.named_parameters():
+        if ".experts." in name:  # only top-k of the experts run for each token
+            active -= param.numel() * (1 - config.num_experts_per_tok / config.num_experts)
+    return total, int(active)

@@ -1,0 +1,75 @@
+"""`seedlm convert --from qwen3_moe`: same logits as transformers' Qwen3MoeForCausalLM, clear refusals."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+import model  # noqa: F401  (registers the auto classes)
+from launch.cli import main as seedlm
+from model import GatedMoeForCausalLM
+
+
+def qwen3_moe_folder(path, **overrides):
+    fields = dict(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        max_position_embeddings=64, norm_topk_prob=True, tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    torch.manual_seed(0)
+    source = Qwen3MoeForCausalLM(Qwen3MoeConfig(**fields)).eval()
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.5)  # transformers initialises routers to zero; spread them
+            elif name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)  # non-trivial norm weights catch a misplaced norm
+    source.save_pretrained(path)
+    return source
+
+
+@pytest.mark.parametrize("tied, norm_topk", [(False, True), (True, False)])
+def test_converted_model_gives_qwen3_moe_logits(tmp_path, tied, norm_topk):
+    source = qwen3_moe_folder(tmp_path / "qwen", tie_word_embeddings=tied, norm_topk_prob=norm_topk)
+    assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "qwen"), str(tmp_path / "ours")]) == 0
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert type(converted) is GatedMoeForCausalLM
+    assert converted.config.attn_output_gate == "none" and converted.config.tie_word_embeddings == tied
+    ids = torch.randint(0, 101, (3, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(converted(ids).logits, source(ids).logits, rtol=1e-5, atol=1e-5)
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["model_type"] == "seedlm_gated_moe" and "auto_map" in config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(use_sliding_window=True, sliding_window=16), "use_sliding_window"),
+        (dict(mlp_only_layers=[1]), "mlp_only_layers"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+    ],
+)
+def test_unsupported_qwen3_moe_features_are_refused(tmp_path, capsys, overrides, message):
+    qwen3_moe_folder(tmp_path / "qwen", **overrides)
+    assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "qwen"), str(tmp_path / "ours")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ours").exists()
+
+
+def test_conversion_mistakes_get_clear_messages(tmp_path, capsys):
+    assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    other = tmp_path / "llama"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert seedlm(["convert", "--from", "qwen3_moe", str(other), str(tmp_path / "out")]) == 2
+    assert "holds a 'llama' checkpoint" in capsys.readouterr().err
+    qwen3_moe_folder(tmp_path / "qwen")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("user data")
+    assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "qwen"), str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "user data"

@@ -1,0 +1,61 @@
+"""Model presets and the `seedlm` command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from launch.cli import build_parser
+from launch.cli import main as seedlm
+from launch.presets import MODEL_PRESET_DIR, PresetError, count_parameters, load_model_config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
+def test_every_model_preset_builds_a_valid_config(name):
+    config = load_model_config(name)
+    assert config.model_type.startswith("seedlm_")
+
+
+def test_paper_sizes():
+    total, active = count_parameters(load_model_config("gated_moe_15a2b"))
+    assert 15.0e9 < total < 16.5e9 and 2.0e9 < active < 2.4e9  # "15A2B"
+    total, active = count_parameters(load_model_config("gated_dense_1p7b"))
+    assert 1.6e9 < total < 2.0e9 and total == active
+    dense = load_model_config("gated_dense_1p7b")
+    assert (dense.num_hidden_layers, dense.num_attention_heads, dense.num_key_value_heads) == (28, 16, 8)
+    assert dense.tie_word_embeddings and dense.attn_output_gate == "elementwise"
+
+
+def test_preset_mistakes_name_the_fix(tmp_path):
+    with pytest.raises(PresetError, match="did you mean 'gated_moe_tiny'"):
+        load_model_config("gated_moe_tiyn")
+    with pytest.raises(PresetError, match="did you mean 'num_experts_per_tok'"):
+        load_model_config("gated_moe_tiny", num_expert_per_tok=2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_type: llama\nhidden_size: 8\n")
+    with pytest.raises(PresetError, match="not a seedlm model"):
+        load_model_config(bad)
+
+
+def test_help_for_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        seedlm(["--help"])
+    assert exit_info.value.code == 0
+    assert "demo" in capsys.readouterr().out
+    commands = list(build_parser()._subparsers._group_actions[0].choices)
+    assert "demo" in commands and "convert" in commands
+    for command in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            seedlm([command, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_no_subcommand_prints_help_and_fails():
+    result = subprocess.run([sys.executable, "-m", "launch.cli"], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage: seedlm" in result.stdout
+
+
+def test_demo_runs_forward_and_generate(capsys):
+    assert seedlm(["demo", "--presets", "gated_moe_tiny", "--seq-len", "8", "--new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "gated_moe_tiny (seedlm_gated_moe)" in out and "generate() 3 tokens" in out
