@@ -319,15 +319,21 @@ class HubSource(Source):
         ds = self.dataset.shard(num_shards=self.num_shards, index=shard, contiguous=True)
         if start:
             ds = ds.skip(start)
-        for i, example in enumerate(ds, start=start):
-            where = f"{self.config.describe()} shard {shard} row {i}"
-            text = example.get(field)
-            if not isinstance(text, str):
-                yield Record(i, None, "missing_field", where)
-            elif not text.strip():
-                yield Record(i, None, "empty", where)
-            else:
-                yield Record(i, text, None, where)
+        # `ds.iter(batch_size)`, not `iter(ds)`: inside a torch DataLoader worker, `IterableDataset.__iter__`
+        # splits the shards over the workers once more by itself, but the loader has already dealt them.
+        i = start
+        for batch in ds.iter(batch_size=256):
+            column = batch.get(field)
+            for j in range(len(next(iter(batch.values())))):
+                text = column[j] if column is not None else None
+                where = f"{self.config.describe()} shard {shard} row {i}"
+                if not isinstance(text, str):
+                    yield Record(i, None, "missing_field", where)
+                elif not text.strip():
+                    yield Record(i, None, "empty", where)
+                else:
+                    yield Record(i, text, None, where)
+                i += 1
 
 
 def _load_streaming(config: SourceConfig, hf_split: str) -> Any:
