@@ -79,13 +79,30 @@ def gated_moe_config_from_qwen3_moe(config):
 
 
 @torch.no_grad()
+def gated_moe_from_qwen3_moe(source):
+    """A GatedMoeForCausalLM holding a loaded Qwen3MoeForCausalLM's weights (same parameter names)."""
+    from model import GatedMoeForCausalLM
+
+    config = gated_moe_config_from_qwen3_moe(source.config)
+    target = GatedMoeForCausalLM(config).to(source.dtype).eval()
+    state = source.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ConversionError(f"weights do not line up: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    return target
+
+
+@torch.no_grad()
 def convert_qwen3_moe(src_dir: str | Path, out_dir: str | Path, verify_tokens: int = 16) -> Path:
     """Convert a Qwen3-MoE folder into a GatedMoeForCausalLM folder; returns the output folder.
 
     verify_tokens > 0 runs both models on that many random tokens and requires equal logits."""
     from transformers import AutoTokenizer, GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from model import GatedMoeForCausalLM
 
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     read_source_config(src_dir, "qwen3_moe")
@@ -96,20 +113,10 @@ def convert_qwen3_moe(src_dir: str | Path, out_dir: str | Path, verify_tokens: i
 
     logger.info("loading %s with transformers", src_dir)
     source = Qwen3MoeForCausalLM.from_pretrained(src_dir, dtype="auto").eval()
-    target_config = gated_moe_config_from_qwen3_moe(source_config)
-    target = GatedMoeForCausalLM(target_config).to(source.dtype).eval()
-    state = source.state_dict()
-    if target_config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = target.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (target_config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ConversionError(f"weights do not line up: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    if target_config.tie_word_embeddings:
-        target.tie_weights()
+    target = gated_moe_from_qwen3_moe(source)
 
     if verify_tokens > 0:
-        ids = torch.randint(0, target_config.vocab_size, (1, verify_tokens), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, target.config.vocab_size, (1, verify_tokens), generator=torch.Generator().manual_seed(0))
         expected, got = source(ids).logits.float(), target(ids).logits.float()
         error = (expected - got).abs().max().item()
         tolerance = 1e-4 if source.dtype == torch.float32 else 5e-2

@@ -1,0 +1,153 @@
+"""Gated-attention MoE: training-step time against transformers' Qwen3-MoE, and the cost of the gate.
+
+Side by side in one run, forward + backward with labels, fp32 on CPU by default:
+  1. transformers' Qwen3MoeForCausalLM with each experts implementation ("eager", "grouped_mm"; the
+     fastest is the baseline) against our GatedMoeForCausalLM holding the *same weights* (converted,
+     gate "none"); the losses are checked equal before timing.
+  2. our model with attn_output_gate "headwise" and "elementwise" against "none" (shared weights copied).
+
+Models are timed interleaved (one step of each in turn) and the median is reported, so drift in machine
+load hits all of them alike.
+
+    python benchmarks/bench_gated_moe.py                 # hidden 256, 32 experts top-4, 2 layers, 4x256 tokens
+    python benchmarks/bench_gated_moe.py --smoke         # seconds; CI checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+
+from launch.convert import gated_moe_from_qwen3_moe  # noqa: E402
+from model import GatedMoeConfig, GatedMoeForCausalLM  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--experts", type=int, default=32)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--expert-ffn", type=int, default=256, help="moe_intermediate_size")
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=15, help="timed steps per model")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and 2 steps, to check the script runs")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.hidden, args.experts, args.expert_ffn, args.seq, args.batch = 64, 8, 64, 32, 2
+        args.heads, args.kv_heads, args.steps, args.warmup, args.vocab = 4, 2, 2, 1, 512
+    return args
+
+
+def qwen3_moe(args, experts_implementation: str) -> Qwen3MoeForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads, num_experts=args.experts, num_experts_per_tok=args.top_k,
+        moe_intermediate_size=args.expert_ffn, norm_topk_prob=True, max_position_embeddings=4096,
+        experts_implementation=experts_implementation, attn_implementation="sdpa",
+    )
+    net = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():  # transformers starts routers at zero; spread them so routing is realistic
+        for name, param in net.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_(0, 0.02)
+    return net.to(getattr(torch, args.dtype)).train()
+
+
+def gated_variant(reference: GatedMoeForCausalLM, gate: str) -> GatedMoeForCausalLM:
+    """Our model with another output gate, sharing every weight of `reference` (gate="none")."""
+    fields = reference.config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map", "dtype"):
+        fields.pop(key, None)
+    fields["attn_output_gate"] = gate
+    variant = GatedMoeForCausalLM(GatedMoeConfig(**fields)).to(reference.dtype)
+    state = reference.state_dict()
+    with torch.no_grad():
+        for name, param in variant.named_parameters():
+            if name.endswith("q_proj.weight"):  # per head [q_h | gate_h]: copy q_h, keep the random gate rows
+                attn = variant.model.layers[0].self_attn
+                packed = param.view(attn.num_heads, attn.head_dim + attn.gate_dim, -1)
+                packed[:, : attn.head_dim] = state[name].view(attn.num_heads, attn.head_dim, -1)
+            else:
+                param.copy_(state[name])
+    return variant.train()
+
+
+def time_interleaved(models: dict, batch: torch.Tensor, steps: int, warmup: int) -> dict[str, list[float]]:
+    times = {name: [] for name in models}
+    for step in range(warmup + steps):
+        for name, net in models.items():
+            net.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            net(input_ids=batch, labels=batch).loss.backward()
+            elapsed = time.perf_counter() - start
+            if step >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    tokens = batch.numel()
+    print(
+        f"# gated MoE training step (forward+backward), {args.dtype}, {args.threads} threads: hidden {args.hidden}, "
+        f"{args.layers} layers, {args.experts} experts top-{args.top_k}, expert FFN {args.expert_ffn}, "
+        f"{args.batch}x{args.seq} tokens"
+    )
+
+    baselines = {impl: qwen3_moe(args, impl) for impl in ("eager", "grouped_mm")}
+    ours = gated_moe_from_qwen3_moe(baselines["grouped_mm"]).train()
+    with torch.no_grad():
+        expected = baselines["grouped_mm"](input_ids=batch, labels=batch).loss
+        got = ours(input_ids=batch, labels=batch).loss
+    lm_only = got - ours.config.router_aux_loss_coef * ours(input_ids=batch).aux_loss.detach()
+    tolerance = 1e-4 if args.dtype == "float32" else 5e-2
+    assert abs(lm_only.item() - expected.item()) < tolerance, (lm_only.item(), expected.item())
+
+    models = {f"transformers Qwen3-MoE ({impl})": net for impl, net in baselines.items()}
+    models["seedlm gate=none"] = ours
+    models["seedlm gate=headwise"] = gated_variant(ours, "headwise")
+    models["seedlm gate=elementwise"] = gated_variant(ours, "elementwise")
+    times = time_interleaved(models, batch, args.steps, args.warmup)
+    median = {name: statistics.median(t) for name, t in times.items()}
+
+    baseline_name = min((n for n in median if n.startswith("transformers")), key=median.get)
+    print(f"\nbaseline: {baseline_name}; same weights, LM losses equal ({expected.item():.4f})\n")
+    print("| model | ms / step (median) | tokens/s | speed vs baseline | step time vs gate=none |")
+    print("|---|---|---|---|---|")
+    for name, seconds in median.items():
+        vs_base = median[baseline_name] / seconds
+        vs_none = f"{seconds / median['seedlm gate=none']:.3f}x" if name.startswith("seedlm") else ""
+        print(f"| {name} | {1000 * seconds:.1f} | {tokens / seconds:,.0f} | {vs_base:.2f}x | {vs_none} |")
+    headwise = median["seedlm gate=headwise"] / median["seedlm gate=none"] - 1
+    elementwise = median["seedlm gate=elementwise"] / median["seedlm gate=none"] - 1
+    speed = median[baseline_name] / median["seedlm gate=none"]
+    print(
+        f"\nours vs transformers: {speed:.2f}x (goal >= 1.0); gate overhead: headwise {100 * headwise:+.1f}% "
+        f"(goal <= 3%), elementwise {100 * elementwise:+.1f}% (goal <= 8%)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
