@@ -26,7 +26,7 @@ names what changed). Labels are -100 at the first position of every segment (see
 user mistakes about the data raise `DataError` with a message naming what is wrong and what to do.
 """
 
-from .config import DataConfig, DataError, SourceConfig
+from .config import DataConfig, DataError, SourceConfig, load_data_config
 from .loader import PackedDataLoader, build_dataloader, open_sources
 from .packing import make_batch, split_segments
 from .sources import is_heldout, iter_texts, open_source
@@ -41,6 +41,7 @@ __all__ = [
     "check_vocab_fits",
     "is_heldout",
     "iter_texts",
+    "load_data_config",
     "load_tokenizer",
     "make_batch",
     "open_source",

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sysconfig
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,28 @@ class SourceConfig:
         return f"{self.kind}:{self.path}" + (f" ({self.glob})" if self.glob else "")
 
     @classmethod
+    def from_spec(cls, spec: str, **overrides: Any) -> SourceConfig:
+        """A source from a command-line spec: "stdlib", "KIND:PATH" (jsonl, parquet, text, files, hub) or a bare
+        path whose kind follows from its extension (.jsonl, .parquet, .txt; a folder is one document per file).
+        `overrides` are further SourceConfig fields; None values are ignored."""
+        extra = {k: v for k, v in overrides.items() if v is not None}
+        kind, sep, path = spec.partition(":")
+        if spec == "stdlib":
+            return cls(kind="stdlib", **extra)
+        if sep and kind in SOURCE_KINDS:
+            return cls(kind=kind, path=path, **extra)
+        suffix = {".jsonl": "jsonl", ".parquet": "parquet", ".txt": "text"}
+        for ext, k in suffix.items():
+            if spec.endswith(ext):
+                return cls(kind=k, path=spec, **extra)
+        if os.path.isdir(spec):
+            return cls(kind="files", path=spec, **extra)
+        raise DataError(
+            f"cannot tell the kind of source {spec!r}: write KIND:PATH with KIND one of {', '.join(SOURCE_KINDS)} "
+            "(e.g. jsonl:data/*.jsonl, hub:owner/name), or 'stdlib'"
+        )
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any] | str) -> SourceConfig:
         if isinstance(d, str):  # shorthand: "stdlib"
             d = {"kind": d}
@@ -139,3 +162,20 @@ def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
     unknown = sorted(set(d) - known)
     if unknown:
         raise DataError(f"unknown {what} key(s) {unknown}; known keys: {sorted(known)}")
+
+
+def load_data_config(path: str | os.PathLike) -> DataConfig:
+    """A DataConfig from a YAML file: its `data:` section if it has one, else the whole mapping."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise DataError(f"cannot read config {path}: {err}") from err
+    if not isinstance(doc, dict):
+        raise DataError(f"config {path} is not a YAML mapping")
+    section = doc.get("data", doc)
+    if not isinstance(section, dict):
+        raise DataError(f"`data` in {path} is not a mapping")
+    return DataConfig.from_dict(section)

@@ -149,9 +149,14 @@ class SourceReader:
             raise DataError(f"bad record ({problem}) at {where}; strict mode is on: fix the data or set strict: false")
         if self._count:
             n = self.bad_counts[problem] = self.bad_counts[problem] + 1
-            if n <= 3 or n & (n - 1) == 0:  # first few, then at powers of two
-                logger.warning(
-                    "skipped bad record (%s) at %s (%d %s so far in this reader)", problem, where, n, problem
+            if n & (n - 1) == 0:  # the first as a warning, then at powers of two (a corpus may have many)
+                logger.log(
+                    logging.WARNING if n == 1 else logging.INFO,
+                    "skipped bad record (%s) at %s (%d %s so far in this reader)",
+                    problem,
+                    where,
+                    n,
+                    problem,
                 )
 
     def next_doc(self) -> np.ndarray | None:

@@ -31,6 +31,12 @@ _MAX_LINE_CHARS = 4096  # longer lines are cut into pieces of this size for sent
 
 def _training_lines(texts: Iterable[str], max_chars: int | None, max_docs: int | None, progress: Any) -> Iterator[str]:
     """Lines of the documents until a character or document budget is spent."""
+    yield from _budgeted_lines(texts, max_chars, max_docs, progress)
+    if progress is not None:  # sentencepiece now builds the vocabulary, which takes a while with no progress
+        progress.set_postfix_str("text read; sentencepiece is building the vocabulary")
+
+
+def _budgeted_lines(texts: Iterable[str], max_chars: int | None, max_docs: int | None, progress: Any) -> Iterator[str]:
     chars = 0
     for n, text in enumerate(texts):
         if max_docs is not None and n >= max_docs:

@@ -1,0 +1,85 @@
+"""`seedlm data`: look at what the model will be fed.
+
+    seedlm data view --tokenizer runs/tok                       # packed rows of the embedded default corpus
+    seedlm data view --tokenizer tok --source jsonl:data/*.jsonl --seq-len 256 --rows 2 --split validation
+
+Each row is printed segment by segment (a segment is where position_ids count up from 0); a segment
+is either a new document (it starts with <s>) or the continuation of one cut at the previous row's end.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from launch.commands.tokenizer import add_source_arguments, sources_from_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    view = sub.add_parser(
+        "view",
+        help="decode a few packed rows with document boundaries marked",
+        description="Build the packed loader (one rank, no workers) and decode its first rows, segment by segment.",
+    )
+    view.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (seedlm tokenizer train)")
+    add_source_arguments(view)
+    view.add_argument("--seq-len", type=int, default=128, help="row length in tokens (default: 128)")
+    view.add_argument("--rows", type=int, default=3, help="rows to show (default: 3)")
+    view.add_argument("--skip", type=int, default=0, help="rows to skip first (default: 0)")
+    view.add_argument("--split", choices=["train", "validation"], default="train", help="default: train")
+    view.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    view.add_argument("--max-chars", type=int, default=400, help="cut each printed segment to this many characters")
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_pipeline import DataConfig, DataError
+
+    try:
+        cfg = DataConfig(
+            sources=sources_from_args(args),
+            seq_len=args.seq_len,
+            micro_batch_size=1,
+            num_workers=0,
+            seed=args.seed,
+        )
+        return _view(cfg, args)
+    except DataError as err:
+        print(f"error: {err}")
+        return 2
+
+
+def _view(cfg, args: argparse.Namespace) -> int:
+    from data_pipeline import build_dataloader, load_tokenizer, split_segments
+
+    tok = load_tokenizer(args.tokenizer)
+    loader = build_dataloader(cfg, tok, split=args.split)
+    names = ", ".join(s.describe() for s in cfg.sources)
+    print(f"{names} [{args.split}], seq_len {cfg.seq_len}, tokenizer {args.tokenizer} ({len(tok)} tokens)")
+    shown = 0
+    for n, batch in enumerate(loader):
+        if n < args.skip:
+            continue
+        ids, pos = batch["input_ids"][0], batch["position_ids"][0]  # [T], [T]
+        segs = split_segments(ids, pos)
+        print(f"\n=== row {n}: {len(segs)} segment(s), {int((batch['labels'][0] != -100).sum())} predicted tokens ===")
+        start = 0
+        for k, seg in enumerate(segs):
+            first = int(seg[0])
+            if first == tok.bos_token_id:
+                kind = "new document"
+            elif first == tok.pad_token_id != tok.eos_token_id:
+                kind = "padding"
+            else:
+                kind = "continues the document cut at the previous row's end"
+            end = " (ends the document)" if int(seg[-1]) == tok.eos_token_id else ""
+            print(f"--- segment {k}: tokens {start}-{start + len(seg) - 1}, {kind}{end} ---")
+            text = tok.decode(seg.tolist())  # special tokens shown: <s> starts, </s> ends a document
+            if len(text) > args.max_chars:
+                half = args.max_chars // 2
+                text = f"{text[:half]} [... {len(text) - 2 * half} characters ...] {text[-half:]}"
+            print(text)
+            start += len(seg)
+        shown += 1
+        if shown == args.rows:
+            break
+    return 0
