@@ -100,6 +100,58 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return output, weights
 
 
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions -> [B, T] document index within each row: a document starts at column 0 and wherever
+    the position does not continue the previous one by +1 (packed rows restart positions at 0)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(-1) - 1
+
+
+def is_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_length: int) -> bool:
+    """Packed documents are read from position_ids only in a fresh forward without a padding mask (with a
+    padding mask, generate() gives pads dummy positions that must not count as document starts)."""
+    if position_ids is None or attention_mask is not None or past_length > 0 or position_ids.shape[-1] < 2:
+        return False
+    return bool((document_ids(position_ids)[:, -1] > 0).any())
+
+
+def causal_attention_mask(
+    attn_implementation: str,
+    query_length: int,
+    past_length: int,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The mask transformers' attention interface wants, for causal attention over past + new tokens.
+
+    attention_mask [B, past + T] (1 = real token) or None; position_ids [B or 1, T].
+    flash_attention_2 takes the 2-D padding mask (or None) and reads packed documents from position_ids.
+    sdpa/eager get None when plain causal attention is exact (their is_causal fast path), otherwise a
+    boolean [B, 1, T, past + T] mask (True = attend) that is causal, skips padded keys and keeps packed
+    documents apart. Every query may always attend to itself, so a padded query row is never empty
+    (an empty row would make softmax NaN and spread through the padded positions).
+    """
+    packed = is_packed(position_ids, attention_mask, past_length)
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if attn_implementation.startswith("flash_attention"):
+        return attention_mask if padded else None
+    if not packed and not padded and (past_length == 0 or query_length == 1):
+        return None
+    key_length = past_length + query_length
+    device = position_ids.device if position_ids is not None else attention_mask.device
+    q_pos = torch.arange(past_length, key_length, device=device)
+    k_pos = torch.arange(key_length, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, T, S]
+    if padded:
+        allowed = allowed & attention_mask[:, None, -key_length:].bool()  # [B, T, S]
+    if packed:
+        docs = document_ids(position_ids)  # [B, T]; packed only without past, so S == T
+        allowed = allowed & (docs[:, :, None] == docs[:, None, :])
+    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
+    return allowed[:, None]  # [B, 1, T, S]
+
+
 class GatedAttention(nn.Module):
     """GQA attention with RoPE, optional QK RMSNorm and a sigmoid output gate (Qiu et al. 2025, "G1").
 

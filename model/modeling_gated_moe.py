@@ -12,13 +12,12 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_gated_moe import GatedMoeConfig
-from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP
+from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP, causal_attention_mask
 from .moe import Experts, RouterOutput, SparseMoeBlock, TopKRouter, load_balancing_loss
 
 
@@ -168,15 +167,8 @@ class GatedMoeModel(GatedMoePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # [1, T]
 
-        # An empty cache must not hide packed documents: transformers only splits documents at position_ids
-        # restarts when there is no cache, so a first forward that merely *creates* a cache is treated as none.
-        mask_cache = past_key_values if past_seen > 0 or not isinstance(past_key_values, DynamicCache) else None
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=mask_cache,
-            position_ids=position_ids,
+        causal_mask = causal_attention_mask(
+            self.config._attn_implementation, inputs_embeds.shape[1], past_seen, attention_mask, position_ids
         )
         # 1 for real tokens: padding is left out of the router statistics
         token_mask = attention_mask[:, -inputs_embeds.shape[1] :] if attention_mask is not None else None

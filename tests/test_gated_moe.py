@@ -101,12 +101,10 @@ def test_incremental_decoding_gives_full_forward_logits():
     m = make_model()
     ids = torch.randint(0, 97, (2, 12))
     full = m(ids, use_cache=False).logits
-    out = m(ids[:, :5], use_cache=True)
-    steps = [out.logits]
-    cache = out.past_key_values
-    for t in range(5, 12):
-        out = m(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+    steps, cache, start = [], None, 0
+    for length in (5, 3, 1, 1, 2):  # prefill, a chunk with past (explicit mask), single tokens
+        out = m(ids[:, start : start + length], past_key_values=cache, use_cache=True)
+        cache, start = out.past_key_values, start + length
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
 
