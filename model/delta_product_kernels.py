@@ -24,7 +24,6 @@ only the standard library and torch, and flash-linear-attention stays an optiona
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 try:  # optional CUDA backend; the torch paths below never need it
     from fla.ops.gated_delta_product import chunk_gated_delta_product as _fla_chunk_gated_delta_product
@@ -152,56 +151,58 @@ def recurrent_delta_product(
 
 
 def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
-    """Chunk math on pre-chunked inputs.
+    """Chunk math on pre-chunked, chunk-major inputs.
 
-    q [B, H, NC, Ct, K] (already scaled); k [B, H, NC, C, K]; v [B, H, NC, C, V]; beta [B, H, NC, C];
-    g [B, H, NC, Ct] or None. S0: state entering chunk 0 [B, H, K, V]. resets: {chunk: state} replaces
+    q [NC, B, H, Ct, K] (already scaled); k [NC, B, H, C, K]; v [NC, B, H, C, V]; beta [NC, B, H, C];
+    g [NC, B, H, Ct] or None. S0: state entering chunk 0 [B, H, K, V]. resets: {chunk: state} replaces
     the carried state at document starts; captures: {chunk: key} records the state after that chunk.
-    Returns (o [B, H, NC, Ct, V], {key: state [B, H, K, V]}).
+    Returns (o [NC, B, H, Ct, V], {key: state [B, H, K, V]}).
     """
-    B, H, NC, Ct, K = q.shape
+    NC, B, H, Ct, K = q.shape
     C, V = v.shape[-2], v.shape[-1]
     dev, dt = q.device, q.dtype
     pos = torch.arange(C, device=dev)
-    strict_lower = pos[:, None] > pos[None, :]  # [C, C] earlier positions of the chunk
-    sees = (pos[None, :] // n) <= torch.arange(Ct, device=dev)[:, None]  # [Ct, C] query i reads after token i
+    # query of token i reads the state after all n_h steps of token i: positions j with j // n <= i
+    sees = (pos[None, :] // n) <= torch.arange(Ct, device=dev)[:, None]  # [Ct, C]
 
-    kt = k.transpose(-1, -2)  # [B, H, NC, K, C]
-    kk = k @ kt  # [B, H, NC, C, C]
-    qk = q @ kt  # [B, H, NC, Ct, C]
-    bk = beta.unsqueeze(-1)  # [B, H, NC, C, 1]
+    kb = k * beta.unsqueeze(-1)  # [NC, B, H, C, K]  beta_i k_i
+    kt = k.transpose(-1, -2)  # [NC, B, H, K, C]
+    # solve_triangular(upper=False, unitriangular=True) reads only the strictly lower triangle, so A's
+    # upper triangle and diagonal need no masking (and get no gradient)
+    A = kb @ kt  # [NC, B, H, C, C]  beta_i k_i . k_j
+    Aq = q @ kt  # [NC, B, H, Ct, C]
     if g is not None:
-        gq = g.cumsum(-1)  # [B, H, NC, Ct] log decay from the chunk start up to token i
-        gk = gq.repeat_interleave(n, dim=-1)  # [B, H, NC, C] same for all n_h positions of a token
-        glast = gq[..., -1:]  # [B, H, NC, 1]
+        gq = g.cumsum(-1)  # [NC, B, H, Ct] log decay from the chunk start up to token i
+        gk = gq.repeat_interleave(n, dim=-1) if n > 1 else gq  # [NC, B, H, C] same for a token's n_h positions
+        glast = gq[..., -1:]  # [NC, B, H, 1]
         # differences of cumulative sums are <= 0 where unmasked; mask to -inf before exp so nothing overflows
-        a_decay = (gk.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill(~strict_lower, float("-inf")).exp()
-        q_decay = (gq.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill(~sees, float("-inf")).exp()
-        A = kk * a_decay * bk  # [B, H, NC, C, C] strictly lower
-        Aq = qk * q_decay  # [B, H, NC, Ct, C]
-        rhs = torch.cat([v * bk, k * (bk * gk.unsqueeze(-1).exp())], dim=-1)  # [B, H, NC, C, V+K]
-        qd = q * gq.unsqueeze(-1).exp()  # [B, H, NC, Ct, K]
-        kd = k * (glast - gk).unsqueeze(-1).exp()  # [B, H, NC, C, K]
-        chunk_decay = glast.exp().unsqueeze(-1)  # [B, H, NC, 1, 1]
+        q_decay = (gq.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill(~sees, float("-inf")).exp()  # [.., Ct, C]
+        a_decay = q_decay.repeat_interleave(n, dim=-2) if n > 1 else q_decay  # [.., C, C] row i -> token i // n
+        A = A * a_decay
+        Aq = Aq * q_decay
+        rhs = torch.cat([v * beta.unsqueeze(-1), kb * gk.unsqueeze(-1).exp()], dim=-1)  # [.., C, V+K]
+        qd = q * gq.unsqueeze(-1).exp()  # [NC, B, H, Ct, K]
+        kd = k * (glast - gk).unsqueeze(-1).exp()  # [NC, B, H, C, K]
+        chunk_decay = glast.exp().unsqueeze(-1)  # [NC, B, H, 1, 1]
     else:
-        A = (kk * bk).masked_fill(~strict_lower, 0.0)
-        Aq = qk.masked_fill(~sees, 0.0)
-        rhs = torch.cat([v * bk, k * bk], dim=-1)
+        Aq = Aq.masked_fill(~sees, 0.0)
+        rhs = torch.cat([v * beta.unsqueeze(-1), kb], dim=-1)
         qd, kd, chunk_decay = q, k, None
 
-    # unit lower-triangular solve (diagonal taken as 1): X = [U | W]
-    X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [B, H, NC, C, V+K]
-    AqX = Aq @ X  # [B, H, NC, Ct, V+K]
-    o_intra = AqX[..., :V]  # [B, H, NC, Ct, V]
-    q_eff = qd - AqX[..., V:]  # [B, H, NC, Ct, K]
-    KdX = kd.transpose(-1, -2) @ X  # [B, H, NC, K, V+K]
+    # unit lower-triangular solve: X = (I + tril(A, -1))^-1 [beta V | beta exp(gamma) K] = [U | W]
+    X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [NC, B, H, C, V+K]
+    AqX = Aq @ X  # [NC, B, H, Ct, V+K]
+    o_intra = AqX[..., :V]  # [NC, B, H, Ct, V]
+    q_eff = qd - AqX[..., V:]  # [NC, B, H, Ct, K]
+    KdX = kd.transpose(-1, -2) @ X  # [NC, B, H, K, V+K]
     eye = torch.eye(K, device=dev, dtype=dt)
-    M = (eye * chunk_decay if chunk_decay is not None else eye) - KdX[..., V:]  # [B, H, NC, K, K]
-    Badd = KdX[..., :V]  # [B, H, NC, K, V]
+    M = (eye * chunk_decay if chunk_decay is not None else eye) - KdX[..., V:]  # [NC, B, H, K, K]
+    Badd = KdX[..., :V]  # [NC, B, H, K, V]
 
-    # the only sequential part: one batched matmul-add per chunk
-    M = M.permute(2, 0, 1, 3, 4).reshape(NC, B * H, K, K)
-    Badd = Badd.permute(2, 0, 1, 3, 4).reshape(NC, B * H, K, V)
+    # the only sequential part: one batched matmul-add per chunk. unbind, not M[c]: one backward node
+    # for all chunks instead of a full-size zero gradient per chunk
+    M = M.reshape(NC, B * H, K, K).unbind(0)
+    Badd = Badd.reshape(NC, B * H, K, V).unbind(0)
     S = S0.reshape(B * H, K, V)
     starts, finals = [], {}
     for c in range(NC):
@@ -211,22 +212,29 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
         S = torch.baddbmm(Badd[c], M[c], S)
         if c in captures:
             finals[captures[c]] = S.view(B, H, K, V)
-    S_starts = torch.stack(starts, dim=0).view(NC, B, H, K, V).permute(1, 2, 0, 3, 4)  # [B, H, NC, K, V]
-    o = o_intra + q_eff @ S_starts  # [B, H, NC, Ct, V]
-    return o, finals
+    S_starts = torch.stack(starts, dim=0).view(NC, B, H, K, V)  # state entering each chunk
+    o = torch.baddbmm(o_intra.reshape(NC * B * H, Ct, V), q_eff.reshape(NC * B * H, Ct, K),
+                      S_starts.view(NC * B * H, K, V))
+    return o.view(NC, B, H, Ct, V), finals
 
 
 def _to_chunks(qf, kf, vf, bf, gf, Ct, n):
-    """Token-major padded tensors -> head-first chunks (see _chunk_scan for the shapes)."""
+    """Token-major padded tensors -> chunk-major [NC, B, H, ...] (see _chunk_scan for the shapes)."""
     B, Tp, H, K = qf.shape
     V = vf.shape[-1]
     NC = Tp // Ct
-    q = qf.view(B, NC, Ct, H, K).permute(0, 3, 1, 2, 4)  # [B, H, NC, Ct, K]
-    k = kf.reshape(B, NC, Ct * n, H, K).permute(0, 3, 1, 2, 4)  # [B, H, NC, C, K] interleaved order kept
-    v = vf.reshape(B, NC, Ct * n, H, V).permute(0, 3, 1, 2, 4)  # [B, H, NC, C, V]
-    b = bf.reshape(B, NC, Ct * n, H).permute(0, 3, 1, 2)  # [B, H, NC, C]
-    g = gf.view(B, NC, Ct, H).permute(0, 3, 1, 2) if gf is not None else None  # [B, H, NC, Ct]
+    q = qf.view(B, NC, Ct, H, K).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, Ct, K]
+    k = kf.reshape(B, NC, Ct * n, H, K).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, C, K] interleaved
+    v = vf.reshape(B, NC, Ct * n, H, V).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, C, V]
+    b = bf.reshape(B, NC, Ct * n, H).permute(1, 0, 3, 2)  # [NC, B, H, C]
+    g = gf.view(B, NC, Ct, H).permute(1, 0, 3, 2) if gf is not None else None  # [NC, B, H, Ct]
     return q, k, v, b, g
+
+
+def _from_chunks(o, Ct):
+    """[NC, B, H, Ct, V] -> token-major [B, NC*Ct, H, V]."""
+    NC, B, H, _, V = o.shape
+    return o.permute(1, 0, 3, 2, 4).reshape(B, NC * Ct, H, V)
 
 
 def _varlen_layout(offsets, Ct, device):
@@ -315,10 +323,10 @@ def chunk_delta_product(
             qf, kf, vf, bf = (torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1) for x in (qf, kf, vf, bf))
             gf = torch.cat([gf, gf.new_zeros(B, pad, H)], dim=1) if gf is not None else None
         chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
-        NC = chunks[0].shape[2]
+        NC = chunks[0].shape[0]
         S0 = h0 if h0 is not None else q.new_zeros(B, H, K, V, dtype=dt)
         o, finals = _chunk_scan(*chunks, n, S0, resets={}, captures={NC - 1: "all"})
-        o = o.permute(0, 2, 3, 1, 4).reshape(B, NC * Ct, H, V)[:, :T]  # [B, T, H, V]
+        o = _from_chunks(o, Ct)[:, :T]  # [B, T, H, V]
         S = finals["all"]
     else:
         # packed documents: pad each to whole chunks, reset the state at each document's first chunk
@@ -326,7 +334,7 @@ def chunk_delta_product(
         qf, kf, vf, bf = (_gather_tokens(x, src) for x in (qf, kf, vf, bf))
         gf = _gather_tokens(gf, src) if gf is not None else None
         chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
-        NC = chunks[0].shape[2]
+        NC = chunks[0].shape[0]
         zeros = q.new_zeros(1, H, K, V, dtype=dt)
         resets, captures = {}, {}
         for i, span in enumerate(doc_chunks):
@@ -334,7 +342,7 @@ def chunk_delta_product(
                 resets[span[0]] = h0[i : i + 1] if h0 is not None else zeros
                 captures[span[1]] = i
         o, finals = _chunk_scan(*chunks, n, zeros, resets, captures)
-        o = o.permute(0, 2, 3, 1, 4).reshape(1, NC * Ct, H, V).index_select(1, dest)  # [1, T, H, V]
+        o = _from_chunks(o, Ct).index_select(1, dest)  # [1, T, H, V]
         # an empty document passes its initial state through
         S = torch.cat(
             [finals[i] if i in finals else (h0[i : i + 1] if h0 is not None else zeros) for i in range(N)], dim=0

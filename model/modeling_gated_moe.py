@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -18,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_gated_moe import GatedMoeConfig
 from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP, causal_attention_mask
-from .moe import Experts, RouterOutput, SparseMoeBlock, TopKRouter, load_balancing_loss
+from .moe import MoeModelMixin, RouterOutput, SparseMoeBlock, load_balancing_loss
 
 
 @dataclass
@@ -81,7 +80,7 @@ class GatedMoeDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + ffn_out, routing, attn_weights
 
 
-class GatedMoePreTrainedModel(PreTrainedModel):
+class GatedMoePreTrainedModel(MoeModelMixin, PreTrainedModel):
     config_class = GatedMoeConfig
     config: GatedMoeConfig
     base_model_prefix = "model"
@@ -95,28 +94,7 @@ class GatedMoePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)  # Linear, Embedding, RMSNorm
-        std = self.config.initializer_range
-        if isinstance(module, Experts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, TopKRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.expert_bias is not None:
-                init.zeros_(module.expert_bias)
-
-    def moe_blocks(self) -> list[SparseMoeBlock]:
-        """The MoE FFNs in layer order (empty for a dense model)."""
-        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
-
-    @torch.no_grad()
-    def update_router_biases(self, expert_counts: torch.Tensor) -> None:
-        """Auxiliary-loss-free balancing step: expert_counts [L_moe, E], ideally summed over the global batch.
-        Call after the optimizer step; needs router_bias_update_rate > 0."""
-        blocks = self.moe_blocks()
-        if expert_counts.shape[0] != len(blocks):
-            raise ValueError(f"expert_counts has {expert_counts.shape[0]} rows, the model has {len(blocks)} MoE layers")
-        for block, counts in zip(blocks, expert_counts):
-            block.gate.update_bias(counts)
+        self.init_moe_weights(module, self.config.initializer_range)
 
 
 class GatedMoeModel(GatedMoePreTrainedModel):
@@ -207,15 +185,35 @@ class GatedMoeModel(GatedMoePreTrainedModel):
         )
 
 
-def combine_router_losses(routings: tuple[RouterOutput, ...] | None):
-    """Mean over MoE layers of the balancing and z losses, plus the stacked counts and mean probabilities."""
-    if not routings:
-        return None, None, None, None
-    expert_counts = torch.stack([r.expert_counts for r in routings])  # [L_moe, E]
-    router_probs = torch.stack([r.probs_mean for r in routings])  # [L_moe, E]
-    aux_loss = load_balancing_loss(expert_counts, router_probs)
-    z_loss = torch.stack([r.z_loss for r in routings]).mean()
-    return aux_loss, z_loss, expert_counts, router_probs
+def causal_lm_output(config, loss_function, logits, labels, outputs, output_router_logits, **loss_kwargs):
+    """The causal-LM output of either family: LM loss (labels shifted inside) plus the weighted router losses
+    (means over MoE layers), the stacked expert counts and mean router probabilities, optional router logits."""
+    routings = outputs.router_outputs
+    aux_loss = z_loss = expert_counts = router_probs = None
+    if routings:
+        expert_counts = torch.stack([r.expert_counts for r in routings])  # [L_moe, E]
+        router_probs = torch.stack([r.probs_mean for r in routings])  # [L_moe, E]
+        aux_loss = load_balancing_loss(expert_counts, router_probs)
+        z_loss = torch.stack([r.z_loss for r in routings]).mean()
+    loss = None
+    if labels is not None:
+        loss = loss_function(logits, labels, config.vocab_size, **loss_kwargs)
+        if aux_loss is not None:
+            loss = loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+    if output_router_logits is None:
+        output_router_logits = config.output_router_logits
+    return GatedMoeCausalLMOutput(
+        loss=loss,
+        logits=logits,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=getattr(outputs, "attentions", None),
+        aux_loss=aux_loss,
+        z_loss=z_loss,
+        expert_counts=expert_counts,
+        router_probs=router_probs,
+        router_logits=tuple(r.logits for r in routings) if output_router_logits and routings else None,
+    )
 
 
 class GatedMoeForCausalLM(GatedMoePreTrainedModel, GenerationMixin):
@@ -265,29 +263,8 @@ class GatedMoeForCausalLM(GatedMoePreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])  # [B, T_keep, vocab]
 
-        aux_loss, z_loss, expert_counts, router_probs = combine_router_losses(outputs.router_outputs)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
-            if aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
-
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        router_logits = None
-        if output_router_logits and outputs.router_outputs:
-            router_logits = tuple(r.logits for r in outputs.router_outputs)
-        return GatedMoeCausalLMOutput(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            expert_counts=expert_counts,
-            router_probs=router_probs,
-            router_logits=router_logits,
+        return causal_lm_output(
+            self.config, self.loss_function, logits, labels, outputs, output_router_logits, **kwargs
         )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from .layers import SwiGLUMLP
 
@@ -178,3 +179,31 @@ class SparseMoeBlock(nn.Module):
         z_loss = router_z_loss(logits, None if token_mask is None else token_mask.reshape(-1))
         routing = RouterOutput(logits=logits, probs_mean=probs_mean, expert_counts=counts, z_loss=z_loss)
         return out.view(B, T, H), routing
+
+
+class MoeModelMixin:
+    """For PreTrainedModels whose layers may hold SparseMoeBlocks (both families)."""
+
+    def init_moe_weights(self, module: nn.Module, std: float) -> None:
+        """The MoE part of _init_weights: experts and router N(0, std), selection bias zero."""
+        if isinstance(module, Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.expert_bias is not None:
+                init.zeros_(module.expert_bias)
+
+    def moe_blocks(self) -> list[SparseMoeBlock]:
+        """The MoE FFNs in layer order (empty for a dense model)."""
+        return [m for m in self.modules() if isinstance(m, SparseMoeBlock)]
+
+    @torch.no_grad()
+    def update_router_biases(self, expert_counts: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing step: expert_counts [L_moe, E], ideally summed over the global batch.
+        Call after the optimizer step; needs router_bias_update_rate > 0."""
+        blocks = self.moe_blocks()
+        if expert_counts.shape[0] != len(blocks):
+            raise ValueError(f"expert_counts has {expert_counts.shape[0]} rows, the model has {len(blocks)} MoE layers")
+        for block, counts in zip(blocks, expert_counts):
+            block.gate.update_bias(counts)
