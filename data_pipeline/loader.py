@@ -168,7 +168,9 @@ class SourceReader:
                 doc = self.block[self.order[self.idx]]
                 self.idx += 1
                 return doc
-            if not self.block and self.shard_pos == 0 and self.raw_idx == 0:
+            if not self.block and self.shard_pos == 0 and self.raw_idx == 0 and self.num_epochs is None:
+                # A whole epoch without a document: repeating it would loop forever. (A finite pass just ends:
+                # a small held-out split may leave some readers empty.)
                 raise DataError(
                     f"reader {self.reader} of {self.num_readers} got no documents from source "
                     f"{self.source.config.describe()} ({self.source.split} split, {self.source.num_shards} shards): "

@@ -168,3 +168,16 @@ def test_clear_errors_before_training(tmp_path, tok):
         DataConfig.from_dict({"seq_len": 8, "seqlen": 9})
     with pytest.raises(DataError, match="unknown source kind"):
         SourceConfig.from_dict({"kind": "csv", "path": "x"})
+
+
+def test_more_readers_than_documents(tmp_path, tok):
+    write_jsonl(tmp_path / "two.jsonl", ["first doc", "second doc"])
+    src = [SourceConfig(kind="jsonl", path=str(tmp_path / "two.jsonl"))]
+    # a finite pass (validation, num_epochs) just ends for the readers that got nothing
+    cfg = DataConfig(sources=src, seq_len=64, micro_batch_size=1, num_workers=2, num_epochs=1)
+    docs = [d for rank in range(2) for d in reader_documents(list(build_dataloader(cfg, tok, rank, 2)), tok)]
+    assert sorted(docs) == ["first doc", "second doc"]
+    # repeating forever would loop on an empty epoch: one clear message instead
+    cfg = DataConfig(sources=src, seq_len=8, micro_batch_size=1, num_workers=0)
+    with pytest.raises(DataError, match="reader 3 of 4 got no documents.*use fewer ranks/workers or more data"):
+        next(iter(build_dataloader(cfg, tok, rank=3, world_size=4)))
