@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .delta_product_kernels import chunk_delta_product, recurrent_delta_product
-from .layers import RMSNorm
+from .layers import RMSNorm, upcast
 
 
 class ShortConvolution(nn.Module):
@@ -105,12 +105,12 @@ class DeltaProductAttention(nn.Module):
         q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)  # [B, T, H, K]
         k = F.normalize(k.view(B, T, n, H, K), p=2, dim=-1).reshape(B, T * n, H, K)
         v = v.view(B, T, n, H, V).reshape(B, T * n, H, V)
-        beta = torch.sigmoid(self.b_proj(x).float()).view(B, T, n, H)  # [B, T, n, H]
+        beta = torch.sigmoid(upcast(self.b_proj(x))).view(B, T, n, H)  # [B, T, n, H]
         if self.allow_neg_eigval:
             beta = beta * 2.0
         g = None
         if self.a_proj is not None:
-            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())  # [B, T, H]
+            g = -upcast(self.A_log).exp() * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))  # [B, T, H]
         if token_mask is not None:  # padding: beta = 0 and no decay, so the state passes through unchanged
             keep = token_mask.to(beta.dtype)
             beta = beta * keep[:, :, None, None]

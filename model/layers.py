@@ -16,6 +16,11 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in at least fp32 (bf16/fp16 -> fp32; fp64 stays fp64): for softmax, norms, gates and rope tables."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """y = w * x / rms(x), computed in at least fp32 and cast back."""
 
@@ -26,7 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
+        hidden_states = upcast(hidden_states)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
         return self.weight * hidden_states.to(input_dtype)
@@ -63,8 +68,8 @@ class RotaryEmbedding(nn.Module):
     @dynamic_rope_update  # recomputes inv_freq for the "dynamic" and "longrope" types as sequences grow
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids [B, T] -> cos, sin [B, T, head_dim]
-        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 tables for bf16 models, fp64 for fp64
-        freqs = position_ids[..., None].to(dtype) * self.inv_freq.to(device=x.device, dtype=dtype)
+        inv_freq = upcast(self.inv_freq.to(device=x.device, dtype=x.dtype))  # fp32 tables for bf16 models
+        freqs = position_ids[..., None].to(inv_freq.dtype) * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from .layers import SwiGLUMLP
+from .layers import SwiGLUMLP, upcast
 
 
 @dataclass
@@ -71,8 +71,7 @@ class TopKRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor):
         # hidden_states [N, hidden] -> logits, probs [N, E]; top_k_weights, top_k_index [N, k]
-        logits = F.linear(hidden_states, self.weight)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in at least fp32
+        logits = upcast(F.linear(hidden_states, self.weight))  # softmax in at least fp32
         probs = logits.softmax(dim=-1)
         if self.expert_bias is None:
             top_k_weights, top_k_index = probs.topk(self.top_k, dim=-1)

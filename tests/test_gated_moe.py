@@ -2,10 +2,6 @@
 saving and loading, bad configs."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -14,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import model
 from model import GatedMoeConfig, GatedMoeForCausalLM, load_balancing_loss, router_z_loss
 from model.moe import grouped_linear
+from tests.helpers import run_without_seedlm
 from tests.reference_gated_moe import reference_forward
 
 
@@ -264,25 +261,6 @@ def test_save_load_round_trip_and_auto_classes(tmp_path):
     assert type(loaded) is GatedMoeForCausalLM
     ids = torch.randint(0, 97, (2, 8))
     torch.testing.assert_close(loaded(ids).logits, m(ids).logits)
-
-
-BLOCK_SEEDLM = """
-import importlib.abc, sys
-class BlockSeedlm(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('model', 'launch', 'data_pipeline', 'eval'):
-            raise ImportError('seedlm is not installed here: ' + name)
-sys.meta_path.insert(0, BlockSeedlm())
-"""
-
-
-def run_without_seedlm(script: str, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(cwd / "hf_modules")
-    return subprocess.run(
-        [sys.executable, "-c", BLOCK_SEEDLM + textwrap.dedent(script)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-    )
 
 
 def test_loads_with_trust_remote_code_where_seedlm_is_not_importable(tmp_path):
