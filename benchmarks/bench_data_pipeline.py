@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         train = {p: train_step_tokens_per_sec(p, args.seq_len, args.batch_size, args.steps) for p in PRESETS}
 
     shape = f"{args.batch_size} x {args.seq_len}"
-    print(f"\nData pipeline on the stdlib corpus, batches of {shape} tokens, tokenizer: {tok_desc}, ")
+    print(f"\nData pipeline on the stdlib corpus, batches of {shape} tokens, tokenizer: {tok_desc},")
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads}\n")
     print("| pipeline (tokenise + pack) | tokens/s |")
     print("|---|---:|")
