@@ -144,10 +144,14 @@ def recurrent_delta_product(
 # chunk, with decays gamma_p (cumulative log decay up to position p; a token's decay sits on its
 # first position) and state S0 at the chunk start, the WY form gives
 #     X = (I + tril(diag(beta) K K^T * exp(gamma_i - gamma_j), -1))^-1 [beta V | beta exp(gamma) K]
-#     U, W = X[:, :V], X[:, V:]          new values u_p - w_p S0 are what the delta rule writes
-#     S1 = M S0 + B  with  M = exp(gamma_last) I - Kd^T W,  B = Kd^T U,  Kd = exp(gamma_last - gamma) K
-#     o  = Aq U + (Qd - Aq W) S0  with  Aq = (Q K^T * exp(gamma_q - gamma)) masked, Qd = exp(gamma_q) Q
-# Everything except S0 is computed for all chunks at once; only S1 = M S0 + B runs chunk by chunk.
+#     U, W = X[:, :V], X[:, V:]
+#     Vn = U - W S0                              what the delta rule writes at each position
+#     S1 = exp(gamma_last) S0 + Kd^T Vn          Kd = exp(gamma_last - gamma) K
+#     o  = Qd S0 + Aq Vn                         Qd = exp(gamma_q) Q, Aq = Q K^T * exp(gamma_q - gamma), masked
+# where the query of a token reads every position of its own token (the state after its n_h steps).
+# Everything but Vn and S1 is computed for all chunks at once; those two run chunk by chunk.
+# (Folding the scan into S1 = M S0 + B with precomputed K x K matrices M was measured: ~5% slower,
+# more flops.)
 
 
 def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
@@ -156,11 +160,11 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
     q [NC, B, H, Ct, K] (already scaled); k [NC, B, H, C, K]; v [NC, B, H, C, V]; beta [NC, B, H, C];
     g [NC, B, H, Ct] or None. S0: state entering chunk 0 [B, H, K, V]. resets: {chunk: state} replaces
     the carried state at document starts; captures: {chunk: key} records the state after that chunk.
-    Returns (o [NC, B, H, Ct, V], {key: state [B, H, K, V]}).
+    Returns (o [NC, B, H, Ct, V], {key: state [B, H, K, V]}, state after the last chunk [B, H, K, V]).
     """
     NC, B, H, Ct, K = q.shape
     C, V = v.shape[-2], v.shape[-1]
-    dev, dt = q.device, q.dtype
+    dev = q.device
     pos = torch.arange(C, device=dev)
     # query of token i reads the state after all n_h steps of token i: positions j with j // n <= i
     sees = (pos[None, :] // n) <= torch.arange(Ct, device=dev)[:, None]  # [Ct, C]
@@ -191,31 +195,51 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
 
     # unit lower-triangular solve: X = (I + tril(A, -1))^-1 [beta V | beta exp(gamma) K] = [U | W]
     X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [NC, B, H, C, V+K]
-    AqX = Aq @ X  # [NC, B, H, Ct, V+K]
-    o_intra = AqX[..., :V]  # [NC, B, H, Ct, V]
-    q_eff = qd - AqX[..., V:]  # [NC, B, H, Ct, K]
-    KdX = kd.transpose(-1, -2) @ X  # [NC, B, H, K, V+K]
-    eye = torch.eye(K, device=dev, dtype=dt)
-    M = (eye * chunk_decay if chunk_decay is not None else eye) - KdX[..., V:]  # [NC, B, H, K, K]
-    Badd = KdX[..., :V]  # [NC, B, H, K, V]
-
-    # the only sequential part: one batched matmul-add per chunk. unbind, not M[c]: one backward node
-    # for all chunks instead of a full-size zero gradient per chunk
-    M = M.reshape(NC, B * H, K, K).unbind(0)
-    Badd = Badd.reshape(NC, B * H, K, V).unbind(0)
-    S = S0.reshape(B * H, K, V)
-    starts, finals = [], {}
+    BH = B * H
+    U = X[..., :V].reshape(NC, BH, C, V).unbind(0)
+    W = X[..., V:].reshape(NC, BH, C, K).unbind(0)
+    kdt = kd.transpose(-1, -2).reshape(NC, BH, K, C).unbind(0)
+    dec = chunk_decay.reshape(NC, BH, 1, 1).unbind(0) if chunk_decay is not None else None
+    S = S0.reshape(BH, K, V)
+    starts, news, finals = [], [], {}
     for c in range(NC):
         if c in resets:
-            S = resets[c].reshape(B * H, K, V)
+            S = resets[c].reshape(BH, K, V)
         starts.append(S)
-        S = torch.baddbmm(Badd[c], M[c], S)
+        vn = torch.baddbmm(U[c], W[c], S, alpha=-1.0)  # [BH, C, V] what the delta rule writes
+        news.append(vn)
+        S = torch.baddbmm(S * dec[c] if dec is not None else S, kdt[c], vn)
         if c in captures:
             finals[captures[c]] = S.view(B, H, K, V)
-    S_starts = torch.stack(starts, dim=0).view(NC, B, H, K, V)  # state entering each chunk
-    o = torch.baddbmm(o_intra.reshape(NC * B * H, Ct, V), q_eff.reshape(NC * B * H, Ct, K),
-                      S_starts.view(NC * B * H, K, V))
-    return o.view(NC, B, H, Ct, V), finals
+    S_starts = torch.stack(starts, dim=0).view(NC * BH, K, V)
+    VN = torch.stack(news, dim=0).view(NC * BH, C, V)
+    o = torch.baddbmm(torch.bmm(Aq.reshape(NC * BH, Ct, C), VN), qd.reshape(NC * BH, Ct, K), S_starts)
+    return o.view(NC, B, H, Ct, V), finals, S.view(B, H, K, V)
+
+
+# On CPU, chunks are processed in blocks whose intermediates fit in cache: one pass over the whole
+# sequence per elementwise op falls out of cache at long T and made time grow faster than T.
+# Measured on a 2-core EPYC (benchmarks/bench_delta_product.py); a GPU takes all chunks at once.
+_CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def _blocked_scan(chunks, n, S0, resets, captures):
+    """_chunk_scan over blocks of chunks, the state carried from block to block."""
+    NC, B, H, C, K = chunks[1].shape
+    V = chunks[2].shape[-1]
+    per_chunk = B * H * C * (C + 2 * (K + V))  # rough size of one chunk's intermediates
+    block = NC if chunks[0].is_cuda else max(1, min(NC, _CPU_BLOCK_ELEMENTS // per_chunk))
+    # split, not slicing: one backward node that concatenates the gradients
+    pieces = zip(*(x.split(block, dim=0) if x is not None else [None] * -(-NC // block) for x in chunks))
+    outs, finals, S = [], {}, S0
+    for i, piece in enumerate(pieces):
+        lo, hi = i * block, (i + 1) * block
+        local_resets = {c - lo: x for c, x in resets.items() if lo <= c < hi}
+        local_captures = {c - lo: x for c, x in captures.items() if lo <= c < hi}
+        o, f, S = _chunk_scan(*piece, n, S, local_resets, local_captures)
+        outs.append(o)
+        finals.update(f)
+    return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0], finals
 
 
 def _to_chunks(qf, kf, vf, bf, gf, Ct, n):
@@ -325,7 +349,7 @@ def chunk_delta_product(
         chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
         NC = chunks[0].shape[0]
         S0 = h0 if h0 is not None else q.new_zeros(B, H, K, V, dtype=dt)
-        o, finals = _chunk_scan(*chunks, n, S0, resets={}, captures={NC - 1: "all"})
+        o, finals = _blocked_scan(chunks, n, S0, resets={}, captures={NC - 1: "all"})
         o = _from_chunks(o, Ct)[:, :T]  # [B, T, H, V]
         S = finals["all"]
     else:
@@ -341,7 +365,7 @@ def chunk_delta_product(
             if span is not None:
                 resets[span[0]] = h0[i : i + 1] if h0 is not None else zeros
                 captures[span[1]] = i
-        o, finals = _chunk_scan(*chunks, n, zeros, resets, captures)
+        o, finals = _blocked_scan(chunks, n, zeros, resets, captures)
         o = _from_chunks(o, Ct).index_select(1, dest)  # [1, T, H, V]
         # an empty document passes its initial state through
         S = torch.cat(

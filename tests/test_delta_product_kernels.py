@@ -126,6 +126,27 @@ def test_chunk_matches_recurrence_fwd_bwd(n, use_g):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("chunks_per_block", [1, 3])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_cache_blocks_match_recurrence(monkeypatch, chunks_per_block, varlen):
+    """On CPU long inputs run in blocks of chunks; force tiny blocks so the hand-over is exercised."""
+    n, B, T, H, K, V, C = 2, 1, 37, 2, 8, 6, 8
+    monkeypatch.setattr(kernels, "_CPU_BLOCK_ELEMENTS", chunks_per_block * B * H * C * (C + 2 * (K + V)))
+    offsets = [0, 9, 9, 30, 37] if varlen else None
+    N = len(offsets) - 1 if varlen else B
+    inputs = make_inputs(B=B, T=T, H=H, K=K, V=V, n=n, N=N, seed=21)
+    cu = torch.tensor(offsets) if varlen else None
+    gen = torch.Generator().manual_seed(22)
+    d_o = torch.randn(B, T, H, V, generator=gen, dtype=F64)
+    d_s = torch.randn(N, H, K, V, generator=gen, dtype=F64)
+    o_r, s_r, g_r = _run_with_grads(recurrent_delta_product, inputs, n, d_o, d_s, cu_seqlens=cu)
+    o_c, s_c, g_c = _run_with_grads(chunk_delta_product, inputs, n, d_o, d_s, cu_seqlens=cu, chunk_size=C)
+    torch.testing.assert_close(o_c, o_r, rtol=0, atol=1e-10)
+    torch.testing.assert_close(s_c, s_r, rtol=0, atol=1e-10)
+    for a, b in zip(g_c, g_r):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2, 5, 64])
 def test_chunk_sizes(chunk_size):
     """chunk_size below n_h (one token per chunk), odd sizes, and one chunk larger than T."""
