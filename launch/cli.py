@@ -14,6 +14,10 @@ import sys
 
 # (subcommand, module under launch.commands, one-line help)
 COMMANDS = [
+    ("train", "train", "train a model: seedlm train CONFIG [dotted.key=value ...]"),
+    ("export", "export", "export a run's checkpoint as a Hugging Face folder"),
+    ("push", "push", "upload an exported folder to the Hugging Face Hub"),
+    ("eval", "eval", "evaluate a model folder on tasks"),
     ("demo", "demo", "build a tiny model of each family, run a forward pass and generate()"),
     ("convert", "convert", "convert a transformers checkpoint (qwen3_moe) into a seedlm model folder"),
     ("tokenizer", "tokenizer", "train or inspect a sentencepiece tokenizer"),

@@ -1,0 +1,253 @@
+"""Run configuration: a YAML preset plus dotted `key=value` overrides, validated into typed dataclasses.
+
+    model: gated_moe_tiny            # a preset under configs/models, a YAML path, or a mapping with model_type
+    model_overrides: {}              # config fields over the preset
+    tokenizer: {path: null, vocab_size: 4096}   # path of an existing tokenizer, else one is trained
+    data: {...}                      # data_pipeline.DataConfig fields
+    train: {...}                     # TrainConfig fields
+
+Overrides address any field (`train.lr=1e-3`, `data.seq_len=128`, `model_overrides.num_experts=4`); a
+few everyday ones also work at the top level (`max_steps=20`, see TOP_LEVEL_ALIASES). An unknown key is
+refused with the closest valid one; a value of the wrong type says what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TOP_LEVEL_ALIASES = {
+    "output_dir": "train.output_dir",
+    "max_steps": "train.max_steps",
+    "seed": "train.seed",
+    "zero_stage": "train.zero_stage",
+    "expert_parallel_size": "train.expert_parallel_size",
+    "save_interval": "train.save_interval",
+    "resume": "train.resume",
+    "micro_batch_size": "data.micro_batch_size",
+    "seq_len": "data.seq_len",
+}
+
+
+class ConfigError(ValueError):
+    """A mistake in the run configuration; the message names the key and what is allowed."""
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # an existing tokenizer folder; None trains one into <output_dir>/tokenizer
+    vocab_size: int = 4096
+    model_type: str = "bpe"  # bpe | unigram
+    max_chars: int = 5_000_000  # training budget, characters of the training stream
+    max_docs: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 1  # 0, 1, 2 or 3
+    offload_optimizer: bool = False
+    expert_parallel_size: int = 1
+    seed: int = 0
+    save_interval: int = 50
+    keep_last: int = 2
+    log_interval: int = 1
+    eval_interval: int = 50  # held-out loss every N steps (0 = never)
+    eval_batches: int = 4
+    resume: str = "auto"  # auto (latest checkpoint if any) | none | a checkpoint folder
+    max_consecutive_nonfinite: int = 5  # stop (after saving) when this many steps in a row are not finite
+    peak_tflops: float | None = None  # per-device peak for MFU; None measures a matmul at start
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    activation_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: Any = "gated_moe_tiny"
+    model_overrides: dict = field(default_factory=dict)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: dict = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.dtype": ("fp32", "bf16"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "train.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "tokenizer.model_type": ("bpe", "unigram"),
+}
+POSITIVE = ("train.max_steps", "train.grad_accum_steps", "train.save_interval", "train.keep_last",
+            "train.log_interval", "train.eval_batches", "train.expert_parallel_size", "tokenizer.vocab_size")
+
+
+def suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, sorted(valid), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {sorted(valid)}"
+
+
+def check_type(path: str, value, annotation) -> Any:
+    """Coerce ints to floats where a float is wanted; otherwise require the annotated type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"Any": Any})  # annotations are strings (__future__)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return check_type(path, value, option)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if annotation is Any:
+        return value
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"{path} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def build_section(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix}.{key}{suggest(key, fields)}")
+        kwargs[key] = check_type(f"{prefix}.{key}", value, fields[key].type)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """["train.lr=1e-3", "max_steps=20"] -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-3 or max_steps=20)")
+        key = TOP_LEVEL_ALIASES.get(key, key)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {part}")
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "model":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    path = Path(config)
+    if path.is_file():
+        return path
+    candidate = REPO_ROOT / "configs" / f"{config}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+    close = difflib.get_close_matches(str(config), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"config {config!r} is neither a file nor a preset in configs/{hint}; presets: {known}")
+
+
+def load_run_config(config: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """A RunConfig from a YAML file or preset name (or None: all defaults) and dotted overrides."""
+    doc: dict = {}
+    if config is not None:
+        path = resolve_config_path(config)
+        doc = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping")
+        for key in list(doc):
+            if key in TOP_LEVEL_ALIASES:  # aliases are allowed in files too
+                section, name = TOP_LEVEL_ALIASES[key].split(".")
+                doc.setdefault(section, {})[name] = doc.pop(key)
+    doc = merge(doc, parse_overrides(list(overrides)))
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    for key in doc:
+        if key not in sections:
+            raise ConfigError(f"unknown key {key!r}{suggest(key, sections | set(TOP_LEVEL_ALIASES))}")
+    run = RunConfig(
+        model=doc.get("model", RunConfig.model),
+        model_overrides=check_type("model_overrides", doc.get("model_overrides", {}) or {}, dict),
+        tokenizer=build_section(TokenizerConfig, doc.get("tokenizer", {}) or {}, "tokenizer"),
+        data=check_type("data", doc.get("data", {}) or {}, dict),
+        train=build_section(TrainConfig, doc.get("train", {}) or {}, "train"),
+    )
+    validate(run)
+    return run
+
+
+def validate(run: RunConfig) -> None:
+    values = {"train": run.train, "tokenizer": run.tokenizer}
+    for path, allowed in CHOICES.items():
+        section, name = path.split(".")
+        if getattr(values[section], name) not in allowed:
+            raise ConfigError(f"{path}={getattr(values[section], name)!r} is not allowed; use one of {list(allowed)}")
+    for path in POSITIVE:
+        section, name = path.split(".")
+        if getattr(values[section], name) < 1:
+            raise ConfigError(f"{path} must be >= 1, got {getattr(values[section], name)}")
+    t = run.train
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if len(t.betas) != 2:
+        raise ConfigError(f"train.betas must be two numbers, got {t.betas}")
+
+
+def model_config_from_run(run: RunConfig):
+    """The HF model config named by run.model (preset name, YAML path or mapping) with model_overrides."""
+    from launch.presets import build_model_config, load_model_config
+
+    if isinstance(run.model, dict):
+        return build_model_config({**run.model, **run.model_overrides}, source="model")
+    if not isinstance(run.model, str):
+        raise ConfigError(f"model must be a preset name, a YAML path or a mapping, got {run.model!r}")
+    return load_model_config(run.model, **run.model_overrides)

@@ -1,0 +1,130 @@
+"""Training metrics: model FLOPs per token, MFU, and the sinks (metrics.jsonl, TensorBoard, W&B, a PNG).
+
+Only rank 0 writes. metrics.jsonl holds one JSON object per logged step with at least step, loss, lr and
+tokens_per_sec; the other sinks get the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def flops_per_token(config, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward): 6 * active non-embedding parameters plus
+    the attention score/value matmuls, 12 * layers_with_attention * heads * head_dim * seq_len / 2 (causal),
+    plus the DeltaProduct recurrences, 6 * 2 * n_h * heads * K * V per layer (state update and readout)."""
+    from launch.presets import count_parameters
+
+    _, active = count_parameters(config)
+    embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    flops = 6.0 * (active - embedding) + 6.0 * config.vocab_size * config.hidden_size  # lm_head matmul
+    layers = config.num_hidden_layers
+    if config.model_type == "seedlm_gated_moe":
+        flops += 12 * layers * config.num_attention_heads * config.head_dim * seq_len / 2
+    else:
+        attn = len(config.attn_layers)
+        flops += 12 * attn * config.attn_num_heads * config.head_dim * seq_len / 2
+        recurrent = layers - attn
+        flops += 6 * recurrent * 2 * config.num_householder * config.num_heads * config.head_dim * config.head_v_dim
+    return flops
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Achieved matmul FLOP/s on this device: the denominator of MFU when no peak is configured."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    try:
+        import resource
+
+        return {"memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+    except ImportError:
+        return {}
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold an inactive logger so call sites need no rank checks."""
+
+    def __init__(self, output_dir: Path, active: bool, tensorboard: bool, wandb_project: str | None, config: dict):
+        self.active = active
+        self.path = output_dir / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if not active:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+        if wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=config, resume="allow")
+
+    def log(self, record: dict) -> None:
+        if not self.active:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
+    """Training loss (and held-out loss where logged) against step, as a PNG."""
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="training loss", linewidth=1)
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

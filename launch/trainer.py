@@ -1,0 +1,371 @@
+"""`seedlm train`: the training loop around a DeepSpeed engine.
+
+Order of work, so that every user mistake surfaces before compute starts:
+  1. process group (one process, torchrun, deepspeed launcher or srun);
+  2. configs: model, data, tokenizer (trained on the run's sources when none is given) and vocabulary fit,
+     resume compatibility;
+  3. model (same seed on every rank), expert parallelism, DeepSpeed engine (ZeRO, AdamW groups, schedule);
+  4. loop: micro-batches -> loss -> backward -> step; metrics, held-out loss, checkpoints, signals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from launch.checkpoint import (
+    check_compatible,
+    find_resume_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from launch.config import ConfigError, RunConfig, model_config_from_run
+from launch.distributed import DistInfo, all_ranks_true, barrier, init_distributed
+from launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
+
+logger = logging.getLogger("seedlm.train")
+
+
+def lr_lambda(train_cfg):
+    """Multiplier of the peak lr at a step: linear warmup, then cosine / WSD decay to min_lr_ratio, or constant."""
+    warmup, total, floor = train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio
+    decay_start = total - int(train_cfg.wsd_decay_fraction * total)
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if train_cfg.schedule == "constant":
+            return 1.0
+        if train_cfg.schedule == "wsd":  # warmup-stable-decay: flat, then linear decay over the last fraction
+            if step < decay_start:
+                return 1.0
+            return floor + (1 - floor) * max(0.0, (total - step) / max(1, total - decay_start))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on norms, biases, embeddings (1-D tensors and embedding tables)."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(run: RunConfig, data_cfg) -> dict:
+    t = run.train
+    zero = {"stage": t.zero_stage}
+    if t.offload_optimizer and t.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": data_cfg.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def prepare_tokenizer(run: RunConfig, data_cfg, dist: DistInfo, output_dir: Path):
+    """An existing tokenizer folder, or one trained (on rank 0) from the run's training sources."""
+    from data_pipeline import iter_texts, load_tokenizer, open_sources, train_tokenizer
+
+    if run.tokenizer.path:
+        return load_tokenizer(run.tokenizer.path), Path(run.tokenizer.path)
+    tok_dir = output_dir / "tokenizer"
+    if dist.is_main and not (tok_dir / "tokenizer_config.json").is_file():
+        logger.info("training a %d-token %s tokenizer into %s", run.tokenizer.vocab_size, run.tokenizer.model_type,
+                    tok_dir)
+        texts = iter_texts(open_sources(data_cfg, "train"), seed=data_cfg.seed)
+        train_tokenizer(texts, tok_dir, vocab_size=run.tokenizer.vocab_size, model_type=run.tokenizer.model_type,
+                        max_chars=run.tokenizer.max_chars, max_docs=run.tokenizer.max_docs,
+                        show_progress=run.train.progress_bar)
+    barrier()
+    return load_tokenizer(tok_dir), tok_dir
+
+
+def build_model(run: RunConfig, model_config, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model_config.pad_token_id = tokenizer.pad_token_id
+    model_config.bos_token_id = tokenizer.bos_token_id
+    model_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(run.train.seed)  # identical initial weights on every rank
+    model = AutoModelForCausalLM.from_config(model_config, attn_implementation=run.train.attn_implementation)
+    if run.train.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    return model
+
+
+def held_out_loss(engine, val_loader_factory, num_batches: int, device) -> float:
+    """Mean held-out loss over the first num_batches of the validation split (the same batches every time),
+    averaged over ranks."""
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(val_loader_factory()):
+            if i >= num_batches:
+                break
+            out = engine(**{k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")})
+            lm_loss = out.loss - lm_loss_extras(engine.module.config, out)
+            total, count = total + lm_loss.item(), count + 1
+    engine.train()
+    stats = torch.tensor([total, float(count)])
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(stats)
+    return (stats[0] / stats[1].clamp(min=1)).item()
+
+
+def lm_loss_extras(config, out) -> torch.Tensor | float:
+    """The weighted router losses inside out.loss (0 for dense models)."""
+    if out.aux_loss is None:
+        return 0.0
+    return config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption, time limits): finish the current step, save, exit."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
+    """A function writing the consolidated HF folder of the current weights (rank 0 writes)."""
+
+    def save(path: Path) -> None:
+        import deepspeed
+
+        module = engine.module
+        if ep_info is not None:
+            from launch.expert_parallel import gather_full_state_dict
+
+            state = gather_full_state_dict(module, ep_info)
+        elif engine.zero_optimization_stage() == 3:
+            params = list(module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().clone() for k, v in module.state_dict().items()} if dist.is_main else None
+        else:
+            state = module.state_dict() if dist.is_main else None
+        if dist.is_main:
+            module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+
+    return save
+
+
+def train(run: RunConfig) -> dict:
+    """Run training as configured; returns a summary dict (rank 0's numbers)."""
+    from data_pipeline import DataConfig, build_dataloader, check_vocab_fits
+
+    dist = init_distributed()
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
+                        format=f"%(asctime)s [rank {dist.rank}] %(levelname)s %(message)s", force=True)
+    t = run.train
+    output_dir = Path(t.output_dir)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    # --- configs and every check, before any compute
+    model_config = model_config_from_run(run)
+    data_cfg = DataConfig.from_dict(run.data)
+    if dist.world_size % t.expert_parallel_size != 0:
+        raise ConfigError(f"expert_parallel_size={t.expert_parallel_size} must divide the world size {dist.world_size}")
+    if t.expert_parallel_size > 1 and getattr(model_config, "num_experts", 0) % t.expert_parallel_size != 0:
+        raise ConfigError(f"expert_parallel_size={t.expert_parallel_size} must divide num_experts="
+                          f"{getattr(model_config, 'num_experts', 0)} (and the model must be an MoE)")
+    checkpoint_root = output_dir / "checkpoints"
+    resume_from = None
+    if t.resume == "auto":
+        resume_from = find_resume_checkpoint(checkpoint_root)
+    elif t.resume != "none":
+        resume_from = Path(t.resume)
+        if not resume_from.is_dir():
+            raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint folder")
+    tokenizer, tok_dir = prepare_tokenizer(run, data_cfg, dist, output_dir)
+    check_vocab_fits(tokenizer, model_config.vocab_size)
+    data_cfg.tokenizer = str(tok_dir)
+    if dist.is_main:
+        resolved = run.to_dict()
+        resolved["tokenizer"]["path"] = str(tok_dir)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    train_loader = build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size)
+    if resume_from is not None:
+        import json
+
+        check_compatible(json.loads((resume_from / "trainer_state.json").read_text()), dist.world_size,
+                         t.expert_parallel_size, model_config.model_type)
+
+    # --- model, expert parallelism, engine
+    import deepspeed
+
+    model = build_model(run, model_config, tokenizer)
+    ep_info = None
+    param_groups = decay_groups(model, t.weight_decay)
+    if t.expert_parallel_size > 1:
+        from launch.expert_parallel import apply_expert_parallel, optimizer_param_groups
+
+        ep_info = apply_expert_parallel(model, t.expert_parallel_size)
+        param_groups = optimizer_param_groups(model, t.weight_decay, ep_info)
+    optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)),
+        config=deepspeed_config(run, data_cfg),
+    )
+    device = engine.device
+
+    step, tokens_seen, skipped_steps = 0, 0, 0
+    if resume_from is not None:
+        trainer_state, rank_state = load_checkpoint(resume_from, engine, dist.rank)
+        step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
+        skipped_steps = trainer_state["skipped_steps"]
+        train_loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        logger.info("resumed from %s at step %d", resume_from, step)
+
+    def validation_loader():
+        return build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size, split="validation")
+
+    tokens_per_step = data_cfg.micro_batch_size * data_cfg.seq_len * t.grad_accum_steps * dist.world_size
+    flops_token = flops_per_token(model_config, data_cfg.seq_len)
+    dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
+    peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(device, dtype)
+    metrics = MetricsLogger(output_dir, dist.is_main, t.tensorboard, t.wandb_project, run.to_dict())
+    stop = StopSignal()
+    save_hf = save_hf_folder_fn(engine, tokenizer, dist, ep_info)
+
+    def checkpoint(at_step: int) -> Path:
+        trainer_state = {"step": at_step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
+                         "world_size": dist.world_size, "expert_parallel_size": t.expert_parallel_size,
+                         "model_type": model_config.model_type}
+        rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
+        return save_checkpoint(checkpoint_root, at_step, engine, trainer_state, rank_state, save_hf, t.keep_last,
+                               dist.rank)
+
+    progress = None
+    if dist.is_main and t.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    batches = iter(train_loader)
+    consecutive_nonfinite, last_saved, stop_reason = 0, None, "max_steps"
+    window_start, window_tokens = time.perf_counter(), 0
+    engine.train()
+    while step < t.max_steps:
+        step_loss, step_aux, finite_micro = 0.0, 0.0, 0
+        counts = None
+        for _ in range(t.grad_accum_steps):
+            batch = next(batches)
+            out = engine(**{k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")})
+            finite = all_ranks_true(bool(torch.isfinite(out.loss).item()))
+            if finite:
+                engine.backward(out.loss)
+                step_loss += out.loss.item()
+                step_aux += out.aux_loss.item() if out.aux_loss is not None else 0.0
+                finite_micro += 1
+                if out.expert_counts is not None:
+                    counts = out.expert_counts if counts is None else counts + out.expert_counts
+            else:
+                # No NaN may reach the weights: this micro-batch contributes a zero gradient instead.
+                engine.backward(sum((p * 0.0).sum() for p in engine.module.parameters() if p.requires_grad))
+        if finite_micro == 0:
+            # Every micro-batch was non-finite: step with lr 0 (AdamW then leaves the weights unchanged).
+            saved_lrs = [g["lr"] for g in engine.optimizer.param_groups]
+            for g in engine.optimizer.param_groups:
+                g["lr"] = 0.0
+            engine.step()
+            for g, lr in zip(engine.optimizer.param_groups, saved_lrs):
+                g["lr"] = lr
+            skipped_steps += 1
+            consecutive_nonfinite += 1
+        else:
+            engine.step()
+            consecutive_nonfinite = 0
+        step += 1
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
+        if counts is not None and getattr(model_config, "router_bias_update_rate", 0) > 0:
+            if torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(counts)
+            engine.module.update_router_biases(counts)
+
+        if step % t.log_interval == 0 or step == t.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+            record = {
+                "step": step,
+                "loss": step_loss / max(finite_micro, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "tokens_per_sec": tokens_per_sec,
+                "mfu": tokens_per_sec * flops_token / (peak * dist.world_size),
+                "tokens_seen": tokens_seen,
+                "skipped_steps": skipped_steps,
+                **memory_stats(device),
+            }
+            if counts is not None:
+                record["aux_loss"] = step_aux / max(finite_micro, 1)
+                load = counts / counts.sum(-1, keepdim=True).clamp(min=1)  # [L, E]
+                record["expert_load_max_over_mean"] = (load.max(-1).values / load.mean(-1)).tolist()
+            metrics.log(record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                     tok_s=f"{tokens_per_sec:,.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if progress is not None:
+            progress.update(1)
+
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+            eval_loss = held_out_loss(engine, validation_loader, t.eval_batches, device)
+            metrics.log({"step": step, "eval_loss": eval_loss})
+            logger.info("step %d: held-out loss %.4f", step, eval_loss)
+
+        signalled = not all_ranks_true(stop.received is None)
+        too_many_nonfinite = consecutive_nonfinite >= t.max_consecutive_nonfinite
+        if step % t.save_interval == 0 or step == t.max_steps or signalled or too_many_nonfinite:
+            last_saved = checkpoint(step)
+        if signalled:
+            stop_reason = f"signal {stop.received or 'on another rank'}"
+            break
+        if too_many_nonfinite:
+            stop_reason = f"{consecutive_nonfinite} non-finite steps in a row"
+            logger.error("stopping: %s (checkpoint saved at step %d); lower the lr or check the data", stop_reason,
+                         step)
+            break
+
+    if progress is not None:
+        progress.close()
+    metrics.close()
+    curve = None
+    if dist.is_main:
+        curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
+                                title=f"{model_config.model_type} ({output_dir.name})")
+    barrier()
+    return {"step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps, "stop_reason": stop_reason,
+            "last_checkpoint": str(last_saved) if last_saved else None, "loss_curve": str(curve) if curve else None,
+            "output_dir": str(output_dir), "rank": dist.rank}
