@@ -1,0 +1,120 @@
+"""`seedlm export RUN_DIR OUT_DIR`: a run's checkpoint as a self-contained Hugging Face folder.
+
+Every checkpoint already holds the consolidated weights (ZeRO partitions and expert-parallel shards
+gathered at save time) in `hf/`; export re-saves them with safetensors sharded by size, the config with
+`auto_map`, the remote-code files, the tokenizer, a generation config and a model card, so the folder
+loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` without seedlm.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from launch.checkpoint import CheckpointError, find_resume_checkpoint, is_complete, step_dir_name
+from launch.metrics import read_metrics
+
+
+def checkpoint_for_export(run_dir: Path, step: int | None) -> Path:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        raise CheckpointError(f"{run_dir} has no checkpoints/ folder: is it a run folder (train.output_dir)?")
+    folder = find_resume_checkpoint(root) if step is None else root / step_dir_name(step)
+    if folder is None:
+        raise CheckpointError(f"{root} holds no complete checkpoint")
+    ok, why = is_complete(folder)
+    if not ok:
+        available = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+        raise CheckpointError(f"checkpoint {folder.name} cannot be exported: {why}; available: {available}")
+    return folder
+
+
+def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
+    from launch.presets import count_parameters
+
+    config = model.config
+    total, active = count_parameters(config)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    sources = [s if isinstance(s, str) else s.get("kind", "?") + ":" + str(s.get("path") or "")
+               for s in (run_config.get("data", {}) or {}).get("sources", ["stdlib"])]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    evals = [r for r in records if "eval_loss" in r and r["step"] <= state["step"]]
+    train_losses = [r for r in records if "loss" in r and r["step"] <= state["step"]]
+    family = {
+        "seedlm_gated_moe": "gated-attention Mixture-of-Experts decoder (sigmoid output gate, Qiu et al. 2025)",
+        "seedlm_deltaproduct": "DeltaProduct linear RNN (Siems et al. 2025)",
+    }[config.model_type]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [seedlm, " + config.model_type + "]",
+        "---",
+        f"# {repo_hint}",
+        "",
+        f"A {family}, trained with seedlm.",
+        "",
+        "## Architecture",
+        "",
+        f"- model_type `{config.model_type}`, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"vocabulary {config.vocab_size}",
+        f"- parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token",
+    ]
+    if config.model_type == "seedlm_gated_moe":
+        lines.append(f"- attention: {config.num_attention_heads} query / {config.num_key_value_heads} KV heads of "
+                     f"{config.head_dim}, output gate `{config.attn_output_gate}`, qk_norm {config.qk_norm}")
+    else:
+        lines.append(f"- DeltaProduct: {config.num_heads} heads of {config.head_dim}, {config.num_householder} "
+                     f"Householder steps, negative eigenvalues {config.allow_neg_eigval}, "
+                     f"attention layers {config.attn_layers}")
+    if getattr(config, "num_experts", 0):
+        lines.append(f"- MoE FFN: {config.num_experts} experts, top-{config.num_experts_per_tok}, expert FFN "
+                     f"{config.moe_intermediate_size}")
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"- data: {', '.join(sources)}",
+        f"- steps: {state['step']}, tokens seen: {state['tokens_seen']:,}",
+    ]
+    if train_losses:
+        lines.append(f"- final training loss: {train_losses[-1]['loss']:.4f}")
+    if evals:
+        lines += ["", "## Evaluation", "", "| step | held-out loss |", "|---|---|"]
+        lines += [f"| {r['step']} | {r['eval_loss']:.4f} |" for r in evals]
+    lines += [
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_hint}", trust_remote_code=True)',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_hint}", trust_remote_code=True)',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, max_shard_size: str = "2GB") -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    import model as _  # noqa: F401  (registers the classes so the checkpoint's config resolves)
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    checkpoint = checkpoint_for_export(run_dir, step)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new output folder")
+    hf_dir = checkpoint / "hf"
+    net = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    net.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(model_card(net, run_dir, checkpoint, out_dir.name))
+    return out_dir

@@ -1,0 +1,229 @@
+"""`seedlm train` under DeepSpeed: single process and 2 gloo ranks (ZeRO 1-3), exact resume, checkpoint
+fallback, export round trip, push dry run, and the user mistakes that must stop before compute."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.cli import main as seedlm
+from launch.config import ConfigError, load_run_config
+from tests.helpers import run_without_seedlm
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "alpha beta gamma delta state token expert router gate value key query".split()
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer(tmp_path_factory):
+    """A small jsonl corpus and a 512-piece tokenizer trained on it, shared by the module's runs."""
+    from data_pipeline import train_tokenizer
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(400)]
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train_tokenizer(docs, root / "tok", vocab_size=512, max_chars=None)
+    return corpus, root / "tok"
+
+
+def run_args(corpus, tok, output_dir, model="gated_moe_tiny", **extra) -> list[str]:
+    args = {
+        "output_dir": str(output_dir),
+        "tokenizer.path": str(tok),
+        "data.sources": f"[{{kind: jsonl, path: {corpus}, holdout_fraction: 0.1}}]",
+        "data.seq_len": 64,
+        "data.micro_batch_size": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 32,
+        "model_overrides.vocab_size": 512,
+        "train.max_steps": 6,
+        "train.warmup_steps": 2,
+        "train.save_interval": 3,
+        "train.eval_interval": 3,
+        "train.eval_batches": 1,
+        "train.progress_bar": "false",
+        "train.tensorboard": "false",
+        "train.peak_tflops": 1.0,
+    }
+    args.update({k: str(v) for k, v in extra.items()})
+    return [model] + [f"{k}={v}" for k, v in args.items()]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+           "-m", "launch.cli", "train", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_single_process_run_writes_the_run_folder(corpus_and_tokenizer, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    assert seedlm(["train", *run_args(corpus, tok, tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "tokens_per_sec", "grad_norm", "mfu", "aux_loss", "expert_load_max_over_mean"):
+        assert key in steps[0], key
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000003", "step_00000006"]
+    assert (run / "config.yaml").is_file() and (run / "loss_curve.png").stat().st_size > 1000
+    state = json.loads((run / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * 2 * 64
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_two_ranks_train_under_each_zero_stage(corpus_and_tokenizer, tmp_path, zero_stage):
+    corpus, tok = corpus_and_tokenizer
+    result = torchrun(run_args(corpus, tok, tmp_path / "run", zero_stage=zero_stage, max_steps=4,
+                               save_interval=4, **{"train.eval_interval": 0}))
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_losses = losses(tmp_path / "run")
+    assert sorted(run_losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(list(run_losses.values()))))
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["tokens_seen"] == 4 * 2 * 2 * 64
+    # the consolidated weights equal DeepSpeed's own consolidation of the ZeRO shards
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    ds_state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
+    hf_state = load_file(checkpoint / "hf" / "model.safetensors")
+    for name, tensor in hf_state.items():
+        torch.testing.assert_close(tensor, ds_state[name], msg=name)
+
+
+@pytest.mark.slow
+def test_resume_on_two_ranks_logs_the_same_losses(corpus_and_tokenizer, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    straight = torchrun(run_args(corpus, tok, tmp_path / "straight", max_steps=8, save_interval=4,
+                                 **{"train.eval_interval": 0}))
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    first = torchrun(run_args(corpus, tok, tmp_path / "resumed", max_steps=4, save_interval=4,
+                              **{"train.eval_interval": 0}))
+    assert first.returncode == 0, first.stderr[-4000:]
+    # the schedule must be the 8-step one in both halves: same max_steps, stopped early by a signal-free cap
+    second = torchrun(run_args(corpus, tok, tmp_path / "resumed", max_steps=8, save_interval=4,
+                               **{"train.eval_interval": 0}))
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stderr
+    expected, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(got) == list(range(1, 9))
+    for step in range(5, 9):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(corpus_and_tokenizer, tmp_path, capfd):
+    corpus, tok = corpus_and_tokenizer
+    run = tmp_path / "run"
+    assert seedlm(["train", *run_args(corpus, tok, run, max_steps=6, save_interval=3)]) == 0
+    newest = run / "checkpoints" / "step_00000006" / "hf" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # a write cut short
+    capfd.readouterr()
+    assert seedlm(["train", *run_args(corpus, tok, run, max_steps=7, save_interval=3)]) == 0
+    log = capfd.readouterr().err
+    assert "step_00000006 is not usable" in log and "truncated" in log
+    assert "step_00000003 at step 3" in log.split("resumed from")[1].splitlines()[0]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000007"
+
+
+def test_export_round_trip_without_seedlm(corpus_and_tokenizer, tmp_path):
+    corpus, tok = corpus_and_tokenizer
+    run = tmp_path / "run"
+    assert seedlm(["train", *run_args(corpus, tok, run, model="deltaproduct_tiny", max_steps=3, save_interval=3,
+                                      **{"train.eval_interval": 0})]) == 0
+    assert seedlm(["export", str(run), str(tmp_path / "export")]) == 0
+    exported = tmp_path / "export"
+    assert {"config.json", "model.safetensors", "README.md", "generation_config.json", "tokenizer.json",
+            "modeling_deltaproduct.py", "delta_product_kernels.py"} <= {p.name for p in exported.iterdir()}
+    assert "tokens seen: 384" in (exported / "README.md").read_text()
+    # the training model's weights, rebuilt from DeepSpeed's checkpoint independently of the export
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import model  # noqa: F401
+
+    checkpoint = run / "checkpoints" / "step_00000003"
+    reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint / "hf"))
+    reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds"), strict=False)
+    reference.tie_weights()
+    ids = torch.randint(0, 512, (2, 12))
+    torch.save({"ids": ids, "logits": reference.eval()(ids).logits.detach()}, tmp_path / "expected.pt")
+    result = run_without_seedlm(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(exported)!r}, trust_remote_code=True)
+        tok = AutoTokenizer.from_pretrained({str(exported)!r}, trust_remote_code=True)
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        torch.testing.assert_close(m(expected['ids']).logits, expected['logits'], rtol=1e-5, atol=1e-5)
+        print('OK', tok.decode(m.generate(**tok('alpha beta', return_tensors='pt'), max_new_tokens=4)[0]))
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("OK")
+    assert seedlm(["export", str(run), str(tmp_path / "export")]) == 2  # not empty: refused
+
+
+def test_push_dry_run_lists_files_and_never_prints_the_token(corpus_and_tokenizer, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"0" * 10)
+    monkeypatch.setenv("HF_TOKEN", "hf_verysecrettoken123")
+    assert seedlm(["push", str(folder), "someone/tiny", "--dry-run", "--private"]) == 0
+    out = capsys.readouterr().out
+    assert "would upload 2 files" in out and "config.json" in out and "private" in out
+    assert "hf_verysecrettoken123" not in out
+    assert seedlm(["push", str(folder), "no-slash", "--dry-run"]) == 2
+    assert "OWNER/NAME" in capsys.readouterr().err
+    (folder / "model.safetensors").unlink()
+    assert seedlm(["push", str(folder), "someone/tiny", "--dry-run"]) == 2
+    assert "no *.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lrr=1"], "did you mean 'lr'"),
+        (["trian.lr=1"], "did you mean 'train'"),
+        (["max_step=3"], "did you mean 'max_steps'"),
+        (["train.zero_stage=4"], "train.zero_stage=4 is not allowed"),
+        (["train.lr=fast"], "train.lr must be float"),
+        (["train.schedule=linear"], "use one of"),
+        (["noequals"], "is not KEY=VALUE"),
+    ],
+)
+def test_config_mistakes_name_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config("gated_moe_tiny", overrides)
+
+
+def test_user_mistakes_stop_before_compute(corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    # tokenizer larger than the model's vocabulary
+    assert seedlm(["train", *run_args(corpus, tok, tmp_path / "a", **{"model_overrides.vocab_size": 300})]) == 2
+    assert "vocab" in capsys.readouterr().err
+    # no file matches the data path
+    bad = run_args(corpus, tok, tmp_path / "b", **{"data.sources": f"[{{kind: jsonl, path: {tmp_path}/none*.jsonl}}]"})
+    assert seedlm(["train", *bad]) == 2
+    assert "none*.jsonl" in capsys.readouterr().err
+    # a model config the family refuses
+    assert seedlm(["train", *run_args(corpus, tok, tmp_path / "c", **{"model_overrides.num_experts_per_tok": 9})]) == 2
+    assert "num_experts_per_tok=9" in capsys.readouterr().err
+    assert not (tmp_path / "c" / "checkpoints").exists()
