@@ -97,10 +97,9 @@ def evaluate_task(lm: CausalLM, task: Task, limit: int | None = None, num_fewsho
             lps = [lp for lp, _ in scores[start : start + len(choices)]]
             records.append(multiple_choice_scores(lps, choices, gold))
     elif task.output_type == "loglikelihood":
-        requests = [
-            Loglikelihood(task.context(d, i, num_fewshot), task.target_delimiter + task.target(d))
-            for i, d in enumerate(docs)
-        ]
+        # as in lm-eval, the continuation is doc_to_target as is (no target_delimiter): a task that
+        # wants a space before the answer puts it in doc_to_target, e.g. "{{' ' + answer}}"
+        requests = [Loglikelihood(task.context(d, i, num_fewshot), task.target(d)) for i, d in enumerate(docs)]
         records = [{"acc": float(greedy), "logprob": lp} for lp, greedy in lm.loglikelihood(requests)]
     elif task.output_type == "loglikelihood_rolling":
         texts = [task.target(d) for d in docs]

@@ -252,7 +252,7 @@ def _mqar_docs(num: int, num_pairs: int, num_queries: int, seed: int) -> list[di
     return docs
 
 
-# name -> (doc generator, default kwargs); all loglikelihood tasks: " target" after the context
+# name -> (doc generator, default kwargs); all loglikelihood tasks scoring " " + target after the context
 SYNTHETIC_TASKS = {
     "parity": (lambda num, seed, length: _state_docs("Z2", num, length, seed), {"length": 16}),
     "modular_arithmetic": (lambda num, seed, length: _state_docs("Z7", num, length, seed), {"length": 8}),
@@ -281,7 +281,7 @@ def synthetic_task(name: str, num_docs: int = 200, seed: int = 1234, **kwargs):
         metrics=[{"metric": "acc"}, {"metric": "perplexity"}],
         docs=synthetic_docs(name, num_docs, seed, **kwargs),
         doc_to_text="context",
-        doc_to_target="target",
+        doc_to_target=lambda doc: " " + doc["target"],  # the scored continuation, space included
         source=f"<synthetic {name}>",
     )
 
@@ -299,7 +299,7 @@ def write_synthetic_task(name: str, out_dir: str | Path, num_docs: int = 200, se
         "test_split: test\n"
         "output_type: loglikelihood\n"
         "doc_to_text: '{{context}}'\n"
-        "doc_to_target: '{{target}}'\n"
+        "doc_to_target: \"{{' ' + target}}\"\n"
         "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
         "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
     )

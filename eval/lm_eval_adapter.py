@@ -1,0 +1,61 @@
+"""lm-evaluation-harness model adapter "seedlm": evaluates a run folder's latest checkpoint (or any
+exported folder) with lm-eval. Needs the `eval` extra (`pip install -e ".[eval]"`).
+
+From Python (importing this module registers the adapter):
+
+    import lm_eval, eval.lm_eval_adapter
+    lm_eval.simple_evaluate(model="seedlm", model_args="run_dir=runs/x", tasks=["tiny_qa"],
+                            task_manager=lm_eval.tasks.TaskManager(include_path="eval/tasks"))
+
+From the shell (lm_eval's own command line, with the adapter registered first):
+
+    python -m eval.lm_eval_adapter --model seedlm --model_args run_dir=runs/x \\
+        --include_path eval/tasks --tasks tiny_qa
+
+An exported folder needs no adapter at all:
+`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks ...`.
+"""
+
+from __future__ import annotations
+
+try:
+    import lm_eval.models  # noqa: F401 - fills the registry's lazy entries ("hf", ...) before ours is added
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "eval.lm_eval_adapter needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
+    ) from err
+
+from .harness import resolve_model_dir
+
+
+@register_model("seedlm")
+class SeedlmLM(HFLM):
+    """HFLM on a seedlm run folder's latest checkpoint (`run_dir=`) or a model folder (`pretrained=`).
+
+    The run-folder layout: RUN/checkpoints/latest holds the step folder's name, and that folder's `hf/`
+    subfolder is a saved model with its tokenizer. Other HFLM arguments (batch_size, device, dtype,
+    max_length) pass through.
+    """
+
+    def __init__(self, run_dir: str | None = None, pretrained: str | None = None, **kwargs):
+        import model as _seedlm_models  # noqa: F401 - registers both families with AutoModelForCausalLM
+
+        if (run_dir is None) == (pretrained is None):
+            raise ValueError("the seedlm lm-eval model takes exactly one of run_dir=RUN_FOLDER or pretrained=DIR")
+        folder = str(resolve_model_dir(run_dir if run_dir is not None else pretrained))
+        kwargs.setdefault("trust_remote_code", True)
+        kwargs.setdefault("tokenizer", folder)
+        super().__init__(pretrained=folder, **kwargs)
+
+
+def main() -> None:
+    """lm_eval's command line with the "seedlm" model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`seedlm eval MODEL_DIR --tasks ...`: run evaluation tasks on a model folder or a run's latest checkpoint.
+
+seedlm eval runs/x --tasks tiny_qa,tiny_text                     # shipped YAML tasks (eval/tasks)
+seedlm eval export/ --tasks my_task.yaml --include-path tasks/   # YAML paths / folders of YAML tasks
+seedlm eval runs/x --tasks parity,state_s5,mqar --limit 100      # synthetic tasks
+seedlm eval runs/x --list-tasks
+
+Writes the results as JSON (--output, default MODEL_DIR/eval_results.json) and a markdown table beside it
+(.md), and prints the table.
+"""
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="an exported model folder, or a run folder (its latest checkpoint)")
+    parser.add_argument("--tasks", help="comma-separated task names or YAML paths (see --list-tasks)")
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more YAML tasks")
+    parser.add_argument("--output", help="results JSON (default: MODEL_DIR/eval_results.json); .md written beside")
+    parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default: 8)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="override each task's few-shot count")
+    parser.add_argument("--max-length", type=int, default=None, help="context length (default: from the config)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--list-tasks", action="store_true", help="list the known tasks and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from eval.tasks import TaskError, find_task_files, resolve_tasks
+
+    prog = "seedlm eval"
+    try:
+        if args.list_tasks:
+            from eval.synthetic import SYNTHETIC_TASKS
+
+            for name, path in sorted(find_task_files(args.include_path).items()):
+                print(f"{name}\t{path}")
+            for name in SYNTHETIC_TASKS:
+                print(f"{name}\t(synthetic)")
+            return 0
+        if not args.tasks:
+            print(f"{prog}: give --tasks NAME[,NAME...] (see --list-tasks)", file=sys.stderr)
+            return 2
+        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        tasks = resolve_tasks(names, args.include_path)  # every task checked before the model loads
+    except TaskError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+
+    import torch
+
+    from eval.harness import evaluate, load_model_dir, markdown_table, resolve_model_dir, save_results
+
+    try:
+        folder = resolve_model_dir(args.model_dir)
+    except FileNotFoundError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_dir(folder, device=device, dtype=args.dtype)
+    try:
+        results = evaluate(
+            model,
+            tokenizer,
+            tasks,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            max_length=args.max_length,
+        )
+    except (TaskError, ValueError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    output = Path(args.output) if args.output else Path(args.model_dir) / "eval_results.json"
+    info = {
+        "model_dir": str(args.model_dir),
+        "checkpoint": str(folder),
+        "limit": args.limit,
+        "num_fewshot": args.num_fewshot,
+    }
+    json_path, md_path = save_results(results, output, info)
+    print(markdown_table(results), end="")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
