@@ -24,10 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-WORLD = 2
 EP = 2
+WORLDS = (2, 4)  # 4 ranks: expert-data-parallel groups of 2, so expert gradients are really reduced
 SEQ = 16
-MICRO = 2  # sequences per rank; the global batch is WORLD * MICRO
+MICRO = 2  # sequences per rank; the global batch is world * MICRO
 STEPS = 3
 # eps comparable to the gradients (~1e-3) keeps AdamW sensitive to the gradient scale (a wrong expert-gradient
 # divisor shows) and insensitive to fp32 reduction-order noise (tight tolerances hold)
@@ -53,9 +53,9 @@ def force_routing(model, experts):
         block.gate.expert_bias[list(experts)] = 10.0  # probs <= 1, so these two always win top-2
 
 
-def global_batch(step):
+def global_batch(step, world):
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, 256, (WORLD * MICRO, SEQ), generator=gen)
+    return torch.randint(0, 256, (world * MICRO, SEQ), generator=gen)
 
 
 def adamw_param_groups(model):
@@ -104,7 +104,7 @@ def _worker(out_dir):
     )
 
     deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     mine = slice(rank * MICRO, (rank + 1) * MICRO)
     results = {}
 
@@ -114,11 +114,11 @@ def _worker(out_dir):
         if experts is not None:
             force_routing(model, experts)
         info = apply_expert_parallel(model, EP)
-        ids = global_batch(0)[mine]
+        ids = global_batch(0, world)[mine]
         out = model(input_ids=ids, labels=ids)
         loss = loss_with_global_balancing(out, model.config)
         loss.backward()
-        losses = [torch.zeros(()) for _ in range(WORLD)]
+        losses = [torch.zeros(()) for _ in range(world)]
         dist.all_gather(losses, loss.detach())
         results[f"a_{case}"] = {"losses": torch.stack(losses), "grads": _gathered_grads(model, info)}
 
@@ -138,7 +138,7 @@ def _worker(out_dir):
         model = build_model()
         info = apply_expert_parallel(model, EP, zero_stage=stage)
         ds_config = {
-            "train_batch_size": WORLD * MICRO,
+            "train_batch_size": world * MICRO,
             "train_micro_batch_size_per_gpu": MICRO,
             "gradient_accumulation_steps": 1,
             "gradient_clipping": clip,
@@ -156,14 +156,14 @@ def _worker(out_dir):
         check_engine_expert_parallel(engine, info)
         step_losses = []
         for step in range(STEPS):
-            ids = global_batch(step)[mine]
+            ids = global_batch(step, world)[mine]
             out = engine(input_ids=ids, labels=ids)
             loss = loss_with_global_balancing(out, model.config)
             engine.backward(loss)
             engine.step()
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
-            step_losses.append(mean_loss.item() / WORLD)
+            step_losses.append(mean_loss.item() / world)
         results[f"b_{run}"] = {"params": gather_full_state_dict(engine.module, info), "losses": step_losses}
         del engine
 
@@ -191,26 +191,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ep_results(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("ep")
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}ranks")
+def ep_results(request, tmp_path_factory):
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"ep{world}")
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         __file__, str(out_dir),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return out_dir, torch.load(out_dir / "results.pt", weights_only=False)
+    return world, out_dir, torch.load(out_dir / "results.pt", weights_only=False)
 
 
-def _reference_loss_and_grads(experts):
+def _reference_loss_and_grads(experts, world):
     model = build_model(router_bias_update_rate=0.0 if experts is None else 1.0)
     if experts is not None:
         force_routing(model, experts)
-    ids = global_batch(0)
+    ids = global_batch(0, world)
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     return out, {n: p.grad for n, p in model.named_parameters()}
@@ -219,9 +220,9 @@ def _reference_loss_and_grads(experts):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["natural", *FORCED_ROUTINGS])
 def test_ep_loss_and_grads_match_single_process(ep_results, case):
-    _, results = ep_results
+    world, _, results = ep_results
     got = results[f"a_{case}"]
-    ref_out, ref_grads = _reference_loss_and_grads(FORCED_ROUTINGS.get(case))
+    ref_out, ref_grads = _reference_loss_and_grads(FORCED_ROUTINGS.get(case), world)
     # the data-parallel loss is the mean of the rank losses
     torch.testing.assert_close(got["losses"].mean(), ref_out.loss.detach(), rtol=1e-6, atol=1e-6)
     assert got["grads"].keys() == ref_grads.keys()
@@ -231,15 +232,15 @@ def test_ep_loss_and_grads_match_single_process(ep_results, case):
     if case != "natural":  # the routing really was forced: every assignment went to the two experts
         forced = FORCED_ROUTINGS[case]
         counts = ref_out.expert_counts
-        assert counts[:, list(forced)].sum() == counts.sum() == 2 * WORLD * MICRO * SEQ * counts.shape[0]
+        assert counts[:, list(forced)].sum() == counts.sum() == 2 * world * MICRO * SEQ * counts.shape[0]
 
 
-def _reference_training(clip):
+def _reference_training(clip, world):
     model = build_model()
     optimizer = torch.optim.AdamW(adamw_param_groups(model), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
     losses = []
     for step in range(STEPS):
-        ids = global_batch(step)
+        ids = global_batch(step, world)
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         if clip > 0:
@@ -253,9 +254,9 @@ def _reference_training(clip):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(ZERO_RUNS))
 def test_zero_ep_training_matches_single_process_adamw(ep_results, run):
-    _, results = ep_results
+    world, _, results = ep_results
     got = results[f"b_{run}"]
-    ref_state, ref_losses = _reference_training(ZERO_RUNS[run][1])
+    ref_state, ref_losses = _reference_training(ZERO_RUNS[run][1], world)
     initial = build_model().state_dict()
     assert got["params"].keys() == ref_state.keys()
     for name, ref in ref_state.items():
@@ -267,7 +268,7 @@ def test_zero_ep_training_matches_single_process_adamw(ep_results, run):
 
 @pytest.mark.slow
 def test_zero3_with_ep_is_refused(ep_results):
-    _, results = ep_results
+    _, _, results = ep_results
     message = results["c_zero3"]
     assert "ZeRO stage 3" in message and "zero_stage 1 or 2" in message
 
@@ -289,7 +290,7 @@ def test_validation_messages():
 
 @pytest.mark.slow
 def test_gather_full_state_dict_is_single_process_layout(ep_results):
-    out_dir, results = ep_results
+    _, out_dir, results = ep_results
     ref = build_model().state_dict()
     full = results["d_full_state_dict"]
     assert full.keys() == ref.keys()
