@@ -25,8 +25,9 @@ MoE scan also match `ExpertParallelExperts`, for the duration of `deepspeed.init
 module's `MoE` name becomes the tuple `(MoE, ExpertParallelExperts)` and is restored afterwards. Everything
 DeepSpeed then does with `has_moe_layers` is its own tested MoE path (EDP reduction dividing by the full
 data-parallel size, EDP broadcast, expert grad norms). Checkpoint saving afterwards sees the original `MoE`
-name, finds no native MoE layer and writes no per-expert files; the trainer saves full weights with
-`gather_full_state_dict` and the optimizer state through ZeRO's per-rank shards.
+name, finds no native MoE layer and writes no per-expert files: the module file holds rank 0's expert
+slices only, the ZeRO shards hold every rank's fp32 partitions. `engine.load_checkpoint` followed by
+`sync_expert_weights_after_load` resumes exactly; full HF weights come from `gather_full_state_dict`.
 
 ZeRO-3 + EP is refused (`validate_expert_parallel`): ZeRO-3 partitions each parameter over all ranks, but
 our expert slices differ per EP rank under one name and would have to be partitioned over the EDP group;
@@ -45,7 +46,8 @@ autograd all-to-all) and DeepSpeed's groups.
 
 Trainer order (see `expert_parallel_engine_context` for the snippet): init_distributed -> build the model
 (same seed everywhere) -> apply_expert_parallel -> optimizer_param_groups -> deepspeed.initialize inside
-expert_parallel_engine_context -> loss via loss_with_global_balancing -> gather_full_state_dict to export.
+expert_parallel_engine_context -> check_engine_expert_parallel -> loss via loss_with_global_balancing;
+resume: engine.load_checkpoint then sync_expert_weights_after_load; export: gather_full_state_dict.
 """
 
 from __future__ import annotations
@@ -282,6 +284,19 @@ def check_engine_expert_parallel(engine, ep_info: ExpertParallelInfo) -> None:
         )
 
 
+def sync_expert_weights_after_load(engine, ep_info: ExpertParallelInfo) -> None:
+    """Call right after `engine.load_checkpoint(...)` with EP (ZeRO 1/2).
+
+    DeepSpeed writes the module file from data-parallel rank 0 only, so on load every rank gets EP rank 0's
+    expert slices in its module; the ZeRO shards (one per rank) hold each rank's correct fp32 partitions,
+    but ZeRO copies them into the module weights only after the next step. Copy them now
+    (`update_lp_params`: fp32 partitions -> module weights, all-gathered over each group's DP group), or
+    the first step after a resume runs with the wrong experts. Measured: without it a resumed ZeRO-2 run
+    diverges (1e-2 after two steps); with it the resume is exact."""
+    if ep_info.enabled:
+        engine.optimizer.update_lp_params()
+
+
 def optimizer_param_groups(model: nn.Module, weight_decay: float, ep_info: ExpertParallelInfo | None = None):
     """Param groups for the optimizer, in the form DeepSpeed's ZeRO 1/2 wants.
 
@@ -359,7 +374,8 @@ def gather_full_state_dict(model: nn.Module, ep_info: ExpertParallelInfo) -> dic
     A collective over the EP group: every rank calls it. With ZeRO 1/2 the module holds full (non-expert)
     weights on every rank; under ZeRO-3 (not allowed with EP) gather the parameters first. Use as
     `model.save_pretrained(out_dir, state_dict=gather_full_state_dict(model, ep_info))` on rank 0
-    (transformers 5.x's save_pretrained empties the dict it is given: pass a copy to keep using it)."""
+    (transformers 5.x's save_pretrained empties the dict it is given: pass a copy to keep using it).
+    Like state_dict(), non-expert tensors alias the live parameters: clone to keep a snapshot."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
     if not ep_info.enabled:
         return state if not dist.is_initialized() or dist.get_rank() == 0 else {}

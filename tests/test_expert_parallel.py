@@ -5,7 +5,7 @@ tests compute the single-process references here and compare:
   (a) loss and all gradients (reduced like ZeRO does, experts gathered), under natural routing and under
       routings where rank 1 receives no token for some or all of its experts;
   (b) deepspeed.initialize with ZeRO 1 and ZeRO 2 (and ZeRO 2 with gradient clipping): parameters after
-      a few AdamW steps equal plain torch AdamW on the whole batch;
+      a few AdamW steps equal plain torch AdamW on the whole batch, also after a checkpoint resume;
   (c) ZeRO-3 + EP is refused with a clear message;
   (d) gather_full_state_dict / save_pretrained give the single-process layout.
 """
@@ -29,6 +29,7 @@ WORLDS = (2, 4)  # 4 ranks: expert-data-parallel groups of 2, so expert gradient
 SEQ = 16
 MICRO = 2  # sequences per rank; the global batch is world * MICRO
 STEPS = 3
+RESUME_AT = 2  # (b) also resumes from a checkpoint written after this many steps
 # eps comparable to the gradients (~1e-3) keeps AdamW sensitive to the gradient scale (a wrong expert-gradient
 # divisor shows) and insensitive to fp32 reduction-order noise (tight tolerances hold)
 LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-3, 0.1
@@ -101,6 +102,7 @@ def _worker(out_dir):
         gather_full_state_dict,
         loss_with_global_balancing,
         optimizer_param_groups,
+        sync_expert_weights_after_load,
     )
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -133,9 +135,8 @@ def _worker(out_dir):
         model.save_pretrained(os.path.join(out_dir, "export"), state_dict=dict(full))
     dist.barrier()
 
-    # (b) DeepSpeed ZeRO 1 / 2 training steps
-    for run, (stage, clip) in ZERO_RUNS.items():
-        model = build_model()
+    # (b) DeepSpeed ZeRO 1 / 2 training steps; then a resume from the checkpoint after step RESUME_AT
+    def zero_engine(model, stage, clip):
         info = apply_expert_parallel(model, EP, zero_stage=stage)
         ds_config = {
             "train_batch_size": world * MICRO,
@@ -154,17 +155,38 @@ def _worker(out_dir):
                 model=model, model_parameters=optimizer_param_groups(model, WD, info), config=ds_config
             )
         check_engine_expert_parallel(engine, info)
+        return engine, info
+
+    def train(engine, steps):
         step_losses = []
-        for step in range(STEPS):
+        for step in steps:
             ids = global_batch(step, world)[mine]
             out = engine(input_ids=ids, labels=ids)
-            loss = loss_with_global_balancing(out, model.config)
+            loss = loss_with_global_balancing(out, engine.module.config)
             engine.backward(loss)
             engine.step()
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
             step_losses.append(mean_loss.item() / world)
+        return step_losses
+
+    for run, (stage, clip) in ZERO_RUNS.items():
+        engine, info = zero_engine(build_model(), stage, clip)
+        step_losses = train(engine, range(RESUME_AT))
+        engine.save_checkpoint(os.path.join(out_dir, run), tag="resume")
+        step_losses += train(engine, range(RESUME_AT, STEPS))
         results[f"b_{run}"] = {"params": gather_full_state_dict(engine.module, info), "losses": step_losses}
+        del engine
+
+        perturbed = build_model()
+        with torch.no_grad():
+            for param in perturbed.parameters():
+                param.add_(1.0)
+        engine, info = zero_engine(perturbed, stage, clip)
+        engine.load_checkpoint(os.path.join(out_dir, run), tag="resume")
+        sync_expert_weights_after_load(engine, info)
+        train(engine, range(RESUME_AT, STEPS))
+        results[f"b_{run}_resumed"] = gather_full_state_dict(engine.module, info)
         del engine
 
     # (c) ZeRO-3 with EP is refused before anything is sharded
@@ -255,13 +277,18 @@ def _reference_training(clip, world):
 @pytest.mark.parametrize("run", list(ZERO_RUNS))
 def test_zero_ep_training_matches_single_process_adamw(ep_results, run):
     world, _, results = ep_results
-    got = results[f"b_{run}"]
+    got, got_resumed = results[f"b_{run}"], results[f"b_{run}_resumed"]
     ref_state, ref_losses = _reference_training(ZERO_RUNS[run][1], world)
     initial = build_model().state_dict()
     assert got["params"].keys() == ref_state.keys()
     for name, ref in ref_state.items():
         assert not torch.equal(ref, initial[name]) or "expert_bias" in name, f"{name} did not train"
         torch.testing.assert_close(got["params"][name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    # resuming from the checkpoint of step RESUME_AT reaches the same parameters
+    for name, ref in ref_state.items():
+        torch.testing.assert_close(
+            got_resumed[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"resumed {n}: {m}"
+        )
     # the mean of the rank losses (each with the global balancing term) is the single-process loss, each step
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), rtol=1e-6, atol=1e-6)
 
