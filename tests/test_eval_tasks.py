@@ -192,3 +192,24 @@ def test_yaml_task_text(tmp_path):
     task = load_task_file(path)
     assert task.context(task.docs[0], 0) == "x ->" and task.target(task.docs[0]) == " y"
     assert [m["metric"] for m in task.metrics] == ["acc", "perplexity"]
+
+
+def test_heldout_loss_is_the_token_weighted_next_token_loss():
+    import torch
+
+    from eval.harness import heldout_loss
+
+    net = tiny_model("deltaproduct", 64)  # dense FFN: the model's loss has no router terms
+    torch.manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, 64, (2, 12))
+        labels = ids.clone()
+        labels[:, :3] = -100  # masked positions are left out of the mean
+        batches.append({"input_ids": ids, "labels": labels})
+    result = heldout_loss(net, batches + batches, max_batches=3)
+    with torch.no_grad():
+        per_batch = [float(net(input_ids=b["input_ids"], labels=b["labels"]).loss) for b in batches]
+    assert result["tokens"] == 3 * 2 * 9  # 11 predicted positions a row, 2 of them masked
+    assert result["loss"] == pytest.approx(sum(per_batch) / 3, rel=1e-5)  # equal token counts per batch
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
