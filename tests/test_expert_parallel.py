@@ -5,7 +5,8 @@ tests compute the single-process references here and compare:
   (a) loss and all gradients (reduced like ZeRO does, experts gathered), under natural routing and under
       routings where rank 1 receives no token for some or all of its experts;
   (b) deepspeed.initialize with ZeRO 1 and ZeRO 2 (and ZeRO 2 with gradient clipping): parameters after
-      a few AdamW steps equal plain torch AdamW on the whole batch, also after a checkpoint resume;
+      a few AdamW steps (DeepSpeed's config optimizer or a client torch AdamW) equal plain torch AdamW on
+      the whole batch, also after a checkpoint resume;
   (c) ZeRO-3 + EP is refused with a clear message;
   (d) gather_full_state_dict / save_pretrained give the single-process layout.
 """
@@ -36,7 +37,8 @@ LR, BETAS, EPS, WD = 1e-2, (0.9, 0.95), 1e-3, 0.1
 CLIP = 0.05  # small enough to be active on every step
 # expert_bias that forces every token's top-2 onto these experts (rank 0 owns 0..3, rank 1 owns 4..7)
 FORCED_ROUTINGS = {"all_on_rank0": (0, 1), "one_expert_on_rank1": (0, 5)}
-ZERO_RUNS = {"zero1": (1, 0.0), "zero2": (2, 0.0), "zero2_clip": (2, CLIP)}
+# run: (ZeRO stage, gradient clipping, client torch optimizer instead of DeepSpeed's config optimizer)
+ZERO_RUNS = {"zero1": (1, 0.0, False), "zero2": (2, 0.0, True), "zero2_clip": (2, CLIP, True)}
 
 
 def build_model(router_bias_update_rate=0.0):
@@ -136,7 +138,7 @@ def _worker(out_dir):
     dist.barrier()
 
     # (b) DeepSpeed ZeRO 1 / 2 training steps; then a resume from the checkpoint after step RESUME_AT
-    def zero_engine(model, stage, clip):
+    def zero_engine(model, stage, clip, client_optimizer):
         info = apply_expert_parallel(model, EP, zero_stage=stage)
         ds_config = {
             "train_batch_size": world * MICRO,
@@ -144,16 +146,17 @@ def _worker(out_dir):
             "gradient_accumulation_steps": 1,
             "gradient_clipping": clip,
             "zero_optimization": {"stage": stage},
-            "optimizer": {
-                "type": "AdamW",
-                "params": {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD, "torch_adam": True},
-            },
             "steps_per_print": 10**9,
         }
+        groups = optimizer_param_groups(model, WD, info)
+        if client_optimizer:  # the trainer's way: a torch optimizer built on the param groups
+            kwargs = {"optimizer": torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)}
+        else:  # DeepSpeed builds it from the config
+            adamw = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD, "torch_adam": True}
+            ds_config["optimizer"] = {"type": "AdamW", "params": adamw}
+            kwargs = {"model_parameters": groups}
         with expert_parallel_engine_context(info):
-            engine, _, _, _ = deepspeed.initialize(
-                model=model, model_parameters=optimizer_param_groups(model, WD, info), config=ds_config
-            )
+            engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config, **kwargs)
         check_engine_expert_parallel(engine, info)
         return engine, info
 
@@ -170,8 +173,8 @@ def _worker(out_dir):
             step_losses.append(mean_loss.item() / world)
         return step_losses
 
-    for run, (stage, clip) in ZERO_RUNS.items():
-        engine, info = zero_engine(build_model(), stage, clip)
+    for run, (stage, clip, client) in ZERO_RUNS.items():
+        engine, info = zero_engine(build_model(), stage, clip, client)
         step_losses = train(engine, range(RESUME_AT))
         engine.save_checkpoint(os.path.join(out_dir, run), tag="resume")
         step_losses += train(engine, range(RESUME_AT, STEPS))
@@ -182,7 +185,7 @@ def _worker(out_dir):
         with torch.no_grad():
             for param in perturbed.parameters():
                 param.add_(1.0)
-        engine, info = zero_engine(perturbed, stage, clip)
+        engine, info = zero_engine(perturbed, stage, clip, client)
         engine.load_checkpoint(os.path.join(out_dir, run), tag="resume")
         sync_expert_weights_after_load(engine, info)
         train(engine, range(RESUME_AT, STEPS))
