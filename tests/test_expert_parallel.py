@@ -1,4 +1,4 @@
-"""Expert parallelism on 2 gloo ranks (EP=2) against one process on the same global batch.
+"""Expert parallelism (EP=2) on 2 and 4 gloo ranks against one process on the same global batch.
 
 One torchrun launch (this file run as a script) does every distributed case and saves what it got; the
 tests compute the single-process references here and compare:
