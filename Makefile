@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 install: $(STAMP)
 
 quickstart: install
-	$(VENV)/bin/seedlm demo
+	$(VENV)/bin/seedlm train quickstart
 
 test: install
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/python -m pytest -q tests

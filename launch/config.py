@@ -83,6 +83,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     progress_bar: bool = True
+    export_at_end: bool = False  # export to <output_dir>/export when training ends, then load it and sample
+    sample_prompt: str | None = None  # text to continue with the exported model (needs export_at_end)
 
 
 @dataclass

@@ -118,3 +118,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").write_text(model_card(net, run_dir, checkpoint, out_dir.name))
     return out_dir
+
+
+def export_and_sample(run_dir: str | Path, prompt: str | None, max_new_tokens: int = 48) -> str:
+    """Export the run's latest checkpoint to <run_dir>/export, load it back with AutoModelForCausalLM
+    (trust_remote_code, as a user would) and continue `prompt` greedily. Returns a report for the console."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(run_dir) / "export"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # the run's own export is rewritten at each end of training
+    export_run(run_dir, out_dir)
+    net = AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
+    report = [f"exported {out_dir} ({type(net).__name__}, loaded back with AutoModelForCausalLM)"]
+    if prompt:
+        tokenizer = AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)
+        inputs = tokenizer(prompt, return_tensors="pt")
+        generated = net.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.2)
+        report.append("sample:\n" + tokenizer.decode(generated[0], skip_special_tokens=True))
+    return "\n".join(report)

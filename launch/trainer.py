@@ -273,7 +273,7 @@ def train(run: RunConfig) -> dict:
         progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     batches = iter(train_loader)
-    consecutive_nonfinite, last_saved, stop_reason = 0, None, "max_steps"
+    consecutive_nonfinite, last_saved, stop_reason = 0, resume_from, "max_steps"
     window_start, window_tokens = time.perf_counter(), 0
     engine.train()
     while step < t.max_steps:
@@ -365,7 +365,13 @@ def train(run: RunConfig) -> dict:
     if dist.is_main:
         curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
                                 title=f"{model_config.model_type} ({output_dir.name})")
+    export_report = None
+    if dist.is_main and t.export_at_end and last_saved is not None:
+        from launch.export import export_and_sample
+
+        export_report = export_and_sample(output_dir, t.sample_prompt)
     barrier()
-    return {"step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps, "stop_reason": stop_reason,
+    return {"export": export_report, "step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
+            "stop_reason": stop_reason,
             "last_checkpoint": str(last_saved) if last_saved else None, "loss_curve": str(curve) if curve else None,
             "output_dir": str(output_dir), "rank": dist.rank}
