@@ -132,8 +132,8 @@ def causal_attention_mask(
 
     attention_mask [B, past + T] (1 = real token) or None; position_ids [B or 1, T].
     flash_attention_2 takes the 2-D padding mask (or None) and reads packed documents from position_ids.
-    sdpa/eager get None when plain causal attention is exact (their is_causal fast path), otherwise a
-    boolean [B, 1, T, past + T] mask (True = attend) that is causal, skips padded keys and keeps packed
+    sdpa gets None when plain causal attention is exact (its is_causal fast path); otherwise sdpa and
+    eager get a boolean [B, 1, T, past + T] mask (True = attend) that is causal, skips padded keys and keeps packed
     documents apart. Every query may always attend to itself, so a padded query row is never empty
     (an empty row would make softmax NaN and spread through the padded positions).
     """
@@ -141,8 +141,8 @@ def causal_attention_mask(
     padded = attention_mask is not None and not bool(attention_mask.all())
     if attn_implementation.startswith("flash_attention"):
         return attention_mask if padded else None
-    if not packed and not padded and (past_length == 0 or query_length == 1):
-        return None
+    if attn_implementation == "sdpa" and not packed and not padded and (past_length == 0 or query_length == 1):
+        return None  # sdpa's is_causal path; the eager kernel always needs the explicit mask
     key_length = past_length + query_length
     device = position_ids.device if position_ids is not None else attention_mask.device
     q_pos = torch.arange(past_length, key_length, device=device)

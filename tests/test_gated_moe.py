@@ -241,9 +241,12 @@ def test_eager_attention_returns_weights_and_sdpa_refuses_clearly():
     m = make_model()
     with pytest.raises(ValueError, match="attn_implementation='eager'"):
         m(torch.randint(0, 97, (1, 5)), output_attentions=True)
-    m.config._attn_implementation = "eager"
     ids = torch.randint(0, 97, (1, 5))
+    sdpa_logits = m(ids).logits
+    m.config._attn_implementation = "eager"
     out = m(ids, output_attentions=True)
+    torch.testing.assert_close(out.logits, sdpa_logits)  # eager is causal too
+    assert torch.equal(out.attentions[0][0, 0].triu(1), torch.zeros(5, 5, dtype=torch.float64))
     assert len(out.attentions) == 2 and out.attentions[0].shape == (1, 4, 5, 5)
     torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(1, 4, 5, dtype=torch.float64))
 
