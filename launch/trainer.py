@@ -54,17 +54,6 @@ def lr_lambda(train_cfg):
     return multiplier
 
 
-def decay_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on norms, biases, embeddings (1-D tensors and embedding tables)."""
-    decay, no_decay = [], []
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    for _, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def deepspeed_config(run: RunConfig, data_cfg) -> dict:
     t = run.train
     zero = {"stage": t.zero_stage}
@@ -118,9 +107,12 @@ def held_out_loss(engine, val_loader_factory, num_batches: int, device) -> float
     averaged over ranks."""
     engine.eval()
     total, count = 0.0, 0
+    batches = iter(val_loader_factory())
     with torch.no_grad():
-        for i, batch in enumerate(val_loader_factory()):
-            if i >= num_batches:
+        for _ in range(num_batches):
+            batch = next(batches, None)
+            # every rank runs the same number of forwards (with expert parallelism a forward is a collective)
+            if not all_ranks_true(batch is not None):
                 break
             out = engine(**{k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")})
             lm_loss = out.loss - lm_loss_extras(engine.module.config, out)
@@ -158,7 +150,7 @@ def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
         import deepspeed
 
         module = engine.module
-        if ep_info is not None:
+        if ep_info.enabled:
             from launch.expert_parallel import gather_full_state_dict
 
             state = gather_full_state_dict(module, ep_info)
@@ -191,11 +183,10 @@ def train(run: RunConfig) -> dict:
     # --- configs and every check, before any compute
     model_config = model_config_from_run(run)
     data_cfg = DataConfig.from_dict(run.data)
-    if dist.world_size % t.expert_parallel_size != 0:
-        raise ConfigError(f"expert_parallel_size={t.expert_parallel_size} must divide the world size {dist.world_size}")
-    if t.expert_parallel_size > 1 and getattr(model_config, "num_experts", 0) % t.expert_parallel_size != 0:
-        raise ConfigError(f"expert_parallel_size={t.expert_parallel_size} must divide num_experts="
-                          f"{getattr(model_config, 'num_experts', 0)} (and the model must be an MoE)")
+    from launch.expert_parallel import validate_expert_parallel
+
+    validate_expert_parallel(t.expert_parallel_size, dist.world_size, getattr(model_config, "num_experts", 0),
+                             t.zero_stage)
     checkpoint_root = output_dir / "checkpoints"
     resume_from = None
     if t.resume == "auto":
@@ -221,26 +212,35 @@ def train(run: RunConfig) -> dict:
     # --- model, expert parallelism, engine
     import deepspeed
 
-    model = build_model(run, model_config, tokenizer)
-    ep_info = None
-    param_groups = decay_groups(model, t.weight_decay)
-    if t.expert_parallel_size > 1:
-        from launch.expert_parallel import apply_expert_parallel, optimizer_param_groups
-
-        ep_info = apply_expert_parallel(model, t.expert_parallel_size)
-        param_groups = optimizer_param_groups(model, t.weight_decay, ep_info)
-    optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)),
-        config=deepspeed_config(run, data_cfg),
+    from launch.expert_parallel import (
+        apply_expert_parallel,
+        check_engine_expert_parallel,
+        expert_parallel_engine_context,
+        loss_with_global_balancing,
+        optimizer_param_groups,
+        sync_expert_weights_after_load,
     )
+
+    model = build_model(run, model_config, tokenizer)
+    # EP swaps each MoE block's experts for this rank's slice (a no-op at size 1); the engine must be built
+    # inside the context so DeepSpeed reduces expert gradients over the expert-data-parallel group.
+    ep_info = apply_expert_parallel(model, t.expert_parallel_size, zero_stage=t.zero_stage)
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay, ep_info), lr=t.lr,
+                                  betas=tuple(t.betas), eps=t.eps)
+    with expert_parallel_engine_context(ep_info):
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)),
+            config=deepspeed_config(run, data_cfg),
+        )
+    check_engine_expert_parallel(engine, ep_info)
     device = engine.device
 
     step, tokens_seen, skipped_steps = 0, 0, 0
     if resume_from is not None:
         trainer_state, rank_state = load_checkpoint(resume_from, engine, dist.rank)
+        sync_expert_weights_after_load(engine, ep_info)
         step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         skipped_steps = trainer_state["skipped_steps"]
         train_loader.load_state_dict(rank_state["data"])
@@ -282,10 +282,12 @@ def train(run: RunConfig) -> dict:
         for _ in range(t.grad_accum_steps):
             batch = next(batches)
             out = engine(**{k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")})
-            finite = all_ranks_true(bool(torch.isfinite(out.loss).item()))
+            # global-batch balancing: expert counts summed over all ranks before the balancing loss is formed
+            loss = loss_with_global_balancing(out, model_config)
+            finite = all_ranks_true(bool(torch.isfinite(loss).item()))
             if finite:
-                engine.backward(out.loss)
-                step_loss += out.loss.item()
+                engine.backward(loss)
+                step_loss += loss.item()
                 step_aux += out.aux_loss.item() if out.aux_loss is not None else 0.0
                 finite_micro += 1
                 if out.expert_counts is not None:

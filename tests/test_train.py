@@ -89,25 +89,37 @@ def test_single_process_run_writes_the_run_folder(corpus_and_tokenizer, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_two_ranks_train_under_each_zero_stage(corpus_and_tokenizer, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage, ep", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)],
+                         ids=["zero1", "zero2", "zero3", "zero1-ep2", "zero2-ep2"])
+def test_two_ranks_train_under_each_zero_stage(corpus_and_tokenizer, tmp_path, zero_stage, ep):
     corpus, tok = corpus_and_tokenizer
-    result = torchrun(run_args(corpus, tok, tmp_path / "run", zero_stage=zero_stage, max_steps=4,
-                               save_interval=4, **{"train.eval_interval": 0}))
+    result = torchrun(run_args(corpus, tok, tmp_path / "run", zero_stage=zero_stage, expert_parallel_size=ep,
+                               max_steps=4, save_interval=4, **{"train.eval_interval": 2}))
     assert result.returncode == 0, result.stderr[-4000:]
     run_losses = losses(tmp_path / "run")
     assert sorted(run_losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(list(run_losses.values()))))
-    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["tokens_seen"] == 4 * 2 * 2 * 64
-    # the consolidated weights equal DeepSpeed's own consolidation of the ZeRO shards
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["expert_parallel_size"] == ep and state["tokens_seen"] == 4 * 2 * 2 * 64
     from safetensors.torch import load_file
 
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000004"
-    ds_state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
     hf_state = load_file(checkpoint / "hf" / "model.safetensors")
-    for name, tensor in hf_state.items():
-        torch.testing.assert_close(tensor, ds_state[name], msg=name)
+    assert hf_state["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 8  # all experts, gathered
+    if ep == 1:  # the consolidated weights equal DeepSpeed's own consolidation of the ZeRO shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ds_state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
+        for name, tensor in hf_state.items():
+            torch.testing.assert_close(tensor, ds_state[name], msg=name)
+
+
+def test_expert_parallel_mistakes_are_refused_before_compute(corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    assert seedlm(["train", *run_args(corpus, tok, tmp_path / "a", expert_parallel_size=2)]) == 2
+    assert "expert_parallel_size" in capsys.readouterr().err  # does not divide a world of one
+    assert seedlm(["train", *run_args(corpus, tok, tmp_path / "b", model="deltaproduct_tiny",
+                                      expert_parallel_size=1, zero_stage=3, max_steps=1, save_interval=1,
+                                      **{"train.eval_interval": 0})]) == 0  # dense + ZeRO-3 is fine
 
 
 @pytest.mark.slow
