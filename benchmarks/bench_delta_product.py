@@ -65,9 +65,15 @@ def fwd_bwd(fn, inputs, do):
     return time.perf_counter() - t0
 
 
-def median_time(fn, inputs, do, repeats):
-    fwd_bwd(fn, inputs, do)  # warmup
-    return statistics.median(fwd_bwd(fn, inputs, do) for _ in range(repeats))
+def median_times(fns, inputs, do, repeats, warmup=None):
+    """Median seconds per function; the functions take turns so that load from other processes hits all alike."""
+    for fn in fns:
+        fwd_bwd(fn, *(warmup or (inputs, do)))
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            ts.append(fwd_bwd(fn, inputs, do))
+    return [statistics.median(ts) for ts in times]
 
 
 def main(argv=None):
@@ -78,7 +84,8 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64, help="K = V")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per cell (median), after one warmup")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per cell (median) after one warmup; chunk and transformers take turns")
     p.add_argument("--recurrence-repeats", type=int, default=3, help="timed runs for the (slow) recurrence")
     p.add_argument("--recurrence-max-len", type=int, default=2048,
                    help="skip the recurrence above this T (it is seconds per call there)")
@@ -120,15 +127,16 @@ def main(argv=None):
     for n in args.householder:
         for T in args.seq_lens:
             inputs, do = make_inputs(T, n, H, K, K)
-            t_c = median_time(chunk(n), inputs, do, args.repeats)
+            fns = [chunk(n)] + ([tf] if n == 1 and tf_ref is not None else [])
+            t_c, *t_tf = median_times(fns, inputs, do, args.repeats)
             chunk_times[n, T] = t_c
-            t_r = None
-            if T <= args.recurrence_max_len:
-                t_r = median_time(recur(n), inputs, do, args.recurrence_repeats)
-            t_tf = None
-            if n == 1 and tf_ref is not None:
-                t_tf = median_time(tf, inputs, do, args.repeats)
+            t_tf = t_tf[0] if t_tf else None
+            if t_tf is not None:
                 tf_times[T] = t_tf
+            t_r = None
+            if T <= args.recurrence_max_len:  # warm up on a short input: a full-length warmup costs seconds
+                short = make_inputs(32, n, H, K, K)
+                t_r = median_times([recur(n)], inputs, do, args.recurrence_repeats, warmup=short)[0]
             rows.append((n, T, t_c, t_r, t_tf))
             print(f"  done n_h={n} T={T}", file=sys.stderr)
 

@@ -93,9 +93,9 @@ def _recurrent(q, k, v, beta, g, scale, h0, n):
     dt = _compute_dtype(q)
     # time-major so that each step indexes a contiguous slice
     qs = (q.to(dt) * scale).transpose(0, 1)  # [T, B, H, K]
-    ks = k.to(dt).view(B, T, n, H, K).permute(1, 2, 0, 3, 4)  # [T, n, B, H, K]
-    vs = v.to(dt).view(B, T, n, H, V).permute(1, 2, 0, 3, 4)  # [T, n, B, H, V]
-    bks = ks * beta.to(dt).view(B, T, n, H).permute(1, 2, 0, 3).unsqueeze(-1)  # [T, n, B, H, K], beta * k
+    ks = k.to(dt).reshape(B, T, n, H, K).permute(1, 2, 0, 3, 4)  # [T, n, B, H, K]
+    vs = v.to(dt).reshape(B, T, n, H, V).permute(1, 2, 0, 3, 4)  # [T, n, B, H, V]
+    bks = ks * beta.to(dt).reshape(B, T, n, H).permute(1, 2, 0, 3).unsqueeze(-1)  # [T, n, B, H, K], beta * k
     decay = g.to(dt).exp().transpose(0, 1)[..., None, None] if g is not None else None  # [T, B, H, 1, 1]
     S = h0.to(dt) if h0 is not None else q.new_zeros(B, H, K, V, dtype=dt)  # [B, H, K, V]
     outs = []
@@ -247,11 +247,11 @@ def _to_chunks(qf, kf, vf, bf, gf, Ct, n):
     B, Tp, H, K = qf.shape
     V = vf.shape[-1]
     NC = Tp // Ct
-    q = qf.view(B, NC, Ct, H, K).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, Ct, K]
+    q = qf.reshape(B, NC, Ct, H, K).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, Ct, K]
     k = kf.reshape(B, NC, Ct * n, H, K).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, C, K] interleaved
     v = vf.reshape(B, NC, Ct * n, H, V).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, C, V]
     b = bf.reshape(B, NC, Ct * n, H).permute(1, 0, 3, 2)  # [NC, B, H, C]
-    g = gf.view(B, NC, Ct, H).permute(1, 0, 3, 2) if gf is not None else None  # [NC, B, H, Ct]
+    g = gf.reshape(B, NC, Ct, H).permute(1, 0, 3, 2) if gf is not None else None  # [NC, B, H, Ct]
     return q, k, v, b, g
 
 
@@ -288,9 +288,8 @@ def _gather_tokens(x, src):
 
 
 def _fla_backend(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, n):
-    """flash-linear-attention's Triton kernel (CUDA, bf16/fp16). Same convention; g is required there."""
-    if g is None:
-        g = q.new_zeros(q.shape[:3], dtype=torch.float32)
+    """flash-linear-attention's Triton kernel (CUDA, bf16/fp16), same convention. Checked against the torch
+    path with fla 0.6.0 on an H100; g=None takes fla's ungated path, which older fla releases lack."""
     o, S = _fla_chunk_gated_delta_product(
         q=q, k=k, v=v, g=g, beta=beta, num_householder=n, scale=scale,
         initial_state=None if initial_state is None else initial_state.float(),
@@ -335,9 +334,9 @@ def chunk_delta_product(
 
     # token-major views, the n_h keys of a token side by side
     qf = q.to(dt) * scale  # [B, T, H, K]
-    kf = k.to(dt).view(B, T, n, H, K)
-    vf = v.to(dt).view(B, T, n, H, V)
-    bf = beta.to(dt).view(B, T, n, H)
+    kf = k.to(dt).reshape(B, T, n, H, K)
+    vf = v.to(dt).reshape(B, T, n, H, V)
+    bf = beta.to(dt).reshape(B, T, n, H)
     gf = g.to(dt) if g is not None else None  # [B, T, H]
 
     if cu_seqlens is None:
@@ -358,7 +357,6 @@ def chunk_delta_product(
         qf, kf, vf, bf = (_gather_tokens(x, src) for x in (qf, kf, vf, bf))
         gf = _gather_tokens(gf, src) if gf is not None else None
         chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
-        NC = chunks[0].shape[0]
         zeros = q.new_zeros(1, H, K, V, dtype=dt)
         resets, captures = {}, {}
         for i, span in enumerate(doc_chunks):

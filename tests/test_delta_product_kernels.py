@@ -211,6 +211,20 @@ def test_carried_state_equals_one_call(fn):
     torch.testing.assert_close(s2, s, rtol=0, atol=1e-11)
 
 
+@pytest.mark.parametrize("fn", [chunk_delta_product, recurrent_delta_product])
+def test_non_contiguous_inputs(fn):
+    """Slices of a fused projection (as a layer produces them) are accepted and give the same numbers."""
+    n = 2
+    q, k, v, beta, g, h0 = make_inputs(B=2, T=9, n=n, seed=4)
+    fused = torch.cat([k, v, beta.unsqueeze(-1)], dim=-1)  # [B, T*n, H, K+V+1]
+    k2, v2, beta2 = fused[..., :8], fused[..., 8:14], fused[..., 14]
+    assert not k2.is_contiguous()
+    o, s = fn(q, k, v, beta, g, initial_state=h0, output_final_state=True, num_householder=n)
+    o2, s2 = fn(q, k2, v2, beta2, g, initial_state=h0, output_final_state=True, num_householder=n)
+    torch.testing.assert_close(o2, o, rtol=0, atol=1e-13)
+    torch.testing.assert_close(s2, s, rtol=0, atol=1e-13)
+
+
 # ----------------------------------------------------------------------------------------------
 # numerical stability and low precision
 # ----------------------------------------------------------------------------------------------
