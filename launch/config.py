@@ -54,7 +54,8 @@ class TokenizerConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
-    max_steps: int = 100
+    max_steps: int = 100  # length of the run: the lr schedule spans it
+    stop_at_step: int | None = None  # stop early (with a checkpoint) at this step; resume later to max_steps
     grad_accum_steps: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio

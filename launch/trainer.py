@@ -349,8 +349,12 @@ def train(run: RunConfig) -> dict:
 
         signalled = not all_ranks_true(stop.received is None)
         too_many_nonfinite = consecutive_nonfinite >= t.max_consecutive_nonfinite
-        if step % t.save_interval == 0 or step == t.max_steps or signalled or too_many_nonfinite:
+        stop_here = step == t.stop_at_step
+        if step % t.save_interval == 0 or step == t.max_steps or signalled or too_many_nonfinite or stop_here:
             last_saved = checkpoint(step)
+        if stop_here:
+            stop_reason = f"stop_at_step={step}"
+            break
         if signalled:
             stop_reason = f"signal {stop.received or 'on another rank'}"
             break

@@ -125,20 +125,21 @@ def test_expert_parallel_mistakes_are_refused_before_compute(corpus_and_tokenize
 @pytest.mark.slow
 def test_resume_on_two_ranks_logs_the_same_losses(corpus_and_tokenizer, tmp_path):
     corpus, tok = corpus_and_tokenizer
-    straight = torchrun(run_args(corpus, tok, tmp_path / "straight", max_steps=8, save_interval=4,
+    straight = torchrun(run_args(corpus, tok, tmp_path / "straight", max_steps=20, save_interval=10,
                                  **{"train.eval_interval": 0}))
     assert straight.returncode == 0, straight.stderr[-4000:]
-    first = torchrun(run_args(corpus, tok, tmp_path / "resumed", max_steps=4, save_interval=4,
-                              **{"train.eval_interval": 0}))
+    # the first half stops at step 10 of the same 20-step run (same lr schedule), as a preempted job would
+    first = torchrun(run_args(corpus, tok, tmp_path / "resumed", max_steps=20, save_interval=10,
+                              **{"train.eval_interval": 0, "train.stop_at_step": 10}))
     assert first.returncode == 0, first.stderr[-4000:]
-    # the schedule must be the 8-step one in both halves: same max_steps, stopped early by a signal-free cap
-    second = torchrun(run_args(corpus, tok, tmp_path / "resumed", max_steps=8, save_interval=4,
+    assert sorted(losses(tmp_path / "resumed")) == list(range(1, 11))
+    second = torchrun(run_args(corpus, tok, tmp_path / "resumed", max_steps=20, save_interval=10,
                                **{"train.eval_interval": 0}))
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed from" in second.stderr
     expected, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert sorted(got) == list(range(1, 9))
-    for step in range(5, 9):
+    assert sorted(got) == list(range(1, 21))
+    for step in range(11, 21):
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-6), step
 
 
