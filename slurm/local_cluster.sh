@@ -128,6 +128,9 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# schedule every 2 s instead of every 30-60 s: a requeued job only becomes eligible after cred_expire and
+# would otherwise wait for the next periodic pass
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
@@ -143,9 +146,11 @@ EOF
         echo "NodeName=${NODES[i]} NodeHostname=$host NodeAddr=${NODE_ADDRS[i]} Port=${NODE_PORTS[i]} CPUs=$cpus RealMemory=$mem State=UNKNOWN" >>"$tmp"
     done
     echo "PartitionName=debug Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES" >>"$tmp"
+    CONF_CHANGED=0
     if [[ -f $CONF ]] && cmp -s "$tmp" "$CONF"; then
         rm -f "$tmp"
     else
+        [[ -f $CONF ]] && CONF_CHANGED=1
         mv "$tmp" "$CONF"
     fi
     chmod 0644 "$CONF"
@@ -206,6 +211,11 @@ cmd_start() {
     ensure_packages
     ensure_hosts
     write_config
+    if ((CONF_CHANGED)) && live_pid "$DIR/run/slurmctld.pid" slurmctld >/dev/null; then
+        # running daemons read the old file; a restart is the simple way to apply every setting
+        log "slurm.conf changed (ports, CPUs or this script): restarting the daemons"
+        cmd_stop
+    fi
     start_munge
     start_slurmctld
     start_slurmd
