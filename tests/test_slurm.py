@@ -162,6 +162,8 @@ def jobs(cluster, corpus_and_tokenizer, tmp_path_factory):
     j["interrupted"] = sbatch(cluster, logs, "interrupted", overrides(corpus, tok, output_dir=root / "interrupted"))
     j["ep"] = sbatch(cluster, logs, "ep", overrides(corpus, tok, output_dir=root / "ep", max_steps=4, save_interval=4,
                                                     expert_parallel_size=2))
+    ds_args = overrides(corpus, tok, output_dir=root / "deepspeed", max_steps=4, save_interval=4)
+    j["deepspeed"] = sbatch(cluster, logs, "deepspeed", ds_args, script=REPO / "slurm" / "train_deepspeed.sbatch")
     # a mistake in the config: refused before any compute, must fail once and not come back
     j["refused"] = sbatch(cluster, logs, "refused", overrides(corpus, tok, output_dir=root / "refused",
                                                               **{"train.lrr": 1}))
@@ -216,7 +218,8 @@ def test_usr1_saves_requeues_and_resumes_to_the_same_loss(cluster, jobs):
     attempts = log.split("attempt 2")
     assert node_ids(attempts[0]) == {"0", "1"} and node_ids(attempts[1]) == {"0", "1"}
     run = jobs["root"] / "interrupted"
-    assert (run / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").is_file()
+    # the signal's checkpoint (later pruned by train.keep_last once newer ones exist)
+    assert re.search(rf"saved checkpoint \S+step_{step:08d}\n", attempts[0]), log[-4000:]
     # wait for the reference run too: same seed, data and schedule, so the same numbers, exactly
     wait_for_job(cluster, jobs["reference"])
     expected, got = losses(jobs["root"] / "reference"), losses(run)
@@ -235,6 +238,19 @@ def test_expert_parallel_job_across_two_nodes(cluster, jobs):
     state = json.loads((run / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["expert_parallel_size"] == 2
     assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def test_deepspeed_launcher_variant_across_two_nodes(cluster, jobs):
+    info = wait_for_job(cluster, jobs["deepspeed"])
+    log = log_of(jobs, "deepspeed")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert node_ids(log) == {"0", "1"}, log[-4000:]  # one DeepSpeed launcher per node
+    run = jobs["root"] / "deepspeed"
+    hostfile = run / "slurm" / f"hostfile-{jobs['deepspeed']}"
+    assert hostfile.read_text().split("\n")[:2] == ["node1 slots=1", "node2 slots=1"]
+    assert "node_rank=0" in log and "node_rank=1" in log
+    state = json.loads((run / "checkpoints" / "step_00000004" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and sorted(losses(run)) == [1, 2, 3, 4]
 
 
 def test_refused_config_fails_once_without_requeue(cluster, jobs):
