@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev
+EXTRAS ?= dev,eval
 PIP = $(VENV)/bin/python -m pip
 STAMP = $(VENV)/.seedlm-installed-$(EXTRAS)
 

@@ -298,13 +298,26 @@ def _fla_backend(q, k, v, beta, g, scale, initial_state, output_final_state, cu_
     return o.to(q.dtype), (S.float() if S is not None else None)
 
 
-def _use_fla(backend, q):
+def _fla_gated_backward_refused(q, g) -> bool:
+    """fla 0.6 refuses its gated backward on Hopper with Triton 3.4 <= version < 3.7.1 (wrong results there;
+    measured on an H100 with Triton 3.6). "auto" then trains on the torch path instead of failing in backward."""
+    if g is None or not torch.is_grad_enabled() or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    try:
+        import triton
+    except ImportError:
+        return False
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:3] if p.isdigit())
+    return (3, 4, 0) <= version < (3, 7, 1)
+
+
+def _use_fla(backend, q, g=None):
     if backend not in ("auto", "torch", "fla"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'fla', got {backend!r}")
     fla_ok = _fla_chunk_gated_delta_product is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
     if backend == "fla" and not fla_ok:
         raise ValueError("backend='fla' needs flash-linear-attention installed and bf16/fp16 CUDA inputs")
-    return backend == "fla" or (backend == "auto" and fla_ok)
+    return backend == "fla" or (backend == "auto" and fla_ok and not _fla_gated_backward_refused(q, g))
 
 
 def chunk_delta_product(
@@ -322,7 +335,7 @@ def chunk_delta_product(
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     n = num_householder
     scale = K**-0.5 if scale is None else scale
-    if _use_fla(backend, q):
+    if _use_fla(backend, q, g):
         return _fla_backend(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, n)
 
     dt = _compute_dtype(q)
