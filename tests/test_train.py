@@ -89,8 +89,8 @@ def test_single_process_run_writes_the_run_folder(corpus_and_tokenizer, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, ep", [(1, 1), (2, 1), (3, 1), (1, 2), (2, 2)],
-                         ids=["zero1", "zero2", "zero3", "zero1-ep2", "zero2-ep2"])
+@pytest.mark.parametrize("zero_stage, ep", [(2, 1), (3, 1), (1, 2), (2, 2)],
+                         ids=["zero2", "zero3", "zero1-ep2", "zero2-ep2"])  # ZeRO 1 alone: the resume test
 def test_two_ranks_train_under_each_zero_stage(corpus_and_tokenizer, tmp_path, zero_stage, ep):
     corpus, tok = corpus_and_tokenizer
     result = torchrun(run_args(corpus, tok, tmp_path / "run", zero_stage=zero_stage, expert_parallel_size=ep,
