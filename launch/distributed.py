@@ -80,8 +80,10 @@ def init_distributed() -> DistInfo:
     launcher = setup_environment()
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # modulo: sites that give each task one visible GPU (--gpus-per-task=1) still set SLURM_LOCALID > 0
+        gpu = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
+        device, backend = torch.device("cuda", gpu), "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"

@@ -171,6 +171,7 @@ def train(run: RunConfig) -> dict:
     """Run training as configured; returns a summary dict (rank 0's numbers)."""
     from data_pipeline import DataConfig, build_dataloader, check_vocab_fits
 
+    stop = StopSignal()  # first, so a preemption signal during start-up is a clean stop, not a killed rank
     dist = init_distributed()
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {dist.rank}] %(levelname)s %(message)s", force=True)
@@ -255,7 +256,6 @@ def train(run: RunConfig) -> dict:
     dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
     peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(device, dtype)
     metrics = MetricsLogger(output_dir, dist.is_main, t.tensorboard, t.wandb_project, run.to_dict())
-    stop = StopSignal()
     save_hf = save_hf_folder_fn(engine, tokenizer, dist, ep_info)
 
     def checkpoint(at_step: int) -> Path:
