@@ -26,10 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PRESETS = {  # name -> candidate config files (a run preset or the bare model preset)
-    "gated_moe_tiny": ["configs/gated_moe_tiny.yaml", "configs/models/gated_moe_tiny.yaml"],
-    "deltaproduct_tiny": ["configs/deltaproduct_tiny.yaml", "configs/models/deltaproduct_tiny.yaml"],
-}
+PRESETS = ("gated_moe_tiny", "deltaproduct_tiny")  # model presets under configs/models
 
 
 def parse_args(argv=None):
@@ -71,37 +68,15 @@ def pipeline_tokens_per_sec(tokenizer, num_workers: int, args: argparse.Namespac
     return tokens / (time.perf_counter() - start)
 
 
-def _load_preset(name: str) -> tuple[dict | None, str]:
-    import yaml
-
-    for rel in PRESETS[name]:
-        path = REPO / rel
-        if path.is_file():
-            doc = yaml.safe_load(path.read_text()) or {}
-            section = doc.get("model", doc)
-            if isinstance(section, str):  # a run preset naming its model preset file
-                section = yaml.safe_load((REPO / section).read_text())
-            return section, rel
-    return None, "no preset file " + " or ".join(PRESETS[name])
-
-
-def train_step_tokens_per_sec(preset: str, seq_len: int, batch_size: int, steps: int) -> tuple[float | None, str]:
-    """Tokens/s of fwd + bwd + AdamW steps of a tiny preset on [batch_size, seq_len]; (None, why) if unavailable."""
+def train_step_tokens_per_sec(preset: str, seq_len: int, batch_size: int, steps: int) -> tuple[float, str]:
+    """Tokens/s of fwd + bwd + AdamW steps of a tiny model preset on [batch_size, seq_len], and where it came from."""
     import torch
+    from transformers import AutoModelForCausalLM
 
-    fields, where = _load_preset(preset)
-    if fields is None:
-        return None, where
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+    from launch.presets import load_model_config
 
-        import model  # noqa: F401  (registers the seedlm model types with the Auto classes)
-
-        fields = dict(fields)
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        net = AutoModelForCausalLM.from_config(config)
-    except Exception as err:  # the model families are being written alongside; report, do not fail
-        return None, f"{type(err).__name__}: {err}"[:120]
+    config = load_model_config(preset)
+    net = AutoModelForCausalLM.from_config(config)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -118,7 +93,7 @@ def train_step_tokens_per_sec(preset: str, seq_len: int, batch_size: int, steps:
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    return batch_size * seq_len * steps / (time.perf_counter() - start), where
+    return batch_size * seq_len * steps / (time.perf_counter() - start), f"configs/models/{preset}.yaml"
 
 
 def main(argv=None) -> int:
