@@ -139,6 +139,11 @@ def check_type(path: str, value, annotation) -> Any:
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):  # `lr: 3e-3` in a YAML file is a string to PyYAML
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected is int and isinstance(value, bool) or not isinstance(value, expected):
         raise ConfigError(f"{path} must be {getattr(expected, '__name__', expected)}, got {value!r}")
     return value
@@ -165,6 +170,11 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-3 or max_steps=20)")
         key = TOP_LEVEL_ALIASES.get(key, key)
         value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; users mean the number
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

@@ -64,7 +64,8 @@ def deepspeed_config(run: RunConfig, data_cfg) -> dict:
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": t.dtype == "bf16"},
+        # check_grad_overflow: a non-finite gradient norm skips the update in bf16 too (fp32 ZeRO does it anyway)
+        "bf16": {"enabled": t.dtype == "bf16", "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -129,6 +130,16 @@ def lm_loss_extras(config, out) -> torch.Tensor | float:
     if out.aux_loss is None:
         return 0.0
     return config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
+
+
+def step_without_update(engine) -> None:
+    """An optimizer step that changes no weight (gradients are zero or dropped): lr 0 for this step, and
+    AdamW's decoupled weight decay is scaled by lr too. Keeps DeepSpeed's micro-step bookkeeping in order."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    engine.step()  # the scheduler steps inside; its lr for the next step is restored below
+    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
 
 
 class StopSignal:
@@ -295,19 +306,27 @@ def train(run: RunConfig) -> dict:
             else:
                 # No NaN may reach the weights: this micro-batch contributes a zero gradient instead.
                 engine.backward(sum((p * 0.0).sum() for p in engine.module.parameters() if p.requires_grad))
-        if finite_micro == 0:
-            # Every micro-batch was non-finite: step with lr 0 (AdamW then leaves the weights unchanged).
-            saved_lrs = [g["lr"] for g in engine.optimizer.param_groups]
-            for g in engine.optimizer.param_groups:
-                g["lr"] = 0.0
-            engine.step()
-            for g, lr in zip(engine.optimizer.param_groups, saved_lrs):
-                g["lr"] = lr
+        bad_grads = False
+        if finite_micro and t.zero_stage == 0:  # no ZeRO optimizer to catch a non-finite gradient norm here
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            bad_grads = not all_ranks_true(all(bool(torch.isfinite(g).all()) for g in grads))
+            if bad_grads:
+                for g in grads:
+                    g.zero_()
+        if finite_micro == 0 or bad_grads:
+            step_without_update(engine)
             skipped_steps += 1
             consecutive_nonfinite += 1
         else:
+            ds_skipped = engine.skipped_steps
             engine.step()
-            consecutive_nonfinite = 0
+            grad_norm = engine.get_global_grad_norm()
+            # DeepSpeed's ZeRO optimizers skip an update whose gradient norm is inf/NaN and count it
+            if engine.skipped_steps > ds_skipped or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+                skipped_steps += 1
+                consecutive_nonfinite += 1
+            else:
+                consecutive_nonfinite = 0
         step += 1
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step

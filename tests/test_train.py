@@ -221,6 +221,7 @@ def test_push_dry_run_lists_files_and_never_prints_the_token(corpus_and_tokenize
         (["max_step=3"], "did you mean 'max_steps'"),
         (["train.zero_stage=4"], "train.zero_stage=4 is not allowed"),
         (["train.lr=fast"], "train.lr must be float"),
+        (["train.max_steps=1e3"], "train.max_steps must be int"),
         (["train.schedule=linear"], "use one of"),
         (["noequals"], "is not KEY=VALUE"),
     ],
@@ -228,6 +229,14 @@ def test_push_dry_run_lists_files_and_never_prints_the_token(corpus_and_tokenize
 def test_config_mistakes_name_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config("gated_moe_tiny", overrides)
+
+
+def test_numbers_in_exponent_notation_are_numbers(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: gated_moe_tiny\ntrain:\n  lr: 3e-4\n")
+    run = load_run_config(config_file, ["train.weight_decay=1e-2", "model_overrides.initializer_range=2e-2"])
+    assert run.train.lr == 3e-4 and run.train.weight_decay == 1e-2
+    assert run.model_overrides["initializer_range"] == 2e-2
 
 
 def test_user_mistakes_stop_before_compute(corpus_and_tokenizer, tmp_path, capsys):
@@ -243,3 +252,40 @@ def test_user_mistakes_stop_before_compute(corpus_and_tokenizer, tmp_path, capsy
     assert seedlm(["train", *run_args(corpus, tok, tmp_path / "c", **{"model_overrides.num_experts_per_tok": 9})]) == 2
     assert "num_experts_per_tok=9" in capsys.readouterr().err
     assert not (tmp_path / "c" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_non_finite_steps_are_skipped_then_the_run_saves_and_stops(corpus_and_tokenizer, tmp_path, capfd, zero_stage):
+    corpus, tok = corpus_and_tokenizer
+    run = tmp_path / "run"
+    # weights of 1e30: the normed loss stays finite but the gradient norm overflows from the first step
+    args = run_args(corpus, tok, run, max_steps=10, zero_stage=zero_stage,
+                    **{"model_overrides.initializer_range": 1e30, "train.max_consecutive_nonfinite": 3})
+    assert seedlm(["train", *args]) == 0
+    assert "3 non-finite steps in a row" in capfd.readouterr().err
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records if "loss" in r] == [1, 2, 3]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    from safetensors.torch import load_file
+
+    # no update reached the weights: they are still the initial ones (norm weights exactly 1.0)
+    weights = load_file(run / "checkpoints" / "step_00000003" / "hf" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert torch.equal(weights["model.norm.weight"], torch.ones_like(weights["model.norm.weight"]))
+
+
+def test_resume_with_another_world_size_is_refused(corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    run = tmp_path / "run"
+    assert seedlm(["train", *run_args(corpus, tok, run, max_steps=2, save_interval=2,
+                                      **{"train.eval_interval": 0})]) == 0
+    state_file = run / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["world_size"] = 4  # as if written by a 4-rank job
+    state_file.write_text(json.dumps(state))
+    from launch.checkpoint import write_manifest
+
+    write_manifest(state_file.parent)  # a complete checkpoint, just from another launch
+    capsys.readouterr()
+    assert seedlm(["train", *run_args(corpus, tok, run, max_steps=4, **{"train.eval_interval": 0})]) == 2
+    assert "written by 4 ranks, this run has 1" in capsys.readouterr().err
