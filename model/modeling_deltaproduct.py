@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 from .configuration_deltaproduct import DeltaProductConfig
 from .deltaproduct_layer import DeltaProductAttention, ShortConvolution
 from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP, causal_attention_mask, document_ids, is_packed
-from .modeling_gated_moe import GatedMoeCausalLMOutput, causal_lm_output
+from .modeling_gated_moe import CausalLMHeadMixin
 from .moe import MoeModelMixin, RouterOutput, SparseMoeBlock
 
 
@@ -258,7 +258,7 @@ class DeltaProductModel(DeltaProductPreTrainedModel):
         )
 
 
-class DeltaProductForCausalLM(DeltaProductPreTrainedModel, GenerationMixin):
+class DeltaProductForCausalLM(CausalLMHeadMixin, DeltaProductPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: DeltaProductConfig):
@@ -272,37 +272,6 @@ class DeltaProductForCausalLM(DeltaProductPreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value):
         self.model.embeddings = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values: DeltaProductCache | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
-    ) -> GatedMoeCausalLMOutput:
-        """Same contract as GatedMoeForCausalLM.forward (labels are shifted inside; router losses added)."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-        )
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(outputs.last_hidden_state[:, keep, :])  # [B, T_keep, vocab]
-
-        return causal_lm_output(
-            self.config, self.loss_function, logits, labels, outputs, output_router_logits, **kwargs
-        )
 
 
 __all__ = ["DeltaProductPreTrainedModel", "DeltaProductModel", "DeltaProductForCausalLM", "DeltaProductCache"]

@@ -216,20 +216,9 @@ def causal_lm_output(config, loss_function, logits, labels, outputs, output_rout
     )
 
 
-class GatedMoeForCausalLM(GatedMoePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: GatedMoeConfig):
-        super().__init__(config)
-        self.model = GatedMoeModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
+class CausalLMHeadMixin:
+    """The causal-LM head of both families: `self.model` (the backbone) and `self.lm_head`; the loss adds the
+    weighted router losses (see causal_lm_output)."""
 
     def forward(
         self,
@@ -266,6 +255,22 @@ class GatedMoeForCausalLM(GatedMoePreTrainedModel, GenerationMixin):
         return causal_lm_output(
             self.config, self.loss_function, logits, labels, outputs, output_router_logits, **kwargs
         )
+
+
+class GatedMoeForCausalLM(CausalLMHeadMixin, GatedMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: GatedMoeConfig):
+        super().__init__(config)
+        self.model = GatedMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
 
 
 __all__ = ["GatedMoePreTrainedModel", "GatedMoeModel", "GatedMoeForCausalLM"]

@@ -28,3 +28,21 @@ def run_without_seedlm(script: str, cwd) -> subprocess.CompletedProcess:
         text=True,
         timeout=300,
     )
+
+
+WORDS = "alpha beta gamma delta state token expert router gate value key query".split()
+
+
+def write_tiny_corpus_and_tokenizer(root):
+    """400 short seeded documents as jsonl and a 512-piece tokenizer trained on them: data for fast runs."""
+    import json
+    import random
+
+    from data_pipeline import train_tokenizer
+
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(400)]
+    corpus = root / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train_tokenizer(docs, root / "tok", vocab_size=512, max_chars=None)
+    return corpus, root / "tok"

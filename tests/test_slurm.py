@@ -8,7 +8,6 @@ its new start overlaps with the others' work), and each test then waits for its 
 
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -18,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import write_tiny_corpus_and_tokenizer
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 SBATCH = REPO / "slurm" / "train.sbatch"
-WORDS = "alpha beta gamma delta state token expert router gate value key query".split()
 MAX_STEPS = 60  # ~0.1 s a step alone: long enough that a USR1 sent after step 2 lands mid-run
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
@@ -68,15 +68,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer(tmp_path_factory):
-    from data_pipeline import train_tokenizer
-
-    root = tmp_path_factory.mktemp("slurm_corpus")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(400)]
-    corpus = root / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    train_tokenizer(docs, root / "tok", vocab_size=512, max_chars=None)
-    return corpus, root / "tok"
+    return write_tiny_corpus_and_tokenizer(tmp_path_factory.mktemp("slurm_corpus"))
 
 
 def overrides(corpus, tok, **extra) -> list[str]:

@@ -3,7 +3,6 @@ fallback, export round trip, push dry run, and the user mistakes that must stop 
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,24 +12,14 @@ import torch
 
 from launch.cli import main as seedlm
 from launch.config import ConfigError, load_run_config
-from tests.helpers import run_without_seedlm
+from tests.helpers import run_without_seedlm, write_tiny_corpus_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = "alpha beta gamma delta state token expert router gate value key query".split()
 
 
 @pytest.fixture(scope="module")
 def corpus_and_tokenizer(tmp_path_factory):
-    """A small jsonl corpus and a 512-piece tokenizer trained on it, shared by the module's runs."""
-    from data_pipeline import train_tokenizer
-
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(400)]
-    corpus = root / "docs.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    train_tokenizer(docs, root / "tok", vocab_size=512, max_chars=None)
-    return corpus, root / "tok"
+    return write_tiny_corpus_and_tokenizer(tmp_path_factory.mktemp("corpus"))
 
 
 def run_args(corpus, tok, output_dir, model="gated_moe_tiny", **extra) -> list[str]:
