@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
         ("bench_gated_moe.py", "| seedlm gate=elementwise |"),
         ("bench_delta_product.py", "| n_h | T | chunk (ms) |"),
         ("bench_data_pipeline.py", "| pipeline (tokenise + pack) | tokens/s |"),
+        ("bench_trainer.py", "| ZeRO stage | parameters |"),
     ],
 )
 def test_benchmark_smoke_mode_prints_its_table(script, expected):
