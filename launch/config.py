@@ -76,6 +76,8 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 50  # held-out loss every N steps (0 = never)
     eval_batches: int = 4
+    eval_tasks: list[str] = field(default_factory=list)  # evaluation tasks run with the held-out loss (seedlm eval)
+    eval_limit: int | None = 50  # documents per task at each eval_interval
     resume: str = "auto"  # auto (latest checkpoint if any) | none | a checkpoint folder
     max_consecutive_nonfinite: int = 5  # stop (after saving) when this many steps in a row are not finite
     peak_tflops: float | None = None  # per-device peak for MFU; None measures a matmul at start

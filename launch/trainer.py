@@ -207,6 +207,10 @@ def train(run: RunConfig) -> dict:
         resume_from = Path(t.resume)
         if not resume_from.is_dir():
             raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint folder")
+    if t.eval_tasks:  # a misspelt or malformed task fails now, not at the first eval_interval
+        from eval.tasks import resolve_tasks
+
+        resolve_tasks(t.eval_tasks, None)
     tokenizer, tok_dir = prepare_tokenizer(run, data_cfg, dist, output_dir)
     check_vocab_fits(tokenizer, model_config.vocab_size)
     data_cfg.tokenizer = str(tok_dir)
@@ -362,9 +366,15 @@ def train(run: RunConfig) -> dict:
             progress.update(1)
 
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
-            eval_loss = held_out_loss(engine, validation_loader, t.eval_batches, device)
-            metrics.log({"step": step, "eval_loss": eval_loss})
-            logger.info("step %d: held-out loss %.4f", step, eval_loss)
+            eval_record = {"step": step, "eval_loss": held_out_loss(engine, validation_loader, t.eval_batches, device)}
+            if t.eval_tasks:  # every rank takes part: the harness splits the requests and gathers the results
+                from eval import evaluate, flat_metrics
+
+                results = evaluate(engine.module, tokenizer, t.eval_tasks, limit=t.eval_limit, show_progress=False)
+                eval_record.update(flat_metrics(results))
+                engine.train()
+            metrics.log(eval_record)
+            logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_record.items() if k != "step"))
 
         signalled = not all_ranks_true(stop.received is None)
         too_many_nonfinite = consecutive_nonfinite >= t.max_consecutive_nonfinite

@@ -278,3 +278,18 @@ def test_resume_with_another_world_size_is_refused(corpus_and_tokenizer, tmp_pat
     capsys.readouterr()
     assert seedlm(["train", *run_args(corpus, tok, run, max_steps=4, **{"train.eval_interval": 0})]) == 2
     assert "written by 4 ranks, this run has 1" in capsys.readouterr().err
+
+
+def test_eval_tasks_run_with_the_held_out_loss(corpus_and_tokenizer, tmp_path, capsys):
+    corpus, tok = corpus_and_tokenizer
+    run = tmp_path / "run"
+    args = run_args(corpus, tok, run, max_steps=2, save_interval=2,
+                    **{"train.eval_interval": 2, "train.eval_tasks": "[tiny_qa]", "train.eval_limit": 4})
+    assert seedlm(["train", *args]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) == 1 and 0.0 <= evals[0]["eval/tiny_qa/acc"] <= 1.0
+    typo = run_args(corpus, tok, tmp_path / "typo", **{"train.eval_tasks": "[tiny_qaa]"})
+    assert seedlm(["train", *typo]) == 2
+    assert "tiny_qaa" in capsys.readouterr().err
+    assert not (tmp_path / "typo" / "checkpoints").exists()
