@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from eval import evaluate, flat_metrics, heldout_loss
 from launch.checkpoint import (
     check_compatible,
     find_resume_checkpoint,
@@ -103,33 +104,14 @@ def build_model(run: RunConfig, model_config, tokenizer):
     return model
 
 
-def held_out_loss(engine, val_loader_factory, num_batches: int, device) -> float:
-    """Mean held-out loss over the first num_batches of the validation split (the same batches every time),
-    averaged over ranks."""
-    engine.eval()
-    total, count = 0.0, 0
-    batches = iter(val_loader_factory())
-    with torch.no_grad():
-        for _ in range(num_batches):
-            batch = next(batches, None)
-            # every rank runs the same number of forwards (with expert parallelism a forward is a collective)
-            if not all_ranks_true(batch is not None):
-                break
-            out = engine(**{k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")})
-            lm_loss = out.loss - lm_loss_extras(engine.module.config, out)
-            total, count = total + lm_loss.item(), count + 1
-    engine.train()
-    stats = torch.tensor([total, float(count)])
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(stats)
-    return (stats[0] / stats[1].clamp(min=1)).item()
-
-
-def lm_loss_extras(config, out) -> torch.Tensor | float:
-    """The weighted router losses inside out.loss (0 for dense models)."""
-    if out.aux_loss is None:
-        return 0.0
-    return config.router_aux_loss_coef * out.aux_loss + config.router_z_loss_coef * out.z_loss
+def in_lockstep(batches):
+    """Yield batches while every rank still has one: with expert parallelism a forward is a collective, so
+    all ranks must run the same number of them."""
+    for batch in batches:
+        if not all_ranks_true(True):
+            return
+        yield batch
+    all_ranks_true(False)  # tell the ranks still holding a batch to stop
 
 
 def step_without_update(engine) -> None:
@@ -366,13 +348,12 @@ def train(run: RunConfig) -> dict:
             progress.update(1)
 
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
-            eval_record = {"step": step, "eval_loss": held_out_loss(engine, validation_loader, t.eval_batches, device)}
+            # the same first eval_batches of the validation split every time; token-weighted over all ranks
+            held_out = heldout_loss(engine.module, in_lockstep(validation_loader()), max_batches=t.eval_batches)
+            eval_record = {"step": step, "eval_loss": held_out["loss"]}
             if t.eval_tasks:  # every rank takes part: the harness splits the requests and gathers the results
-                from eval import evaluate, flat_metrics
-
                 results = evaluate(engine.module, tokenizer, t.eval_tasks, limit=t.eval_limit, show_progress=False)
                 eval_record.update(flat_metrics(results))
-                engine.train()
             metrics.log(eval_record)
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_record.items() if k != "step"))
 
