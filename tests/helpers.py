@@ -46,3 +46,23 @@ def write_tiny_corpus_and_tokenizer(root):
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     train_tokenizer(docs, root / "tok", vocab_size=512, max_chars=None)
     return corpus, root / "tok"
+
+
+def tiny_run_overrides(corpus, tok, **fields) -> list[str]:
+    """`seedlm train` overrides for a fast run on write_tiny_corpus_and_tokenizer's data; `fields` add or
+    replace dotted keys (or top-level aliases such as max_steps)."""
+    args = {
+        "tokenizer.path": str(tok),
+        "data.sources": f"[{{kind: jsonl, path: {corpus}, holdout_fraction: 0.1}}]",
+        "data.seq_len": 64,
+        "data.micro_batch_size": 2,
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 32,
+        "model_overrides.vocab_size": 512,
+        "train.warmup_steps": 2,
+        "train.progress_bar": "false",
+        "train.tensorboard": "false",
+        "train.peak_tflops": 1.0,
+    }
+    args.update({k: str(v) for k, v in fields.items()})
+    return [f"{k}={v}" for k, v in args.items()]

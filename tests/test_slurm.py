@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_tiny_corpus_and_tokenizer
+from tests.helpers import tiny_run_overrides, write_tiny_corpus_and_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -72,24 +72,8 @@ def corpus_and_tokenizer(tmp_path_factory):
 
 
 def overrides(corpus, tok, **extra) -> list[str]:
-    args = {
-        "tokenizer.path": str(tok),
-        "data.sources": f"[{{kind: jsonl, path: {corpus}, holdout_fraction: 0.1}}]",
-        "data.seq_len": 64,
-        "data.micro_batch_size": 2,
-        "data.num_workers": 0,
-        "data.shuffle_buffer": 32,
-        "model_overrides.vocab_size": 512,
-        "train.max_steps": MAX_STEPS,
-        "train.warmup_steps": 2,
-        "train.save_interval": 30,
-        "train.eval_interval": 0,
-        "train.progress_bar": "false",
-        "train.tensorboard": "false",
-        "train.peak_tflops": 1.0,
-    }
-    args.update({k: str(v) for k, v in extra.items()})
-    return [f"{k}={v}" for k, v in args.items()]
+    return tiny_run_overrides(corpus, tok, **{"train.max_steps": MAX_STEPS, "train.save_interval": 30,
+                                             "train.eval_interval": 0, **extra})
 
 
 def sbatch(env, logs: Path, name: str, args: list[str], *options: str, script: Path = SBATCH, **extra_env) -> int:

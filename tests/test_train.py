@@ -12,7 +12,7 @@ import torch
 
 from launch.cli import main as seedlm
 from launch.config import ConfigError, load_run_config
-from tests.helpers import run_without_seedlm, write_tiny_corpus_and_tokenizer
+from tests.helpers import run_without_seedlm, tiny_run_overrides, write_tiny_corpus_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,26 +23,9 @@ def corpus_and_tokenizer(tmp_path_factory):
 
 
 def run_args(corpus, tok, output_dir, model="gated_moe_tiny", **extra) -> list[str]:
-    args = {
-        "output_dir": str(output_dir),
-        "tokenizer.path": str(tok),
-        "data.sources": f"[{{kind: jsonl, path: {corpus}, holdout_fraction: 0.1}}]",
-        "data.seq_len": 64,
-        "data.micro_batch_size": 2,
-        "data.num_workers": 0,
-        "data.shuffle_buffer": 32,
-        "model_overrides.vocab_size": 512,
-        "train.max_steps": 6,
-        "train.warmup_steps": 2,
-        "train.save_interval": 3,
-        "train.eval_interval": 3,
-        "train.eval_batches": 1,
-        "train.progress_bar": "false",
-        "train.tensorboard": "false",
-        "train.peak_tflops": 1.0,
-    }
-    args.update({k: str(v) for k, v in extra.items()})
-    return [model] + [f"{k}={v}" for k, v in args.items()]
+    defaults = {"output_dir": output_dir, "train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
+                "train.eval_batches": 1}
+    return [model] + tiny_run_overrides(corpus, tok, **{**defaults, **extra})
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
