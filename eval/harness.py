@@ -160,7 +160,8 @@ def evaluate(
 @torch.no_grad()
 def heldout_loss(model, batches: Iterable[dict], max_batches: int | None = None) -> dict:
     """Mean next-token loss over held-out batches (dicts with input_ids, labels and optionally
-    position_ids / attention_mask, as the data pipeline yields them; labels are shifted by the model).
+    position_ids / attention_mask, as the data pipeline yields them; labels are shifted by one, as the model
+    does). A batch with `shift_labels` (targets aligned with the inputs) is scored against them unshifted.
 
     Token-weighted over all batches and, under torch.distributed, over all ranks. Returns
     {"loss": mean nats per token, "perplexity", "tokens"}. Router losses are not included.
@@ -175,9 +176,13 @@ def heldout_loss(model, batches: Iterable[dict], max_batches: int | None = None)
                 break
             kwargs = {k: batch[k].to(device) for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
             logits = model(**kwargs, use_cache=False).logits  # [B, T, V]
-            labels = batch["labels"].to(device)
-            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(T-1), V]
-            shift_labels = labels[:, 1:].reshape(-1)  # [B*(T-1)]
+            if "shift_labels" in batch:  # targets already aligned with the logits (synthetic tasks)
+                shift_logits = logits.float().reshape(-1, logits.shape[-1])  # [B*T, V]
+                shift_labels = batch["shift_labels"].to(device).reshape(-1)  # [B*T]
+            else:
+                labels = batch["labels"].to(device)
+                shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])  # [B*(T-1), V]
+                shift_labels = labels[:, 1:].reshape(-1)  # [B*(T-1)]
             loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
             total += torch.tensor([float(loss), float((shift_labels != -100).sum())], dtype=torch.float64)
     finally:

@@ -255,6 +255,10 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas must be two numbers, got {t.betas}")
+    if "synthetic" in run.data:  # a generated task instead of text sources: checked here, so --print-config too
+        from launch.synthetic import synthetic_config
+
+        synthetic_config(run.data)
 
 
 def model_config_from_run(run: RunConfig):

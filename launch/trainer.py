@@ -31,8 +31,13 @@ from launch.checkpoint import (
 from launch.config import ConfigError, RunConfig, model_config_from_run
 from launch.distributed import DistInfo, all_ranks_true, barrier, init_distributed
 from launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
+from launch.synthetic import synthetic_run
+from launch.synthetic import write_report as write_synthetic_report
 
 logger = logging.getLogger("seedlm.train")
+# batch keys handed to the model: labels are shifted inside it unless the batch carries shift_labels
+# (synthetic tasks: targets aligned with the inputs)
+MODEL_INPUTS = ("input_ids", "labels", "shift_labels", "position_ids")
 
 
 def lr_lambda(train_cfg):
@@ -176,7 +181,9 @@ def train(run: RunConfig) -> dict:
 
     # --- configs and every check, before any compute
     model_config = model_config_from_run(run)
-    data_cfg = DataConfig.from_dict(run.data)
+    # data.synthetic: generated task batches with aligned targets and a vocabulary tokenizer (launch/synthetic.py)
+    synthetic = synthetic_run(run)
+    data_cfg = DataConfig.from_dict(synthetic.data_section(run.data) if synthetic else run.data)
     from launch.expert_parallel import validate_expert_parallel
 
     validate_expert_parallel(t.expert_parallel_size, dist.world_size, getattr(model_config, "num_experts", 0),
@@ -189,18 +196,26 @@ def train(run: RunConfig) -> dict:
         resume_from = Path(t.resume)
         if not resume_from.is_dir():
             raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint folder")
+    if synthetic is not None:
+        synthetic.check_run(run, output_dir / "tokenizer")
     if t.eval_tasks:  # a misspelt or malformed task fails now, not at the first eval_interval
         from eval.tasks import resolve_tasks
 
         resolve_tasks(t.eval_tasks, None)
-    tokenizer, tok_dir = prepare_tokenizer(run, data_cfg, dist, output_dir)
+    if synthetic is not None:
+        tokenizer, tok_dir = synthetic.prepare_tokenizer(output_dir, dist.is_main)
+    else:
+        tokenizer, tok_dir = prepare_tokenizer(run, data_cfg, dist, output_dir)
     check_vocab_fits(tokenizer, model_config.vocab_size)
     data_cfg.tokenizer = str(tok_dir)
     if dist.is_main:
         resolved = run.to_dict()
         resolved["tokenizer"]["path"] = str(tok_dir)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    train_loader = build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size)
+    if synthetic is not None:
+        train_loader = synthetic.loader(data_cfg.micro_batch_size, dist.rank, dist.world_size)
+    else:
+        train_loader = build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size)
     if resume_from is not None:
         import json
 
@@ -246,6 +261,8 @@ def train(run: RunConfig) -> dict:
         logger.info("resumed from %s at step %d", resume_from, step)
 
     def validation_loader():
+        if synthetic is not None:
+            return synthetic.loader(data_cfg.micro_batch_size, dist.rank, dist.world_size, split="validation")
         return build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size, split="validation")
 
     tokens_per_step = data_cfg.micro_batch_size * data_cfg.seq_len * t.grad_accum_steps * dist.world_size
@@ -278,7 +295,7 @@ def train(run: RunConfig) -> dict:
         counts = None
         for _ in range(t.grad_accum_steps):
             batch = next(batches)
-            out = engine(**{k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids")})
+            out = engine(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
             # global-batch balancing: expert counts summed over all ranks before the balancing loss is formed
             loss = loss_with_global_balancing(out, model_config)
             finite = all_ranks_true(bool(torch.isfinite(loss).item()))
@@ -354,6 +371,8 @@ def train(run: RunConfig) -> dict:
             if t.eval_tasks:  # every rank takes part: the harness splits the requests and gathers the results
                 results = evaluate(engine.module, tokenizer, t.eval_tasks, limit=t.eval_limit, show_progress=False)
                 eval_record.update(flat_metrics(results))
+            if synthetic is not None:
+                eval_record.update(synthetic.accuracy(engine.module))
             metrics.log(eval_record)
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_record.items() if k != "step"))
 
@@ -376,6 +395,13 @@ def train(run: RunConfig) -> dict:
 
     if progress is not None:
         progress.close()
+    synthetic_report = None
+    if synthetic is not None and stop_reason == "max_steps":  # accuracy on every held-out sequence, CPU time
+        synthetic_report = synthetic.final_report(engine.module, step)
+        metrics.log(synthetic_report)
+        if dist.is_main:
+            write_synthetic_report(output_dir, synthetic_report)
+            logger.info(synthetic.summary_line(synthetic_report))
     metrics.close()
     curve = None
     if dist.is_main:
@@ -390,4 +416,5 @@ def train(run: RunConfig) -> dict:
     return {"export": export_report, "step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
             "stop_reason": stop_reason,
             "last_checkpoint": str(last_saved) if last_saved else None, "loss_curve": str(curve) if curve else None,
-            "output_dir": str(output_dir), "rank": dist.rank}
+            "output_dir": str(output_dir), "rank": dist.rank,
+            "synthetic": synthetic.summary_line(synthetic_report) if synthetic_report else None}

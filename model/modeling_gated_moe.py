@@ -185,9 +185,15 @@ class GatedMoeModel(GatedMoePreTrainedModel):
         )
 
 
+# keyword arguments of transformers' causal-LM loss: they go to the loss only, never into the layers (where an
+# attention kernel could take them for its own)
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
 def causal_lm_output(config, loss_function, logits, labels, outputs, output_router_logits, **loss_kwargs):
-    """The causal-LM output of either family: LM loss (labels shifted inside) plus the weighted router losses
-    (means over MoE layers), the stacked expert counts and mean router probabilities, optional router logits."""
+    """The causal-LM output of either family: LM loss (labels shifted inside, or `shift_labels` taken as they
+    are) plus the weighted router losses (means over MoE layers), the stacked expert counts and mean router
+    probabilities, optional router logits."""
     routings = outputs.router_outputs
     aux_loss = z_loss = expert_counts = router_probs = None
     if routings:
@@ -196,6 +202,8 @@ def causal_lm_output(config, loss_function, logits, labels, outputs, output_rout
         aux_loss = load_balancing_loss(expert_counts, router_probs)
         z_loss = torch.stack([r.z_loss for r in routings]).mean()
     loss = None
+    if labels is None:
+        labels = loss_kwargs.get("shift_labels")  # aligned targets alone also ask for the loss
     if labels is not None:
         loss = loss_function(logits, labels, config.vocab_size, **loss_kwargs)
         if aux_loss is not None:
@@ -236,7 +244,10 @@ class CausalLMHeadMixin:
         **kwargs,
     ) -> GatedMoeCausalLMOutput:
         """labels [B, T] are the input ids (the shift happens inside); -100 marks positions not to predict.
-        `num_items_in_batch` in kwargs normalises the loss over a whole gradient-accumulation batch."""
+        `shift_labels` [B, T] in kwargs are targets already aligned with the logits (the loss at position t
+        is against shift_labels[t], no shift), e.g. the synthetic state-tracking tasks; `num_items_in_batch`
+        normalises the loss over a whole gradient-accumulation batch. These go to the loss, not the layers."""
+        loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -253,7 +264,7 @@ class CausalLMHeadMixin:
         logits = self.lm_head(hidden_states[:, keep, :])  # [B, T_keep, vocab]
 
         return causal_lm_output(
-            self.config, self.loss_function, logits, labels, outputs, output_router_logits, **kwargs
+            self.config, self.loss_function, logits, labels, outputs, output_router_logits, **loss_kwargs
         )
 
 

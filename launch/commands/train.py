@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if summary["rank"] == 0:
         print(f"finished at step {summary['step']} ({summary['stop_reason']}); run folder {summary['output_dir']}")
+        if summary.get("synthetic"):
+            print(summary["synthetic"])
         if summary.get("export"):
             print(summary["export"])
     return 0
