@@ -26,7 +26,7 @@ class DeltaProductConfig(PreTrainedConfig):
     """
 
     model_type = "seedlm_deltaproduct"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 1024

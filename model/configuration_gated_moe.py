@@ -69,7 +69,7 @@ class GatedMoeConfig(PreTrainedConfig):
     """
 
     model_type = "seedlm_gated_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 32000
     hidden_size: int = 1024

@@ -15,13 +15,13 @@ from torch import nn
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
 
 from .configuration_deltaproduct import DeltaProductConfig
 from .deltaproduct_layer import DeltaProductAttention, ShortConvolution
 from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP, causal_attention_mask, document_ids, is_packed
-from .modeling_gated_moe import CausalLMHeadMixin
+from .modeling_gated_moe import CACHE_NAME, CausalLMHeadMixin
 from .moe import MoeModelMixin, RouterOutput, SparseMoeBlock
 
 
@@ -80,11 +80,10 @@ class DeltaProductCache:
 
 
 @dataclass
-class DeltaProductModelOutput(ModelOutput):
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: DeltaProductCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    router_outputs: tuple[RouterOutput, ...] | None = None
+class DeltaProductModelOutput(BaseModelOutputWithPast):
+    """The cache field (`cache`, or `past_key_values` before transformers 5.24) holds a DeltaProductCache."""
+
+    router_outputs: tuple[RouterOutput, ...] | None = None  # one per MoE layer
 
 
 class DeltaProductBlock(GradientCheckpointingLayer):
@@ -138,7 +137,7 @@ class DeltaProductPreTrainedModel(MoeModelMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeltaProductBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -194,18 +193,20 @@ class DeltaProductModel(DeltaProductPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: DeltaProductCache | None = None,
+        cache: DeltaProductCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: DeltaProductCache | None = None,  # the name of `cache` before transformers 5.24
         **kwargs,
     ) -> DeltaProductModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embeddings(input_ids)  # [B, T, hidden]
         B, T, _ = inputs_embeds.shape
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past_seen)[None]  # [1, T]
 
@@ -214,10 +215,11 @@ class DeltaProductModel(DeltaProductPreTrainedModel):
         packed = is_packed(position_ids, attention_mask, past_seen)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if packed:
-            use_cache, past_key_values = False, None
-        if use_cache and past_key_values is None:
-            past_key_values = DeltaProductCache(self.config.num_hidden_layers)
-        cache = past_key_values if use_cache else None
+            use_cache = False
+        if not use_cache:
+            cache = None
+        elif cache is None:
+            cache = DeltaProductCache(self.config.num_hidden_layers)
 
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
@@ -252,7 +254,7 @@ class DeltaProductModel(DeltaProductPreTrainedModel):
 
         return DeltaProductModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
+            **{CACHE_NAME: cache},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             router_outputs=tuple(routings) if routings else None,
         )

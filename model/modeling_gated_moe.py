@@ -12,39 +12,34 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
 
 from .configuration_gated_moe import GatedMoeConfig
 from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP, causal_attention_mask
 from .moe import MoeModelMixin, RouterOutput, SparseMoeBlock, load_balancing_loss
 
+# transformers 5.24 renamed the generation cache from `past_key_values` to `cache` (model outputs, forward
+# arguments, generate()). Exported checkpoints run this file on either side of the rename, so the outputs
+# extend transformers' own output classes (whose field carries the installed name), the forwards accept
+# both names, and CACHE_NAME is the name the installed transformers uses.
+CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 @dataclass
-class GatedMoeModelOutput(ModelOutput):
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+class GatedMoeModelOutput(MoeModelOutputWithPast):
     router_outputs: tuple[RouterOutput, ...] | None = None  # one per MoE layer
 
 
 @dataclass
-class GatedMoeCausalLMOutput(ModelOutput):
+class GatedMoeCausalLMOutput(MoeCausalLMOutputWithPast):
     """loss includes router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss when labels are given.
     aux_loss and z_loss are unweighted means over MoE layers. expert_counts [L_moe, E] (no gradient) and
     router_probs [L_moe, E] let a trainer form the balancing loss over a larger batch."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     expert_counts: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
-    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 class GatedMoeDecoderLayer(GradientCheckpointingLayer):
@@ -65,10 +60,10 @@ class GatedMoeDecoderLayer(GradientCheckpointingLayer):
         else:
             self.mlp = SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, token_mask=None, past_key_values=None, **kw):
+    def forward(self, hidden_states, position_embeddings, attention_mask, token_mask=None, cache=None, **kw):
         # hidden_states [B, T, hidden] -> same shape, plus this layer's routing (None when dense)
         attn_out, attn_weights = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kw
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kw
         )
         hidden_states = hidden_states + attn_out
         ffn_in = self.post_attention_layernorm(hidden_states)
@@ -86,7 +81,7 @@ class GatedMoePreTrainedModel(MoeModelMixin, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["GatedMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -119,15 +114,17 @@ class GatedMoeModel(GatedMoePreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,  # the name of `cache` before transformers 5.24
         **kwargs,
     ) -> GatedMoeModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if output_attentions and self.config._attn_implementation != "eager":
@@ -137,10 +134,10 @@ class GatedMoeModel(GatedMoePreTrainedModel):
             )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # [B, T, hidden]
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_seen = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # [1, T]
@@ -164,7 +161,7 @@ class GatedMoeModel(GatedMoePreTrainedModel):
                 position_embeddings,
                 causal_mask,
                 token_mask,
-                past_key_values,
+                cache,
                 position_ids=position_ids,
                 **kwargs,
             )
@@ -178,7 +175,7 @@ class GatedMoeModel(GatedMoePreTrainedModel):
 
         return GatedMoeModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_NAME: cache if use_cache else None},
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             router_outputs=tuple(routings) if routings else None,
@@ -213,7 +210,7 @@ def causal_lm_output(config, loss_function, logits, labels, outputs, output_rout
     return GatedMoeCausalLMOutput(
         loss=loss,
         logits=logits,
-        past_key_values=outputs.past_key_values,
+        **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         hidden_states=outputs.hidden_states,
         attentions=getattr(outputs, "attentions", None),
         aux_loss=aux_loss,
@@ -233,7 +230,7 @@ class CausalLMHeadMixin:
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -241,6 +238,7 @@ class CausalLMHeadMixin:
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,  # the name of `cache` before transformers 5.24
         **kwargs,
     ) -> GatedMoeCausalLMOutput:
         """labels [B, T] are the input ids (the shift happens inside); -100 marks positions not to predict.
@@ -252,7 +250,7 @@ class CausalLMHeadMixin:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from model import DeltaProductConfig, DeltaProductForCausalLM
+from model.modeling_gated_moe import CACHE_NAME
 from tests.helpers import run_without_seedlm
 
 
@@ -111,11 +112,11 @@ def test_layer_matches_step_by_step_reference_forward_and_backward(overrides):
 
 def decode_in_steps(m, ids, prefill):
     out = m(ids[:, :prefill], use_cache=True)
-    logits, cache = [out.logits], out.past_key_values
+    logits, cache = [out.logits], getattr(out, CACHE_NAME)
     for t in range(prefill, ids.shape[1]):
-        out = m(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        out = m(ids[:, t : t + 1], cache=cache, use_cache=True)
         logits.append(out.logits)
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_NAME)
     return torch.cat(logits, dim=1)
 
 

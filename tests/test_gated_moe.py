@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import model
 from model import GatedMoeConfig, GatedMoeForCausalLM, load_balancing_loss, router_z_loss
+from model.modeling_gated_moe import CACHE_NAME
 from model.moe import grouped_linear
 from tests.helpers import run_without_seedlm
 from tests.reference_gated_moe import reference_forward
@@ -94,14 +95,16 @@ def test_grouped_linear_matches_per_group_matmul(dtype, in_features):
     torch.testing.assert_close(grouped_linear(x, w, torch.tensor(sizes)), per_group_reference(x, w, sizes))
 
 
-def test_incremental_decoding_gives_full_forward_logits():
+# transformers 5.24 renamed past_key_values to cache; exported models run on both sides of the rename
+@pytest.mark.parametrize("cache_arg", ["cache", "past_key_values"])
+def test_incremental_decoding_gives_full_forward_logits(cache_arg):
     m = make_model()
     ids = torch.randint(0, 97, (2, 12))
     full = m(ids, use_cache=False).logits
     steps, cache, start = [], None, 0
     for length in (5, 3, 1, 1, 2):  # prefill, a chunk with past (explicit mask), single tokens
-        out = m(ids[:, start : start + length], past_key_values=cache, use_cache=True)
-        cache, start = out.past_key_values, start + length
+        out = m(ids[:, start : start + length], **{cache_arg: cache}, use_cache=True)
+        cache, start = getattr(out, CACHE_NAME), start + length
         steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-10, atol=1e-10)
 
