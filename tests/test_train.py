@@ -276,3 +276,61 @@ def test_eval_tasks_run_with_the_held_out_loss(corpus_and_tokenizer, tmp_path, c
     assert seedlm(["train", *typo]) == 2
     assert "tiny_qaa" in capsys.readouterr().err
     assert not (tmp_path / "typo" / "checkpoints").exists()
+
+
+def worker_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of the training process with RANK=rank among the launcher's descendants (Linux /proc)."""
+    children = [launcher_pid]
+    while children:
+        pid = children.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            children += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if pid != launcher_pid and f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(corpus_and_tokenizer, tmp_path):
+    import signal
+    import time
+
+    from launch.checkpoint import find_resume_checkpoint
+
+    corpus, tok = corpus_and_tokenizer
+    run = tmp_path / "run"
+    args = run_args(corpus, tok, run, max_steps=400, save_interval=2, **{"train.eval_interval": 0})
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    from launch.distributed import free_port
+
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+         f"--master_port={free_port()}", "-m", "launch.cli", "train", *args],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while find_resume_checkpoint(run / "checkpoints") is None:  # training has saved once
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run never saved a checkpoint"
+            time.sleep(0.5)
+        rank1 = worker_pid(launcher.pid, rank=1)
+        assert rank1 is not None
+        os.kill(rank1, signal.SIGKILL)  # a rank dies mid-run (OOM killer, node failure)
+        _, log = launcher.communicate(timeout=240)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0, "the launcher must report a failed rank"
+    assert "FAILED" in log or "failed" in log
+    # whatever step the kill interrupted (a save included), `latest` names a complete checkpoint to resume from
+    latest = find_resume_checkpoint(run / "checkpoints")
+    assert latest is not None and latest.name == (run / "checkpoints" / "latest").read_text().strip()
+    saved_step = json.loads((latest / "trainer_state.json").read_text())["step"]
+    assert saved_step < 400
+    resumed = torchrun(run_args(corpus, tok, run, max_steps=saved_step + 2, save_interval=2,
+                                **{"train.eval_interval": 0}))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"at step {saved_step}" in resumed.stderr.split("resumed from")[1].splitlines()[0]
+    assert sorted(losses(run))[-2:] == [saved_step + 1, saved_step + 2]
