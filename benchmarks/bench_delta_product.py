@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,9 @@ _KERNELS = Path(__file__).resolve().parents[1] / "model" / "delta_product_kernel
 _spec = importlib.util.spec_from_file_location("delta_product_kernels", _KERNELS)
 kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernels)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.floors import chunk_delta_product_flops, floor_cells, matmul_peak_flops  # noqa: E402
 
 
 def load_transformers_reference():
@@ -76,7 +78,7 @@ def median_times(fns, inputs, do, repeats, warmup=None):
     return [statistics.median(ts) for ts in times]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096], help="T values")
@@ -95,85 +97,112 @@ def main(argv=None):
         args.seq_lens, args.householder, args.heads, args.head_dim = [64, 256], [1, 2], 2, 16
         args.repeats = args.recurrence_repeats = 1
         args.chunk_size = 32
+    return args
 
+
+def chunk_fn(n, chunk_size):
+    return lambda q, k, v, b, g: kernels.chunk_delta_product(
+        q, k, v, b, g, num_householder=n, chunk_size=chunk_size)[0]
+
+
+def recurrent_fn(n):
+    return lambda q, k, v, b, g: kernels.recurrent_delta_product(q, k, v, b, g, num_householder=n)[0]
+
+
+def measure(args) -> dict:
+    """Check the kernels agree, then time every (n_h, T) cell; progress goes to stderr."""
     torch.set_num_threads(args.threads)
     H, K = args.heads, args.head_dim
     tf_ref = load_transformers_reference()
-    chunk = lambda n: lambda q, k, v, b, g: kernels.chunk_delta_product(
-        q, k, v, b, g, num_householder=n, chunk_size=args.chunk_size)[0]
-    recur = lambda n: lambda q, k, v, b, g: kernels.recurrent_delta_product(q, k, v, b, g, num_householder=n)[0]
+    chunk = lambda n: chunk_fn(n, args.chunk_size)
     tf = lambda q, k, v, b, g: tf_ref(q, k, v, g, b, chunk_size=args.chunk_size, use_qk_l2norm_in_kernel=False)[0]
 
-    print(f"# DeltaProduct kernels, CPU fp32, forward + backward; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    print(f"B=1, H={H}, K=V={K}, chunk_size={args.chunk_size}, forget gate on, beta in [0, 2]; "
-          f"median of {args.repeats} (recurrence: {args.recurrence_repeats}) after one warmup\n")
-
     # correctness first: nothing is timed unless the kernels agree
+    checks = []
     for n in args.householder:
         inputs, _ = make_inputs(min(args.seq_lens), n, H, K, K, seed=1)
-        err = (chunk(n)(*inputs) - recur(n)(*inputs)).abs().max().item()
-        print(f"check n_h={n}: max |chunk - recurrence| = {err:.2e} (T={min(args.seq_lens)})")
+        err = (chunk(n)(*inputs) - recurrent_fn(n)(*inputs)).abs().max().item()
+        checks.append(f"n_h={n}: max |chunk - recurrence| = {err:.2e} (T={min(args.seq_lens)})")
         assert err < 1e-3, "chunk and recurrence disagree"
     if tf_ref is not None and 1 in args.householder:
         for T in args.seq_lens:
             inputs, _ = make_inputs(T, 1, H, K, K, seed=2)
             err = (chunk(1)(*inputs) - tf(*inputs)).abs().max().item()
-            print(f"check n_h=1: max |chunk - transformers| = {err:.2e} (T={T})")
+            checks.append(f"n_h=1: max |chunk - transformers| = {err:.2e} (T={T})")
             assert err < 1e-3, "chunk and transformers disagree: not the same computation"
-    print()
 
-    rows, chunk_times, tf_times = [], {}, {}
+    rows = []
     for n in args.householder:
         for T in args.seq_lens:
             inputs, do = make_inputs(T, n, H, K, K)
             fns = [chunk(n)] + ([tf] if n == 1 and tf_ref is not None else [])
             t_c, *t_tf = median_times(fns, inputs, do, args.repeats)
-            chunk_times[n, T] = t_c
-            t_tf = t_tf[0] if t_tf else None
-            if t_tf is not None:
-                tf_times[T] = t_tf
             t_r = None
             if T <= args.recurrence_max_len:  # warm up on a short input: a full-length warmup costs seconds
                 short = make_inputs(32, n, H, K, K)
-                t_r = median_times([recur(n)], inputs, do, args.recurrence_repeats, warmup=short)[0]
-            rows.append((n, T, t_c, t_r, t_tf))
+                t_r = median_times([recurrent_fn(n)], inputs, do, args.recurrence_repeats, warmup=short)[0]
+            flops = chunk_delta_product_flops(T, n, H, K, K, args.chunk_size)
+            rows.append({"n_h": n, "T": T, "chunk": t_c, "recurrence": t_r, "transformers": (t_tf or [None])[0],
+                         "flops": flops})
             print(f"  done n_h={n} T={T}", file=sys.stderr)
+    return {"args": vars(args), "checks": checks, "rows": rows, "torch": torch.__version__}
 
+
+def report(result: dict, peak_flops: float) -> str:
+    """Markdown: the setup, the checks, one row per (n_h, T) with the floor, linearity and the goals."""
+    a, rows = result["args"], result["rows"]
     ms = lambda t: f"{t * 1e3:.1f}" if t is not None else "skipped"
-    ratio = lambda a, b: f"{a / b:.1f}x" if a is not None and b is not None else "-"
-    print("| n_h | T | chunk (ms) | recurrence (ms) | chunk speedup vs recurrence | transformers chunk (ms) "
-          "| chunk speedup vs transformers |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for n, T, t_c, t_r, t_tf in rows:
-        tf_ms = ms(t_tf) if n == 1 else "-"
-        print(f"| {n} | {T} | {ms(t_c)} | {ms(t_r)} | {ratio(t_r, t_c)} | {tf_ms} | {ratio(t_tf, t_c)} |")
-    print()
-    if any(T > args.recurrence_max_len for T in args.seq_lens):
-        print(f"recurrence skipped for T > {args.recurrence_max_len} (seconds per call; linear in T anyway)")
+    ratio = lambda x, y: f"{x / y:.1f}x" if x is not None and y is not None else "-"
+    lines = [
+        f"Forward + backward, CPU fp32, {a['threads']} threads; B=1, H={a['heads']}, K=V={a['head_dim']}, "
+        f"chunk_size={a['chunk_size']}, forget gate on, beta in [0, 2]; median of {a['repeats']} (recurrence: "
+        f"{a['recurrence_repeats']}) after one warmup, chunk and transformers interleaved. Outputs checked "
+        "before timing: " + "; ".join(result["checks"]) + ". Floor: the chunk algorithm's matmul FLOPs "
+        "(benchmarks/floors.py) at the matmul peak.",
+        "",
+        "| n_h | T | chunk (ms) | recurrence (ms) | chunk speedup vs recurrence | transformers chunk (ms) "
+        "| chunk speedup vs transformers | floor (ms) | chunk % of peak |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        floor_ms, fraction = floor_cells(r["flops"], r["chunk"], peak_flops)
+        tf_ms = ms(r["transformers"]) if r["n_h"] == 1 else "-"
+        lines.append(f"| {r['n_h']} | {r['T']} | {ms(r['chunk'])} | {ms(r['recurrence'])} | "
+                     f"{ratio(r['recurrence'], r['chunk'])} | {tf_ms} | {ratio(r['transformers'], r['chunk'])} | "
+                     f"{floor_ms} | {fraction} |")
+    lines.append("")
+    if any(r["recurrence"] is None for r in rows):
+        lines += [f"Recurrence skipped for T > {a['recurrence_max_len']} (seconds per call; linear in T anyway).", ""]
 
     # linearity and the goals from the issue
-    lo, hi = (1024, 4096) if {1024, 4096} <= set(args.seq_lens) else (min(args.seq_lens), max(args.seq_lens))
-    growth = hi / lo
-    for n in args.householder:
-        r = chunk_times[n, hi] / chunk_times[n, lo]
-        print(f"linearity n_h={n}: time(T={hi}) / time(T={lo}) = {r:.2f} (x{growth:g} tokens)")
+    chunk_times = {(r["n_h"], r["T"]): r["chunk"] for r in rows}
+    tf_times = {r["T"]: r["transformers"] for r in rows if r["transformers"] is not None}
+    lo, hi = (1024, 4096) if {1024, 4096} <= set(a["seq_lens"]) else (min(a["seq_lens"]), max(a["seq_lens"]))
+    linear = [f"n_h={n} {chunk_times[n, hi] / chunk_times[n, lo]:.2f}" for n in a["householder"]]
     if len(tf_times) > 1:
-        print(f"linearity transformers: time(T={hi}) / time(T={lo}) = {tf_times[hi] / tf_times[lo]:.2f}")
-    if not args.smoke:
-        goals = []
-        if (2, 1024) in chunk_times and any(r[:2] == (2, 1024) and r[3] for r in rows):
-            t_r = next(r[3] for r in rows if r[:2] == (2, 1024))
-            goals.append(("chunk >= 10x recurrence at T=1024, n_h=2", t_r / chunk_times[2, 1024], 10.0))
-        if tf_times:
-            worst = min(tf_times[T] / chunk_times[1, T] for T in tf_times)
-            goals.append(("chunk >= 1.0x transformers at n_h=1 (worst T)", worst, 1.0))
-        worst_lin = max(chunk_times[n, hi] / chunk_times[n, lo] for n in args.householder)
-        goals.append((f"time({hi}) / time({lo}) <= 4.5 (worst n_h)", 4.5 / worst_lin, 1.0))
-        print()
-        for name, value, need in goals:
-            shown = f"{4.5 / value:.2f}" if name.startswith("time(") else f"{value:.2f}x"
-            print(f"goal {name}: {shown} -> {'met' if value >= need else 'MISSED'}")
+        linear.append(f"transformers {tf_times[hi] / tf_times[lo]:.2f}")
+    lines.append(f"Linearity, time(T={hi}) / time(T={lo}) for x{hi / lo:g} tokens: " + ", ".join(linear) + ".")
+    goals = []
+    recurrence_2_1024 = next((r["recurrence"] for r in rows if (r["n_h"], r["T"]) == (2, 1024)), None)
+    if recurrence_2_1024:
+        speedup = recurrence_2_1024 / chunk_times[2, 1024]
+        goals.append(f"chunk >= 10x recurrence at T=1024, n_h=2: {speedup:.1f}x, "
+                     f"{'met' if speedup >= 10 else 'MISSED'}")
+    if tf_times:
+        worst = min(tf_times[T] / chunk_times[1, T] for T in tf_times)
+        goals.append(f"chunk >= 1.0x transformers at n_h=1: {worst:.2f}x at the worst T, "
+                     f"{'met' if worst >= 1 else 'MISSED'}")
+    worst_lin = max(chunk_times[n, hi] / chunk_times[n, lo] for n in a["householder"])
+    goals.append(f"time({hi}) / time({lo}) <= 4.5: {worst_lin:.2f} at the worst n_h, "
+                 f"{'met' if worst_lin <= 4.5 else 'MISSED'}")
+    lines.append("Goals: " + "; ".join(goals) + ".")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(report(measure(args), matmul_peak_flops()))
 
 
 if __name__ == "__main__":

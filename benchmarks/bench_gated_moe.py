@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
+from benchmarks.floors import floor_cells, matmul_peak_flops, training_step_flops  # noqa: E402
 from launch.convert import gated_moe_from_qwen3_moe  # noqa: E402
 from model import GatedMoeConfig, GatedMoeForCausalLM  # noqa: E402
 
@@ -104,17 +105,10 @@ def time_interleaved(models: dict, batch: torch.Tensor, steps: int, warmup: int)
     return times
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def measure(args) -> dict:
+    """Build the models, check that the losses agree, time them interleaved; medians and FLOPs per model."""
     torch.set_num_threads(args.threads)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
-    tokens = batch.numel()
-    print(
-        f"# gated MoE training step (forward+backward), {args.dtype}, {args.threads} threads: hidden {args.hidden}, "
-        f"{args.layers} layers, {args.experts} experts top-{args.top_k}, expert FFN {args.expert_ffn}, "
-        f"{args.batch}x{args.seq} tokens"
-    )
-
     baselines = {impl: qwen3_moe(args, impl) for impl in ("eager", "grouped_mm")}
     ours = gated_moe_from_qwen3_moe(baselines["grouped_mm"]).train()
     with torch.no_grad():
@@ -129,23 +123,50 @@ def main(argv=None) -> int:
     models["seedlm gate=headwise"] = gated_variant(ours, "headwise")
     models["seedlm gate=elementwise"] = gated_variant(ours, "elementwise")
     times = time_interleaved(models, batch, args.steps, args.warmup)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    # the transformers models compute what gate=none computes (same weights); a gate adds q_proj rows
+    flops = {name: training_step_flops((ours if name.startswith("transformers") else net).config, *batch.shape)
+             for name, net in models.items()}
+    return {"args": vars(args), "median": {name: statistics.median(t) for name, t in times.items()},
+            "flops": flops, "loss": expected.item()}
 
+
+def report(result: dict, peak_flops: float) -> str:
+    """Markdown: the setup, one row per model (median ms, tokens/s, ratios, floor), the goals."""
+    a, median, flops = result["args"], result["median"], result["flops"]
+    tokens = a["batch"] * a["seq"]
     baseline_name = min((n for n in median if n.startswith("transformers")), key=median.get)
-    print(f"\nbaseline: {baseline_name}; same weights, LM losses equal ({expected.item():.4f})\n")
-    print("| model | ms / step (median) | tokens/s | speed vs baseline | step time vs gate=none |")
-    print("|---|---|---|---|---|")
+    lines = [
+        f"Training step (forward+backward with labels), {a['dtype']}, {a['threads']} threads: hidden {a['hidden']}, "
+        f"{a['layers']} layers, {a['heads']}/{a['kv_heads']} heads, {a['experts']} experts top-{a['top_k']}, "
+        f"expert FFN {a['expert_ffn']}, vocab {a['vocab']}, {a['batch']}x{a['seq']} tokens; median of {a['steps']} "
+        f"steps after {a['warmup']}, models interleaved. Baseline: {baseline_name}; same weights in all models, "
+        f"LM losses checked equal ({result['loss']:.4f}) before timing. Floor: the step's FLOPs (attention + "
+        "router + active experts + LM head, 3x forward) at the matmul peak.",
+        "",
+        "| model | ms / step (median) | tokens/s | speed vs baseline | step time vs gate=none | floor (ms) "
+        "| % of peak |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, seconds in median.items():
-        vs_base = median[baseline_name] / seconds
+        shown = f"{name}, baseline" if name == baseline_name else name
         vs_none = f"{seconds / median['seedlm gate=none']:.3f}x" if name.startswith("seedlm") else ""
-        print(f"| {name} | {1000 * seconds:.1f} | {tokens / seconds:,.0f} | {vs_base:.2f}x | {vs_none} |")
+        floor_ms, fraction = floor_cells(flops[name], seconds, peak_flops)
+        lines.append(f"| {shown} | {1000 * seconds:.1f} | {tokens / seconds:,.0f} | "
+                     f"{median[baseline_name] / seconds:.2f}x | {vs_none} | {floor_ms} | {fraction} |")
     headwise = median["seedlm gate=headwise"] / median["seedlm gate=none"] - 1
     elementwise = median["seedlm gate=elementwise"] / median["seedlm gate=none"] - 1
     speed = median[baseline_name] / median["seedlm gate=none"]
-    print(
-        f"\nours vs transformers: {speed:.2f}x (goal >= 1.0); gate overhead: headwise {100 * headwise:+.1f}% "
-        f"(goal <= 3%), elementwise {100 * elementwise:+.1f}% (goal <= 8%)"
-    )
+    met = lambda ok: "met" if ok else "MISSED"
+    lines += ["", f"Goals: ours vs transformers {speed:.2f}x (>= 1.0, {met(speed >= 1.0)}); gate overhead headwise "
+                  f"{100 * headwise:+.1f}% (<= 3%, {met(headwise <= 0.03)}), elementwise {100 * elementwise:+.1f}% "
+                  f"(<= 8%, {met(elementwise <= 0.08)})."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(report(measure(args), matmul_peak_flops()))
     return 0
 
 

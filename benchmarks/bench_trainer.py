@@ -57,21 +57,37 @@ def bare_loop_tokens_per_sec(preset: str, tok_dir: Path, data_args: dict, steps:
     return data_cfg.micro_batch_size * data_cfg.seq_len / statistics.median(times)
 
 
-def seedlm_train_tokens_per_sec(preset, tok_dir, data_args, steps, warmup, lr, zero_stage, workdir) -> float:
-    out = workdir / f"run_zero{zero_stage}"
+def seedlm_train_records(preset, tok_dir, data_args, max_steps, lr, workdir, name, nproc=1, overrides=()):
+    """Run `seedlm train` (under torchrun with `nproc` gloo ranks when nproc > 1); its metrics.jsonl records.
+
+    The machine's cores are split between the ranks (OMP_NUM_THREADS), so 1 and 2 ranks use the same cores.
+    """
+    from launch.distributed import free_port
+
+    out = workdir / name
     overrides = [
-        f"output_dir={out}", f"tokenizer.path={tok_dir}", f"max_steps={warmup + steps}", f"zero_stage={zero_stage}",
-        f"train.lr={lr}", "train.warmup_steps=0", "train.eval_interval=0", f"save_interval={warmup + steps}",
-        "train.progress_bar=false", "train.tensorboard=false", "train.peak_tflops=1.0", "resume=none",
-        f"model_overrides.vocab_size={data_args['vocab_size']}",
+        f"output_dir={out}", f"tokenizer.path={tok_dir}", f"max_steps={max_steps}", f"train.lr={lr}",
+        "train.warmup_steps=0", "train.eval_interval=0", f"save_interval={max_steps}", "train.progress_bar=false",
+        "train.tensorboard=false", "train.peak_tflops=1.0", "resume=none",
+        f"model_overrides.vocab_size={data_args['vocab_size']}", *overrides,
     ] + [f"data.{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in data_args.items()
          if k != "vocab_size"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "train", preset, *overrides], cwd=REPO, env=env,
+    launcher = [sys.executable]
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                     f"--master_port={free_port()}"]
+    result = subprocess.run([*launcher, "-m", "launch.cli", "train", preset, *overrides], cwd=REPO, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(result.stderr[-2000:])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        raise RuntimeError(f"seedlm train ({name}) failed:\n{result.stderr[-2000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def seedlm_train_tokens_per_sec(preset, tok_dir, data_args, steps, warmup, lr, zero_stage, workdir) -> float:
+    records = seedlm_train_records(preset, tok_dir, data_args, warmup + steps, lr, workdir, f"run_zero{zero_stage}",
+                                   overrides=[f"zero_stage={zero_stage}"])
     per_step = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][warmup:]
     return statistics.median(per_step)
 
@@ -115,14 +131,16 @@ def memory_worker(zero_stage: int, preset: str, vocab: int, out_dir: Path) -> No
     (out_dir / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **report}))
 
 
-def memory_by_stage(preset: str, vocab: int, stages=(0, 1, 2, 3)) -> dict[int, dict]:
+def memory_by_stage(preset: str, vocab: int, stages=(0, 1, 2, 3), nproc: int = 2) -> dict[int, dict]:
+    """Per-rank model-state bytes after one step on `nproc` gloo ranks, for each ZeRO stage (the larger rank)."""
     from launch.distributed import free_port
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     out = {}
     for stage in stages:
         with tempfile.TemporaryDirectory() as report_dir:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   "--master_addr=127.0.0.1",
                    f"--master_port={free_port()}", str(Path(__file__).resolve()), "--memory-worker", str(stage),
                    "--preset", preset, "--vocab", str(vocab), "--memory-out", report_dir]
             result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -133,7 +151,25 @@ def memory_by_stage(preset: str, vocab: int, stages=(0, 1, 2, 3)) -> dict[int, d
     return out
 
 
-def main(argv=None) -> int:
+def tiny_corpus_and_tokenizer(workdir: Path) -> tuple[Path, Path, int]:
+    """2000 documents of random words as JSONL and a 512-token BPE trained on them: (corpus, tokenizer, vocab)."""
+    from data_pipeline import train_tokenizer
+    from tests.helpers import WORDS
+
+    corpus = workdir / "docs.jsonl"
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(50, 400))) for _ in range(2000)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokenizer = train_tokenizer(docs, workdir / "tok", vocab_size=512, max_chars=None)
+    return corpus, workdir / "tok", len(tokenizer)
+
+
+def loader_args(corpus: Path, seq_len: int, micro_batch_size: int) -> dict:
+    return {"sources": [{"kind": "jsonl", "path": str(corpus)}], "seq_len": seq_len,
+            "micro_batch_size": micro_batch_size, "num_workers": 1, "shuffle_buffer": 64}
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gated_moe_tiny", help="model preset (configs/models)")
     p.add_argument("--steps", type=int, default=30)
@@ -145,52 +181,79 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=4096, help=argparse.SUPPRESS)
     p.add_argument("--memory-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.memory_worker is not None:
-        memory_worker(args.memory_worker, args.preset, args.vocab, args.memory_out)
-        return 0
     if args.smoke:
         args.steps, args.warmup, args.seq_len, args.micro_batch_size = 3, 1, 64, 2
+    return args
 
+
+def measure(args) -> dict:
+    """Bare loop and `seedlm train` ZeRO 0/1 tokens/s, per-rank memory of ZeRO 0-3, and the step's FLOPs."""
     import torch
 
-    from data_pipeline import train_tokenizer
-    from tests.helpers import WORDS
+    from benchmarks.floors import training_step_flops
+    from launch.presets import load_model_config
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        corpus = workdir / "docs.jsonl"
-        rng = random.Random(0)
-        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(50, 400))) for _ in range(2000)]
-        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-        tokenizer = train_tokenizer(docs, workdir / "tok", vocab_size=512, max_chars=None)
-        data_args = {"sources": [{"kind": "jsonl", "path": str(corpus)}], "seq_len": args.seq_len,
-                     "micro_batch_size": args.micro_batch_size, "num_workers": 1, "shuffle_buffer": 64}
-        vocab = len(tokenizer)
-        bare = bare_loop_tokens_per_sec(args.preset, workdir / "tok", data_args, args.steps, args.warmup, 1e-3)
-        ours = {stage: seedlm_train_tokens_per_sec(args.preset, workdir / "tok", {**data_args, "vocab_size": vocab},
+        corpus, tok_dir, vocab = tiny_corpus_and_tokenizer(workdir)
+        data_args = loader_args(corpus, args.seq_len, args.micro_batch_size)
+        bare = bare_loop_tokens_per_sec(args.preset, tok_dir, data_args, args.steps, args.warmup, 1e-3)
+        ours = {stage: seedlm_train_tokens_per_sec(args.preset, tok_dir, {**data_args, "vocab_size": vocab},
                                                    args.steps, args.warmup, 1e-3, stage, workdir) for stage in (0, 1)}
-        memory = memory_by_stage(args.preset, vocab)
+        memory = memory_by_stage(args.preset, vocab, stages=(0, 3) if args.smoke else (0, 1, 2, 3))
+    flops = training_step_flops(load_model_config(args.preset, vocab_size=vocab), args.micro_batch_size, args.seq_len)
+    return {"args": vars(args), "threads": torch.get_num_threads(), "bare": bare, "ours": ours, "memory": memory,
+            "flops": flops}
 
-    print(f"# seedlm train vs a bare PyTorch loop: {args.preset}, {args.micro_batch_size}x{args.seq_len} tokens, "
-          f"AdamW, one process, {torch.get_num_threads()} threads; median over {args.steps} steps\n")
-    print("| loop | tokens/s | vs bare loop |")
-    print("|---|---:|---:|")
-    print(f"| bare PyTorch loop | {bare:,.0f} | 1.00x |")
+
+def report(result: dict, peak_flops: float) -> str:
+    """Markdown: the loops' tokens/s with the floor, then the per-rank memory of each ZeRO stage."""
+    from benchmarks.floors import floor_cells
+
+    a, bare, ours, memory = result["args"], result["bare"], result["ours"], result["memory"]
+    tokens = a["micro_batch_size"] * a["seq_len"]
+    lines = [
+        f"`seedlm train` against a bare PyTorch loop: preset {a['preset']}, {a['micro_batch_size']}x{a['seq_len']} "
+        f"batches from the same loader, AdamW, clipping; one process, {result['threads']} threads; median tokens/s "
+        f"over {a['steps']} steps after {a['warmup']} warm-up steps. % of peak: the step's forward + backward FLOPs "
+        "(AdamW not counted) at the matmul peak.",
+        "",
+        "| loop | tokens/s | vs bare loop | % of peak |",
+        "|---|---:|---:|---:|",
+        f"| bare PyTorch loop | {bare:,.0f} | 1.00x | {floor_cells(result['flops'], tokens / bare, peak_flops)[1]} |",
+    ]
     for stage, tps in ours.items():
-        print(f"| seedlm train, DeepSpeed ZeRO {stage} | {tps:,.0f} | {tps / bare:.2f}x |")
+        fraction = floor_cells(result["flops"], tokens / tps, peak_flops)[1]
+        lines.append(f"| seedlm train, DeepSpeed ZeRO {stage} | {tps:,.0f} | {tps / bare:.2f}x | {fraction} |")
     worst = min(ours.values()) / bare
-    print(f"\noverhead: {100 * (1 - worst):.1f}% at worst (goal <= 10%)\n")
-    print(f"# per-rank memory after one step, 2 gloo ranks, {args.preset} (MiB, the larger rank)\n")
-    print("| ZeRO stage | parameters | fp32 master copies | optimizer state | total | vs ZeRO 0 |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base_total = sum(v for k, v in memory[0].items() if k != "rank")
+    lines += ["", f"Goal: overhead <= 10%: {100 * (1 - worst):.1f}% at worst, {'met' if worst >= 0.9 else 'MISSED'}.",
+              "", f"Per-rank memory (MiB, the larger rank) of parameters, fp32 master copies and optimizer state "
+              f"after one step on 2 gloo ranks, {a['preset']}:", "",
+              "| ZeRO stage | parameters | fp32 master copies | optimizer state | total | vs ZeRO 0 |",
+              "|---|---:|---:|---:|---:|---:|"]
+    total = lambda r: sum(v for k, v in r.items() if k != "rank")
+    base_total = total(memory[0])
     for stage, r in memory.items():
-        total = sum(v for k, v in r.items() if k != "rank")
-        mib = [r["params"], r["fp32_masters"], r["optimizer_state"], total]
-        print(f"| {stage} | " + " | ".join(f"{v / 2**20:.2f}" for v in mib) + f" | {total / base_total:.2f}x |")
-    ratio = sum(v for k, v in memory[3].items() if k != "rank") / base_total
-    print(f"\nZeRO-3 / ZeRO-0: {ratio:.2f}x (goal <= 0.55x)")
+        mib = [r["params"], r["fp32_masters"], r["optimizer_state"], total(r)]
+        cells = " | ".join(f"{v / 2**20:.2f}" for v in mib)
+        lines.append(f"| {stage} | {cells} | {total(r) / base_total:.2f}x |")
+    ratio = total(memory[3]) / base_total
+    lines += ["", f"Goal: ZeRO-3 <= 0.55x ZeRO-0: {ratio:.2f}x, {'met' if ratio <= 0.55 else 'MISSED'}."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        memory_worker(args.memory_worker, args.preset, args.vocab, args.memory_out)
+        return 0
+    import torch
+
+    from benchmarks.floors import matmul_peak_flops
+
+    torch.set_num_threads(2)
+    print(report(measure(args), matmul_peak_flops()))
     return 0
 
 

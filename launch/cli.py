@@ -22,6 +22,7 @@ COMMANDS = [
     ("convert", "convert", "convert a transformers checkpoint (qwen3_moe) into a seedlm model folder"),
     ("tokenizer", "tokenizer", "train or inspect a sentencepiece tokenizer"),
     ("data", "data", "inspect the data pipeline: decode packed rows with document boundaries marked"),
+    ("bench", "bench", "run the CPU benchmarks beside their baselines and rewrite the README's result tables"),
 ]
 
 

@@ -1,30 +1,115 @@
-"""Each benchmark's --smoke mode runs and prints its table (never a time assertion: speed lives in benchmarks/)."""
+"""The benchmarks' smoke modes run and print their tables, and `seedlm bench` rewrites only the README's marked
+blocks (never a time assertion: speed lives in benchmarks/)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from launch.commands.bench import NAMES, BenchError, check_blocks, rewrite_block
+
 REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+
+# the header of a table each benchmark prints
+TABLES = {
+    "gated_moe": "| seedlm gate=elementwise |",
+    "delta_product": "| n_h | T | chunk (ms) |",
+    "data_pipeline": "| pipeline (tokenise + pack) | tokens/s |",
+    "trainer": "| ZeRO stage | parameters |",
+    "scaling": "| run | tokens/s | tokens/s per rank |",
+}
+
+
+def seedlm_bench(*argv, timeout=600):
+    return subprocess.run([sys.executable, "-m", "launch.cli", "bench", *argv], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def outside_blocks(text: str) -> str:
+    """The text with each block's body removed (markers kept): what `seedlm bench` must leave byte for byte."""
+    for name in NAMES:
+        head, rest = text.split(f"<!-- bench:{name} -->", 1)
+        _, tail = rest.split(f"<!-- /bench:{name} -->", 1)
+        text = f"{head}<!-- bench:{name} --><!-- /bench:{name} -->{tail}"
+    return text
+
+
+def test_rewrite_block_replaces_only_the_body():
+    text = "intro\n<!-- bench:a -->\nold\ntable\n<!-- /bench:a -->\nkept  \n<!-- bench:b -->\nB\n<!-- /bench:b -->"
+    new = rewrite_block(text, "a", "\n| new |\n")
+    assert new == "intro\n<!-- bench:a -->\n| new |\n<!-- /bench:a -->\nkept  \n<!-- bench:b -->\nB\n<!-- /bench:b -->"
+    assert rewrite_block(new, "a", "| new |") == new  # idempotent
 
 
 @pytest.mark.parametrize(
-    "script, expected",
+    "text, message",
     [
-        ("bench_gated_moe.py", "| seedlm gate=elementwise |"),
-        ("bench_delta_product.py", "| n_h | T | chunk (ms) |"),
-        ("bench_data_pipeline.py", "| pipeline (tokenise + pack) | tokens/s |"),
-        ("bench_trainer.py", "| ZeRO stage | parameters |"),
+        ("no markers", "no block for 'a': add the lines <!-- bench:a --> and <!-- /bench:a -->"),
+        ("<!-- bench:a -->\nx", "exactly one <!-- bench:a --> and one <!-- /bench:a --> (found 1 and 0)"),
+        ("<!-- bench:a -->x<!-- /bench:a --><!-- bench:a -->", "(found 2 and 1)"),
+        ("<!-- /bench:a -->x<!-- bench:a -->", "<!-- /bench:a --> comes before <!-- bench:a -->"),
     ],
 )
-def test_benchmark_smoke_mode_prints_its_table(script, expected):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke"], cwd=REPO, env=env,
+def test_malformed_blocks_are_refused_with_a_message(text, message):
+    with pytest.raises(BenchError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_blocks(text, ["a"], "README.md")
+
+
+def test_the_readme_has_every_block():
+    check_blocks((REPO / "README.md").read_text(), NAMES, "README.md")
+
+
+def test_user_mistakes_stop_before_anything_is_measured(tmp_path):
+    result = seedlm_bench("--only", "gated_moee")
+    assert result.returncode == 2 and "invalid choice: 'gated_moee'" in result.stderr
+    result = seedlm_bench("--readme", str(tmp_path / "missing.md"))
+    assert result.returncode == 2 and "missing.md: no such file" in result.stderr
+    readme = tmp_path / "README.md"
+    readme.write_text("# notes\n<!-- bench:gated_moe -->\n<!-- /bench:gated_moe -->\n")
+    result = seedlm_bench("--only", "gated_moe", "delta_product", "--readme", str(readme))
+    assert result.returncode == 2
+    assert "no block for 'delta_product': add the lines <!-- bench:delta_product -->" in result.stderr
+    assert "measuring" not in result.stderr
+
+
+def test_seedlm_bench_smoke_prints_tables_and_writes_nothing():
+    before = (REPO / "README.md").read_bytes()
+    result = seedlm_bench("--smoke", "--only", "gated_moe")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TABLES["gated_moe"] in result.stdout and "| floor (ms) |" in result.stdout
+    assert "[1/1] gated_moe: done" in result.stderr  # the progress display
+    assert (REPO / "README.md").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_seedlm_bench_smoke_rewrites_only_the_marked_blocks_of_a_readme_copy(tmp_path):
+    readme = tmp_path / "README.md"
+    shutil.copy(REPO / "README.md", readme)
+    readme.write_text(readme.read_text() + "\n### Someone's own subsection\n\ntrailing text  \n")
+    before = readme.read_text()
+    result = seedlm_bench("--smoke", "--readme", str(readme))
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = readme.read_text()
+    assert outside_blocks(after) == outside_blocks(before)
+    for name in NAMES:
+        assert TABLES[name] in result.stdout
+        body = after.split(f"<!-- bench:{name} -->", 1)[1].split(f"<!-- /bench:{name} -->", 1)[0]
+        assert TABLES[name] in body
+        assert f"`seedlm bench --smoke` (this block alone: `seedlm bench --only {name}`)" in body
+    assert (tmp_path / "benchmarks" / "results" / "scaling_seq_len.png").stat().st_size > 0
+    assert "![kernel time against sequence length, log-log](benchmarks/results/scaling_seq_len.png)" in after
+
+
+@pytest.mark.parametrize("script", ["bench_gated_moe.py", "bench_delta_product.py"])
+def test_a_benchmark_script_runs_alone(script):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke"], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert expected in result.stdout
+    assert TABLES[script.removeprefix("bench_").removesuffix(".py")] in result.stdout
 
 
 def test_cuda_check_says_it_needs_a_gpu_here():
