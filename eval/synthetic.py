@@ -91,8 +91,9 @@ def _is_even(perm: tuple[int, ...]) -> bool:
 # ---------------------------------------------------------------- token-level records
 
 
-def state_tracking_records(group: str, num: int, length: int, seed: int, token_offset: int = 0) -> list[dict]:
-    """`num` sequences of `length` uniformly random elements; targets = running products."""
+def state_tracking_records(group: str, num: int, length: int, seed: int | str, token_offset: int = 0) -> list[dict]:
+    """`num` sequences of `length` uniformly random elements; targets = running products. `seed` (an int or a
+    string such as "train/0/3") names the stream: the same arguments give the same records."""
     g = Group(group)
     rng = random.Random(f"state/{group}/{length}/{seed}")
     records = []

@@ -204,7 +204,9 @@ def resolve_config_path(config: str | Path) -> Path:
     candidate = REPO_ROOT / "configs" / f"{config}.yaml"
     if candidate.is_file():
         return candidate
-    known = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.yaml"))
+    configs = REPO_ROOT / "configs"
+    known = sorted(str(p.relative_to(configs).with_suffix("")) for p in configs.rglob("*.yaml")
+                   if p.parent.name != "models")
     close = difflib.get_close_matches(str(config), known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(f"config {config!r} is neither a file nor a preset in configs/{hint}; presets: {known}")

@@ -38,8 +38,11 @@ def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
     total, active = count_parameters(config)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    data = run_config.get("data", {}) or {}
     sources = [s if isinstance(s, str) else s.get("kind", "?") + ":" + str(s.get("path") or "")
-               for s in (run_config.get("data", {}) or {}).get("sources", ["stdlib"])]
+               for s in data.get("sources", ["stdlib"])]
+    if isinstance(data.get("synthetic"), dict):  # a generated task, not text (launch/synthetic.py)
+        sources = ["synthetic " + ", ".join(f"{k}={v}" for k, v in data["synthetic"].items())]
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if "eval_loss" in r and r["step"] <= state["step"]]
     train_losses = [r for r in records if "loss" in r and r["step"] <= state["step"]]
@@ -84,6 +87,10 @@ def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
     if evals:
         lines += ["", "## Evaluation", "", "| step | held-out loss |", "|---|---|"]
         lines += [f"| {r['step']} | {r['eval_loss']:.4f} |" for r in evals]
+    finals = [r for r in records if r.get("final") and r["step"] <= state["step"]]
+    if finals:  # a synthetic task's final accuracy on all its held-out sequences
+        lines += ["", f"Final evaluation at step {finals[-1]['step']}:", ""]
+        lines += [f"- {k}: {v:.4f}" for k, v in finals[-1].items() if k.startswith("eval/") and v is not None]
     lines += [
         "",
         "## How to load",

@@ -4,6 +4,7 @@ seedlm eval runs/x --tasks tiny_qa,tiny_text                     # shipped YAML 
 seedlm eval export/ --tasks my_task.yaml --include-path tasks/   # YAML paths / folders of YAML tasks
 seedlm eval runs/x --tasks parity,state_s5,mqar --limit 100      # synthetic tasks
 seedlm eval runs/x --list-tasks
+seedlm eval runs/state_tracking/s3_nh2_neg                       # a model trained on data.synthetic: no --tasks
 
 Writes the results as JSON (--output, default MODEL_DIR/eval_results.json) and a markdown table beside it
 (.md), and prints the table.
@@ -42,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
             for name in SYNTHETIC_TASKS:
                 print(f"{name}\t(synthetic)")
             return 0
+        synthetic = synthetic_meta(args.model_dir)
+        if synthetic is not None:
+            return run_synthetic(args, synthetic)
         if not args.tasks:
             print(f"{prog}: give --tasks NAME[,NAME...] (see --list-tasks)", file=sys.stderr)
             return 2
@@ -85,4 +89,58 @@ def run(args: argparse.Namespace) -> int:
     json_path, md_path = save_results(results, output, info)
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def synthetic_meta(model_dir) -> dict | None:
+    """The data.synthetic description saved in the model folder's tokenizer, None for a text model (or a
+    folder that does not resolve: the usual path reports that)."""
+    import json
+
+    from eval.harness import resolve_model_dir
+    from launch.synthetic import TOKENIZER_MARKER
+
+    try:
+        config = resolve_model_dir(model_dir) / "tokenizer_config.json"
+    except FileNotFoundError:
+        return None
+    if not config.is_file():
+        return None
+    meta = json.loads(config.read_text()).get(TOKENIZER_MARKER)
+    return meta if isinstance(meta, dict) else None
+
+
+def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
+    """A model trained on a synthetic task (its vocabulary is the task's tokens): the token accuracy at train
+    and test length on the task's own held-out sequences; text tasks do not apply to it."""
+    import dataclasses
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from eval.harness import load_model_dir, resolve_model_dir
+    from launch.synthetic import SyntheticConfig, SyntheticRun
+
+    prog = "seedlm eval"
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    cfg = SyntheticConfig(**{k: v for k, v in meta.items() if k in fields})
+    if args.tasks:
+        print(f"{prog}: {args.model_dir} was trained on data.synthetic ({cfg.describe()}): its vocabulary is the "
+              f"{cfg.group} elements, so text tasks such as {args.tasks!r} do not apply; run `seedlm eval "
+              f"{args.model_dir}` without --tasks for its accuracy on the task", file=sys.stderr)
+        return 2
+    if args.limit:
+        cfg.num_val, cfg.num_test = min(cfg.num_val, args.limit), min(cfg.num_test, args.limit)
+    cfg.eval_batch_size = args.batch_size
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_model_dir(resolve_model_dir(args.model_dir), device=device, dtype=args.dtype)
+    results = SyntheticRun(cfg).accuracy(model, final=True)
+    output = Path(args.output) if args.output else Path(args.model_dir) / "eval_results.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"synthetic": cfg.to_dict(), "results": results}, indent=1) + "\n")
+    for key, value in results.items():
+        print(f"{key}\t{value:.4f}" if value is not None else f"{key}\t-")
+    print(f"wrote {output}")
     return 0

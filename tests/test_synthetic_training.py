@@ -1,0 +1,200 @@
+"""Synthetic tasks as `seedlm train` data (data.synthetic, launch/synthetic.py): aligned-target batches, the
+unshifted loss through both model families, config mistakes, and short runs of the state-tracking presets."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval.harness import heldout_loss
+from eval.synthetic import IGNORE_INDEX, Group
+from launch.cli import main as seedlm
+from launch.config import ConfigError, load_run_config
+from launch.synthetic import SyntheticConfig, SyntheticLoader, synthetic_config, val_records
+from tests.test_eval_utils import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs" / "state_tracking").glob("*.yaml"))
+
+
+def test_training_batches_hold_the_running_products_aligned():
+    cfg = SyntheticConfig(group="S3", train_length=12, seed=5)
+    g = Group("S3")
+    batches = iter(SyntheticLoader(cfg, micro_batch_size=4, rank=0, world_size=2))
+    first, second = next(batches), next(batches)
+    assert set(first) == {"input_ids", "labels", "shift_labels", "position_ids"}
+    assert first["input_ids"].shape == (4, 12) and first["input_ids"].dtype == torch.long
+    assert torch.equal(first["labels"], first["shift_labels"])
+    for ids, targets in zip(first["input_ids"].tolist(), first["shift_labels"].tolist()):
+        assert targets == g.running_products(ids)  # targets[t] = e_1 ... e_t: aligned, no shift
+        assert max(ids + targets) < g.order
+    assert torch.equal(first["position_ids"][0], torch.arange(12))
+    assert not torch.equal(first["input_ids"], second["input_ids"])  # a fresh stream, batch after batch
+    other_rank = next(iter(SyntheticLoader(cfg, micro_batch_size=4, rank=1, world_size=2)))
+    assert not torch.equal(first["input_ids"], other_rank["input_ids"])
+
+
+def test_training_stream_resumes_exactly_and_refuses_another_setup():
+    from data_pipeline import DataError
+
+    cfg = SyntheticConfig(group="S4", train_length=8)
+    loader = SyntheticLoader(cfg, micro_batch_size=3, rank=0, world_size=1)
+    stream = iter(loader)
+    for _ in range(3):
+        next(stream)
+    state = loader.state_dict()  # taken after three batches
+    expected = next(stream)
+    resumed = SyntheticLoader(cfg, micro_batch_size=3, rank=0, world_size=1)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(iter(resumed))["input_ids"], expected["input_ids"])
+    with pytest.raises(DataError, match="micro_batch_size"):
+        SyntheticLoader(cfg, micro_batch_size=5, rank=0, world_size=1).load_state_dict(state)
+
+
+def test_validation_split_is_one_pass_shared_out_between_ranks():
+    cfg = SyntheticConfig(group="S3", train_length=6, num_val=10)
+    shares = [list(SyntheticLoader(cfg, 3, rank, 2, split="validation")) for rank in range(2)]
+    rows = [row for share in shares for batch in share for row in batch["input_ids"].tolist()]
+    assert sorted(rows) == sorted(r["input_ids"] for r in val_records(cfg))
+    train_rows = next(iter(SyntheticLoader(cfg, 10, 0, 1)))["input_ids"].tolist()
+    assert not set(map(tuple, train_rows)) & set(map(tuple, rows))
+
+
+@pytest.mark.parametrize("family", ["deltaproduct", "gated_moe"])
+def test_aligned_targets_give_the_unshifted_cross_entropy(family):
+    net = tiny_model(family, vocab_size=8, num_experts=0)
+    batch = next(iter(SyntheticLoader(SyntheticConfig(group="S3", train_length=10), 3, 0, 1)))
+    targets = batch["shift_labels"].clone()
+    targets[0, :4] = IGNORE_INDEX  # positions without a question are left out
+    seen = []
+    backbone_forward = net.model.forward
+
+    def spy(*args, **kwargs):  # what reaches the layers
+        seen.append(set(kwargs))
+        return backbone_forward(*args, **kwargs)
+
+    net.model.forward = spy
+    out = net(input_ids=batch["input_ids"], labels=targets, shift_labels=targets, num_items_in_batch=None)
+    logits = out.logits.float()  # [B, T, V]
+    by_hand = F.cross_entropy(logits.reshape(-1, 8), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    shifted = F.cross_entropy(logits[:, :-1].reshape(-1, 8), targets[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(out.loss, by_hand, atol=1e-6) and not torch.allclose(out.loss, shifted, atol=1e-3)
+    assert not seen[0] & {"shift_labels", "num_items_in_batch", "ignore_index"}
+    only_shift = net(input_ids=batch["input_ids"], shift_labels=targets).loss  # aligned targets alone ask too
+    assert torch.allclose(only_shift, by_hand, atol=1e-6)
+    # token-weighted sum over a gradient-accumulation batch: num_items_in_batch reaches the loss
+    summed = net(input_ids=batch["input_ids"], shift_labels=targets, num_items_in_batch=torch.tensor(1.0)).loss
+    assert torch.allclose(summed, by_hand * int((targets != IGNORE_INDEX).sum()), rtol=1e-5)
+    # the held-out loss reads the aligned targets the same way
+    held_out = heldout_loss(net, [{**batch, "labels": targets, "shift_labels": targets}])
+    assert held_out["loss"] == pytest.approx(float(by_hand.detach()), rel=1e-5)
+    assert held_out["tokens"] == int((targets != IGNORE_INDEX).sum())
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"synthetic": {"task": "state_tracking", "grup": "S3"}}, "data.synthetic.grup; did you mean 'group'"),
+    ({"synthetic": {"group": "S9"}}, "data.synthetic.group: S9: permutation groups of degree 2..6"),
+    ({"synthetic": {"task": "state_trakcing"}}, "did you mean 'state_tracking'"),
+    ({"synthetic": {"train_length": 0}}, "train_length must be >= 1"),
+    ({"synthetic": {"train_length": "long"}}, "data.synthetic.train_length must be int"),
+    ({"synthetic": "S3"}, "data.synthetic must be a mapping"),
+    ({"synthetic": {}, "sources": ["stdlib"]}, "data.sources has no meaning with data.synthetic"),
+    ({"synthetic": {"train_length": 64}, "seq_len": 128}, "data.seq_len=128 but data.synthetic.train_length=64"),
+])
+def test_synthetic_config_mistakes_name_the_fix(data, match):
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        synthetic_config(data)
+
+
+def test_config_mistakes_stop_seedlm_train_before_compute(tmp_path, capsys):
+    preset = str(PRESETS[0])
+    assert seedlm(["train", preset, "data.synthetic.grop=S4", f"output_dir={tmp_path / 'a'}"]) == 2
+    assert "unknown key data.synthetic.grop; did you mean 'group'" in capsys.readouterr().err
+    assert seedlm(["train", preset, "train.eval_tasks=[tiny_qa]", f"output_dir={tmp_path / 'b'}"]) == 2
+    assert "text tasks" in capsys.readouterr().err
+    assert seedlm(["train", preset, f"tokenizer.path={tmp_path}", f"output_dir={tmp_path / 'c'}"]) == 2
+    assert "cannot be used with data.synthetic" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_presets_are_the_three_rows_and_differ_only_in_the_row():
+    rows, rest = {}, []
+    for path in PRESETS:
+        run = load_run_config(path).to_dict()
+        cfg = synthetic_config(run["data"])
+        assert (cfg.group, cfg.train_length, cfg.test_length) == ("S3", 128, 512)
+        assert run["model"]["num_hidden_layers"] == 1 and run["model"]["model_type"] == "seedlm_deltaproduct"
+        rows[path.stem] = (run["model"].pop("num_householder"), run["model"].pop("allow_neg_eigval"))
+        assert run["train"].pop("output_dir") == f"runs/state_tracking/{path.stem}"
+        rest.append(run)
+    assert rows == {"s3_nh2_neg": (2, True), "s3_nh1_neg": (1, True), "s3_nh2_pos": (2, False)}
+    assert all(r == rest[0] for r in rest)  # same width, data, lr, steps and seed: only the row's fields differ
+
+
+def tiny_overrides(out: Path, **extra) -> list[str]:
+    args = {"output_dir": out, "max_steps": 4, "train.eval_interval": 2, "train.save_interval": 2,
+            "data.micro_batch_size": 4, "data.synthetic.num_val": 8, "data.synthetic.num_test": 6,
+            "data.synthetic.eval_sequences": 4, "train.peak_tflops": 1.0, "train.progress_bar": "false",
+            "train.tensorboard": "false", **extra}
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def read_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_seedlm_train_on_a_state_tracking_preset_logs_accuracy(tmp_path, capsys):
+    run = tmp_path / "run"
+    preset = next(p for p in PRESETS if p.stem == "s3_nh2_neg")
+    assert seedlm(["train", str(preset), *tiny_overrides(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "token accuracy" in printed and "at length 512 (6 sequences)" in printed and "CPU time" in printed
+    records = read_records(run)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for key in ("eval/state_s3/acc_len128", "eval/state_s3/acc_len512", "eval/state_s3/seq_acc_len512"):
+        assert 0.0 <= evals[0][key] <= 1.0, key
+    final = [r for r in records if r.get("final")]
+    assert len(final) == 1 and final[0]["step"] == 4 and final[0]["num_test"] == 6
+    assert 0.0 <= final[0]["eval/state_s3/acc_len512"] <= 1.0 and final[0]["cpu_time_s"] > 0
+    assert json.loads((run / "synthetic_results.json").read_text()) == final[0]
+    # no sentencepiece training: the vocabulary is the 6 elements of S3 and two specials
+    tok_files = {p.name for p in (run / "tokenizer").iterdir()}
+    assert "tokenizer.json" in tok_files and not any(name.endswith(".model") for name in tok_files)
+
+    # the checkpoint exports and loads as a plain HF folder; its tokenizer reads element names
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert seedlm(["export", str(run), str(tmp_path / "export")]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "export")
+    assert len(tokenizer) == 8 and tokenizer("012 102 999")["input_ids"] == [0, 2, tokenizer.unk_token_id]
+    net = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    assert net(torch.tensor([[0, 2, 3]])).logits.shape == (1, 3, 8)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "synthetic task=state_tracking" in card and "eval/state_s3/acc_len512" in card
+
+    # seedlm eval: the task's own accuracy without --tasks; text tasks are refused with the reason
+    capsys.readouterr()
+    assert seedlm(["eval", str(tmp_path / "export"), "--limit", "3"]) == 0
+    results = json.loads((tmp_path / "export" / "eval_results.json").read_text())["results"]
+    assert set(results) >= {"eval/state_s3/acc_len128", "eval/state_s3/acc_len512"}
+    assert seedlm(["eval", str(run), "--tasks", "tiny_qa"]) == 2
+    assert "text tasks such as 'tiny_qa' do not apply" in capsys.readouterr().err
+
+
+def test_synthetic_run_resumes_with_the_same_losses(tmp_path):
+    preset = next(p for p in PRESETS if p.stem == "s3_nh2_neg")
+    small = {"model_overrides.hidden_size": 32, "model_overrides.head_dim": 8, "model_overrides.intermediate_size": 64,
+             "train.eval_interval": 0}
+    assert seedlm(["train", str(preset), *tiny_overrides(tmp_path / "full", **small)]) == 0
+    assert seedlm(["train", str(preset), *tiny_overrides(tmp_path / "cut", **small, **{"train.stop_at_step": 2})]) == 0
+    assert not [r for r in read_records(tmp_path / "cut") if r.get("final")]  # no final report at an early stop
+    assert seedlm(["train", str(preset), *tiny_overrides(tmp_path / "cut", **small, resume="auto")]) == 0
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in read_records(run) if "loss" in r}
+
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), rel=1e-6)
