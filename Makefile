@@ -29,6 +29,9 @@ quickstart: install
 test: install
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/python -m pytest -q tests
 
+bench: install
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/seedlm bench
+
 lint: install
 	$(VENV)/bin/ruff check model data_pipeline launch eval tests benchmarks
 

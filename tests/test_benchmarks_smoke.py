@@ -89,11 +89,12 @@ def test_seedlm_bench_smoke_prints_tables_and_writes_nothing():
 def test_seedlm_bench_smoke_rewrites_only_the_marked_blocks_of_a_readme_copy(tmp_path):
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "README.md", readme)
-    readme.write_text(readme.read_text() + "\n### Someone's own subsection\n\ntrailing text  \n")
-    before = readme.read_text()
+    with readme.open("ab") as f:  # someone's own subsection, Windows line endings and trailing spaces included
+        f.write(b"\n### Someone's own subsection\r\n\r\ntrailing text  \r\n")
+    before = readme.read_bytes().decode()
     result = seedlm_bench("--smoke", "--readme", str(readme))
     assert result.returncode == 0, result.stderr[-3000:]
-    after = readme.read_text()
+    after = readme.read_bytes().decode()
     assert outside_blocks(after) == outside_blocks(before)
     for name in NAMES:
         assert TABLES[name] in result.stdout

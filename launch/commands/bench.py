@@ -61,14 +61,20 @@ def rewrite_block(text: str, name: str, content: str) -> str:
     return f"{head}{start}\n{content.strip(chr(10))}\n{end}{tail}"
 
 
+def read_exact(path: Path) -> str:
+    """The file's text with its line endings as they are (no newline translation), so writes keep its bytes."""
+    return path.read_bytes().decode("utf-8")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "benchmarks:\n" + "\n".join(f"  {name:14s} {what}" for name, _, what in BENCHMARKS)
     parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
                         help=f"run only these benchmarks (of: {', '.join(NAMES)})")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes, seconds per benchmark: prints the tables, writes nothing unless --readme")
-    parser.add_argument("--readme", type=Path, default=None,
+                        help="tiny sizes (a few minutes in all, mostly process start-ups): prints the tables, "
+                             "writes nothing unless --readme")
+    parser.add_argument("--readme", type=Path, default=None, metavar="PATH",
                         help="README whose bench blocks are rewritten (default: the checkout's README.md; "
                              "with --smoke: none)")
 
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         if readme is not None:  # fail before minutes of measurement, not after
             if not readme.is_file():
                 raise BenchError(f"--readme {readme}: no such file")
-            check_blocks(readme.read_text(), names, str(readme))
+            check_blocks(read_exact(readme), names, str(readme))
     except BenchError as err:
         print(f"seedlm bench: {err}", file=sys.stderr)
         return 2
@@ -106,13 +112,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"[seedlm bench] measuring the fp32 matmul peak ({command})", file=sys.stderr, flush=True)
     size = 512 if args.smoke else 2048
     peak = matmul_peak_flops(size=size)
-    machine = machine_summary(peak, size)
-    print(f"[seedlm bench] {machine}", file=sys.stderr, flush=True)
+    print(f"[seedlm bench] {machine_summary(peak, size)}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     for i, name in enumerate(names, 1):
         module_name, what = next((m, w) for n, m, w in BENCHMARKS if n == name)
         print(f"[{i}/{len(names)}] {name}: {what} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
+        machine = machine_summary(peak, size)  # the load average as this benchmark starts
         module = importlib.import_module(f"benchmarks.{module_name}")
         bench_args = module.parse_args(["--smoke"] if args.smoke else [])
         result = module.measure(bench_args)
@@ -129,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         note = ""
         if readme is not None:  # re-read: others may have edited the README while this ran
             try:
-                readme.write_text(rewrite_block(readme.read_text(), name, block))
+                readme.write_bytes(rewrite_block(read_exact(readme), name, block).encode("utf-8"))
             except BenchError as err:
                 print(f"seedlm bench: {err} (the README changed during the run)", file=sys.stderr)
                 return 2
