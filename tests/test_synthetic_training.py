@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.harness import heldout_loss
-from eval.synthetic import IGNORE_INDEX, Group
+from eval.synthetic import IGNORE_INDEX, Group, state_tracking_records
 from launch.cli import main as seedlm
 from launch.config import ConfigError, load_run_config
 from launch.synthetic import SyntheticConfig, SyntheticLoader, synthetic_config, val_records
@@ -198,3 +198,50 @@ def test_synthetic_run_resumes_with_the_same_losses(tmp_path):
         return {r["step"]: r["loss"] for r in read_records(run) if "loss" in r}
 
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"), rel=1e-6)
+
+
+def test_two_reflections_per_token_track_s3_over_512_tokens_in_the_kernel():
+    """The premise of the n_h = 2 row, checked on our kernel with hand-set weights: every S3 element is at
+    most two Householder reflections (beta = 2; a transposition is one, the second step has beta = 0) of
+    the permutation representation, and with values v = C^T k the delta rule moves S - C by the reflections
+    (S <- S - beta k k^T (S - C)), so S_t = C - P_t C names the running product, exactly, 512 tokens on."""
+    from model import chunk_delta_product
+
+    g = Group("S3")
+    eye = torch.eye(3, dtype=torch.float64)
+    mirrors = []
+    for i, j in ((0, 1), (0, 2), (1, 2)):
+        k = torch.zeros(3, dtype=torch.float64)
+        k[i], k[j] = 2**-0.5, -(2**-0.5)
+        mirrors.append(k)
+
+    def perm_matrix(p):  # acts on column vectors: the product a*b (apply a, then b) is M(b) @ M(a)
+        return torch.stack([eye[p[i]] for i in range(3)], dim=1)
+
+    steps = {}  # element -> ((k1, beta1), (k2, beta2)) with (I - b2 k2 k2^T)(I - b1 k1 k1^T) = M(element)
+    for e, p in enumerate(g.elements):
+        for k1 in mirrors:
+            for k2 in mirrors:
+                for b1, b2 in ((2.0, 2.0), (2.0, 0.0)):
+                    if torch.allclose((eye - b2 * torch.outer(k2, k2)) @ (eye - b1 * torch.outer(k1, k1)),
+                                      perm_matrix(p)):
+                        steps[e] = ((k1, b1), (k2, b2))
+    assert sorted(steps) == list(range(6))
+    records = state_tracking_records("S3", 4, 512, seed="kernel")
+    ids = torch.tensor([r["input_ids"] for r in records])  # [B, T]
+    B, T = ids.shape
+    k = torch.stack([torch.stack([torch.stack([s[0] for s in steps[int(e)]]) for e in row]) for row in ids])
+    beta = torch.tensor([[[s[1] for s in steps[int(e)]] for e in row] for row in ids])  # [B, T, 2]
+    C = torch.tensor([[1.0], [2.0], [4.0]], dtype=torch.float64)  # [K, V=1]: distinct coordinates
+    v = k @ C  # [B, T, 2, 1]
+    coords = []
+    for axis in range(3):  # read S[axis] with q = e_axis
+        q = eye[axis].expand(B, T, 1, 3).float()
+        o, _ = chunk_delta_product(q, k.reshape(B, 2 * T, 1, 3).float(), v.reshape(B, 2 * T, 1, 1).float(),
+                                   beta.reshape(B, 2 * T, 1).float(), scale=1.0, num_householder=2, chunk_size=64)
+        coords.append(o[:, :, 0, 0].double())
+    state = torch.stack(coords, dim=-1)  # [B, T, 3] in fp32 through the chunked kernel
+    codes = torch.stack([(C - perm_matrix(p) @ C)[:, 0] for p in g.elements])  # [6, 3]
+    decoded = ((state[..., None, :] - codes) ** 2).sum(-1).argmin(-1)  # nearest code per position
+    assert torch.equal(decoded, torch.tensor([r["targets"] for r in records]))
+    assert ((state[..., None, :] - codes) ** 2).sum(-1).min(-1).values.max() < 1e-6
