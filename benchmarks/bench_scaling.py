@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -69,7 +70,7 @@ def training_scaling(args) -> list[dict]:
                                            f"run{i}", nproc=nproc,
                                            overrides=["zero_stage=1", f"expert_parallel_size={ep}"])
             steps = [r for r in records if "tokens_per_sec" in r][args.warmup:]
-            tps = sorted(r["tokens_per_sec"] for r in steps)[len(steps) // 2]
+            tps = statistics.median(r["tokens_per_sec"] for r in steps)
             rss = max(r.get("memory_gib", 0.0) for r in steps)
             rows.append({"name": name, "ranks": nproc, "ep": ep, "tokens_per_sec": tps, "rss_gib": rss})
             print(f"  done training: {name}", file=sys.stderr)

@@ -50,6 +50,8 @@ def chunk_delta_product_flops(T: int, n_h: int, H: int, K: int, V: int, chunk_si
       Vn = U - W S0                  2 C K V
       S1 = decay S0 + Kd^T Vn        2 K C V
       o  = Aq Vn + Qd S0             2 Ct C V + 2 Ct K V
+    The solve's backward is another solve (right-hand-side gradient) and a lower-triangular product (the
+    gradient of A), about 2x its forward like the matmuls', so forward + backward is counted as 3x.
     """
     Ct = max(1, chunk_size // n_h)
     C = Ct * n_h

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.floors import causal_attention_flops, chunk_delta_product_flops
 from launch.commands.bench import NAMES, BenchError, check_blocks, rewrite_block
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +37,16 @@ def outside_blocks(text: str) -> str:
         _, tail = rest.split(f"<!-- /bench:{name} -->", 1)
         text = f"{head}<!-- bench:{name} --><!-- /bench:{name} -->{tail}"
     return text
+
+
+def test_floor_flop_counts():
+    # T=2, one chunk of 2 tokens, H=K=V=1: A 8 + Aq 8 + solve 8 + Vn 4 + S1 4 + o 8 + 4 = 44 forward, x3
+    assert chunk_delta_product_flops(2, 1, 1, 1, 1, chunk_size=2) == 3 * 44
+    # linear in T over whole chunks (the last chunk is padded), quadratic for attention
+    assert chunk_delta_product_flops(8192, 2, 4, 64, 64, 64) == 2 * chunk_delta_product_flops(4096, 2, 4, 64, 64, 64)
+    assert chunk_delta_product_flops(33, 1, 1, 8, 8, 32) == chunk_delta_product_flops(64, 1, 1, 8, 8, 32)
+    assert causal_attention_flops(2048, 4, 64) == 4 * causal_attention_flops(1024, 4, 64)
+    assert causal_attention_flops(10, 2, 8) == 3 * 2 * 2 * 10 * 10 * 8
 
 
 def test_rewrite_block_replaces_only_the_body():
