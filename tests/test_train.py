@@ -65,8 +65,10 @@ def test_single_process_run_writes_the_run_folder(corpus_and_tokenizer, tmp_path
                          ids=["zero2", "zero3", "zero1-ep2", "zero2-ep2"])  # ZeRO 1 alone: the resume test
 def test_two_ranks_train_under_each_zero_stage(corpus_and_tokenizer, tmp_path, zero_stage, ep):
     corpus, tok = corpus_and_tokenizer
+    # with expert parallelism the task evaluation's forwards are collectives too: they run in lockstep
+    tasks = {"train.eval_tasks": "[tiny_qa]", "train.eval_limit": 6} if ep > 1 and zero_stage == 2 else {}
     result = torchrun(run_args(corpus, tok, tmp_path / "run", zero_stage=zero_stage, expert_parallel_size=ep,
-                               max_steps=4, save_interval=4, **{"train.eval_interval": 2}))
+                               max_steps=4, save_interval=4, **{"train.eval_interval": 2, **tasks}))
     assert result.returncode == 0, result.stderr[-4000:]
     run_losses = losses(tmp_path / "run")
     assert sorted(run_losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(list(run_losses.values()))))
@@ -77,6 +79,17 @@ def test_two_ranks_train_under_each_zero_stage(corpus_and_tokenizer, tmp_path, z
 
     hf_state = load_file(checkpoint / "hf" / "model.safetensors")
     assert hf_state["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 8  # all experts, gathered
+    if tasks:  # the expert-parallel evaluation at step 4 equals one process evaluating the step-4 weights
+        from data_pipeline import load_tokenizer
+        from eval import evaluate, flat_metrics
+        from model import GatedMoeForCausalLM
+
+        logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        logged = next(r for r in logged if r["step"] == 4 and "eval/tiny_qa/acc" in r)
+        single = GatedMoeForCausalLM.from_pretrained(checkpoint / "hf").eval()
+        expected = flat_metrics(evaluate(single, load_tokenizer(tok), ["tiny_qa"], limit=6, show_progress=False))
+        for name, value in expected.items():
+            assert logged[name] == pytest.approx(value, abs=1e-6), name
     if ep == 1:  # the consolidated weights equal DeepSpeed's own consolidation of the ZeRO shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
