@@ -328,6 +328,8 @@ def train(run: RunConfig) -> dict:
             if engine.skipped_steps > ds_skipped or (grad_norm is not None and not math.isfinite(float(grad_norm))):
                 skipped_steps += 1
                 consecutive_nonfinite += 1
+                if engine.skipped_steps > ds_skipped:  # DeepSpeed skipped the scheduler too: keep it on `step`
+                    scheduler.step()
             else:
                 consecutive_nonfinite = 0
         step += 1

@@ -250,6 +250,12 @@ def test_non_finite_steps_are_skipped_then_the_run_saves_and_stops(corpus_and_to
     assert "3 non-finite steps in a row" in capfd.readouterr().err
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if "loss" in r] == [1, 2, 3]
+    # a skipped update still moves the lr schedule on: the lr stays the planned one for each step
+    from launch.trainer import lr_lambda
+
+    train_cfg = load_run_config(args[0], args[1:]).train
+    planned = [train_cfg.lr * lr_lambda(train_cfg)(step) for step in (1, 2, 3)]
+    assert [r["lr"] for r in records if "loss" in r] == pytest.approx(planned, rel=1e-9)
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     from safetensors.torch import load_file
 
