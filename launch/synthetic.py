@@ -47,7 +47,10 @@ STATE_FORMAT = "seedlm.synthetic.v1"
 class SyntheticConfig:
     task: str = "state_tracking"
     group: str = "S3"  # S3, S4, S5, A5, Z2 (parity), Zm (addition mod m)
-    train_length: int = 128  # length of every training sequence (= data.seq_len)
+    train_length: int = 128  # length of the training sequences (= data.seq_len), the longest trained on
+    # length curriculum: the first curriculum_steps optimizer steps train on sequences of curriculum_length
+    curriculum_length: int | None = None
+    curriculum_steps: int = 0
     test_length: int | None = None  # length of the test sequences; None = 4 x train_length
     num_val: int = 512  # validation sequences at train_length (held-out loss, in-distribution accuracy)
     num_test: int = 512  # test sequences at test_length
@@ -64,8 +67,14 @@ class SyntheticConfig:
         return f"state_{self.group.lower()}"
 
     def describe(self) -> str:
-        return f"synthetic {self.task} over {self.group}, train length {self.train_length}, test length " \
-               f"{self.test_length}"
+        curriculum = (f" (length {self.curriculum_length} for the first {self.curriculum_steps} steps)"
+                      if self.curriculum_length else "")
+        return f"synthetic {self.task} over {self.group}, train length {self.train_length}{curriculum}, test " \
+               f"length {self.test_length}"
+
+    def length_at(self, step: int) -> int:
+        """Training sequence length at optimizer step `step` (0-based)."""
+        return self.curriculum_length if self.curriculum_length and step < self.curriculum_steps else self.train_length
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,6 +115,14 @@ def synthetic_config(data: dict) -> SyntheticConfig | None:
     for key in ("train_length", "test_length", "num_val", "num_test", "eval_sequences", "eval_batch_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"data.synthetic.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.curriculum_length is not None and not 1 <= cfg.curriculum_length < cfg.train_length:
+        raise ConfigError(f"data.synthetic.curriculum_length={cfg.curriculum_length} must be between 1 and "
+                          f"train_length - 1 ({cfg.train_length - 1}): a curriculum trains on shorter sequences first")
+    if (cfg.curriculum_length is None) != (cfg.curriculum_steps == 0):
+        raise ConfigError("data.synthetic.curriculum_length and curriculum_steps go together: give both (the first "
+                          "curriculum_steps steps train on sequences of curriculum_length) or neither")
+    if cfg.curriculum_steps < 0:
+        raise ConfigError(f"data.synthetic.curriculum_steps must be >= 0, got {cfg.curriculum_steps}")
     seq_len = data.get("seq_len")
     if seq_len is not None and seq_len != cfg.train_length:
         raise ConfigError(f"data.seq_len={seq_len} but data.synthetic.train_length={cfg.train_length}: with synthetic "
@@ -214,20 +231,24 @@ class SyntheticLoader:
     """Batches of `micro_batch_size` sequences for one rank, with the data pipeline's loader interface
     (iteration, state_dict, load_state_dict, bad_record_counts).
 
-    split "train": endless; batch i is generated from the seed (cfg.seed, rank, i). split "validation":
-    one pass over this rank's share of the validation sequences."""
+    split "train": endless; batch i is generated from the seed (cfg.seed, rank, i), with the length of
+    optimizer step i // grad_accum_steps (see SyntheticConfig.length_at). split "validation": one pass
+    over this rank's share of the validation sequences (train_length)."""
 
-    def __init__(self, cfg: SyntheticConfig, micro_batch_size: int, rank: int, world_size: int, split: str = "train"):
+    def __init__(self, cfg: SyntheticConfig, micro_batch_size: int, rank: int, world_size: int, split: str = "train",
+                 grad_accum_steps: int = 1):
         if split not in ("train", "validation"):
             raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
         self.cfg, self.micro_batch_size, self.rank, self.world_size, self.split = (
             cfg, micro_batch_size, rank, world_size, split)
+        self.grad_accum_steps = grad_accum_steps
         self.taken = 0
 
     def meta(self) -> dict:
         return {"format": STATE_FORMAT, "task": self.cfg.task, "group": self.cfg.group, "seed": self.cfg.seed,
-                "train_length": self.cfg.train_length, "micro_batch_size": self.micro_batch_size,
-                "world_size": self.world_size}
+                "train_length": self.cfg.train_length, "curriculum_length": self.cfg.curriculum_length,
+                "curriculum_steps": self.cfg.curriculum_steps, "micro_batch_size": self.micro_batch_size,
+                "grad_accum_steps": self.grad_accum_steps, "world_size": self.world_size}
 
     def __iter__(self):
         if self.split == "validation":
@@ -238,8 +259,9 @@ class SyntheticLoader:
         while True:
             i = self.taken
             self.taken += 1  # before yielding: state_dict() after a batch is taken points past it
-            yield make_batch(_records(self.cfg, self.micro_batch_size, self.cfg.train_length,
-                                      f"train/{self.cfg.seed}/{self.rank}/{i}"))
+            length = self.cfg.length_at(i // self.grad_accum_steps)
+            seed = f"train/{self.cfg.seed}/{self.rank}/{i}"
+            yield make_batch(_records(self.cfg, self.micro_batch_size, length, seed))
 
     def state_dict(self) -> dict:
         return {**self.meta(), "batches_taken": self.taken}
@@ -278,8 +300,9 @@ class SyntheticRun:
     def prepare_tokenizer(self, output_dir: Path, is_main: bool):
         return prepare_tokenizer(self.cfg, output_dir, is_main)
 
-    def loader(self, micro_batch_size: int, rank: int, world_size: int, split: str = "train") -> SyntheticLoader:
-        return SyntheticLoader(self.cfg, micro_batch_size, rank, world_size, split)
+    def loader(self, micro_batch_size: int, rank: int, world_size: int, split: str = "train",
+               grad_accum_steps: int = 1) -> SyntheticLoader:
+        return SyntheticLoader(self.cfg, micro_batch_size, rank, world_size, split, grad_accum_steps)
 
     def accuracy(self, model, final: bool = False) -> dict:
         """Token accuracy (argmax at t == targets[t], over every position) at train and at test length, the

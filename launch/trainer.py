@@ -213,7 +213,8 @@ def train(run: RunConfig) -> dict:
         resolved["tokenizer"]["path"] = str(tok_dir)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     if synthetic is not None:
-        train_loader = synthetic.loader(data_cfg.micro_batch_size, dist.rank, dist.world_size)
+        train_loader = synthetic.loader(data_cfg.micro_batch_size, dist.rank, dist.world_size,
+                                        grad_accum_steps=t.grad_accum_steps)
     else:
         train_loader = build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size)
     if resume_from is not None:

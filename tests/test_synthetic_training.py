@@ -53,6 +53,14 @@ def test_training_stream_resumes_exactly_and_refuses_another_setup():
         SyntheticLoader(cfg, micro_batch_size=5, rank=0, world_size=1).load_state_dict(state)
 
 
+def test_length_curriculum_counts_optimizer_steps():
+    cfg = SyntheticConfig(group="S3", train_length=12, curriculum_length=4, curriculum_steps=2)
+    stream = iter(SyntheticLoader(cfg, micro_batch_size=2, rank=0, world_size=1, grad_accum_steps=3))
+    lengths = [next(stream)["input_ids"].shape[1] for _ in range(9)]
+    assert lengths == [4] * 6 + [12] * 3  # 2 steps of 3 micro-batches at length 4, then train_length
+    assert synthetic_config({"synthetic": {"curriculum_length": 4, "curriculum_steps": 2}}).length_at(2) == 128
+
+
 def test_validation_split_is_one_pass_shared_out_between_ranks():
     cfg = SyntheticConfig(group="S3", train_length=6, num_val=10)
     shares = [list(SyntheticLoader(cfg, 3, rank, 2, split="validation")) for rank in range(2)]
@@ -102,6 +110,8 @@ def test_aligned_targets_give_the_unshifted_cross_entropy(family):
     ({"synthetic": "S3"}, "data.synthetic must be a mapping"),
     ({"synthetic": {}, "sources": ["stdlib"]}, "data.sources has no meaning with data.synthetic"),
     ({"synthetic": {"train_length": 64}, "seq_len": 128}, "data.seq_len=128 but data.synthetic.train_length=64"),
+    ({"synthetic": {"curriculum_length": 16}}, "curriculum_length and curriculum_steps go together"),
+    ({"synthetic": {"curriculum_length": 256, "curriculum_steps": 5}}, "must be between 1 and train_length - 1"),
 ])
 def test_synthetic_config_mistakes_name_the_fix(data, match):
     with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(".", r"\.")):
