@@ -85,6 +85,7 @@ class TrainConfig:
     wandb_project: str | None = None
     activation_checkpointing: bool = False
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    cpu_threads: int | None = None  # torch intra-op threads per process; None keeps torch's default
     progress_bar: bool = True
     export_at_end: bool = False  # export to <output_dir>/export when training ends, then load it and sample
     sample_prompt: str | None = None  # text to continue with the exported model (needs export_at_end)
@@ -255,6 +256,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        raise ConfigError(f"train.cpu_threads must be >= 1 (or null for torch's default), got {t.cpu_threads}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas must be two numbers, got {t.betas}")
     if "synthetic" in run.data:  # a generated task instead of text sources: checked here, so --print-config too

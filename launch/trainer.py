@@ -174,6 +174,8 @@ def train(run: RunConfig) -> dict:
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {dist.rank}] %(levelname)s %(message)s", force=True)
     t = run.train
+    if t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
+        torch.set_num_threads(t.cpu_threads)
     output_dir = Path(t.output_dir)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
