@@ -60,6 +60,23 @@ def lr_lambda(train_cfg):
     return multiplier
 
 
+def trainer_clips_gradients(train_cfg) -> bool:
+    """fp32 without ZeRO: no DeepSpeed optimizer checks the gradient norm for inf/NaN, so the trainer clips
+    (one fused norm, torch's) and drops a non-finite update itself; DeepSpeed's own clipping is then off."""
+    return train_cfg.zero_stage == 0 and train_cfg.dtype != "bf16"
+
+
+def clip_gradients(module, max_norm: float) -> tuple[float, bool]:
+    """Clip the module's gradients to max_norm (0: no clipping); returns (norm, whether it is finite on
+    every rank). A non-finite norm leaves the gradients unclipped: the caller drops the update."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = all_ranks_true(bool(torch.isfinite(norm)))
+    if finite and max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm), finite
+
+
 def deepspeed_config(run: RunConfig, data_cfg) -> dict:
     t = run.train
     zero = {"stage": t.zero_stage}
@@ -68,7 +85,7 @@ def deepspeed_config(run: RunConfig, data_cfg) -> dict:
     return {
         "train_micro_batch_size_per_gpu": data_cfg.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
-        "gradient_clipping": t.grad_clip,
+        "gradient_clipping": 0.0 if trainer_clips_gradients(t) else t.grad_clip,
         "zero_optimization": zero,
         # check_grad_overflow: a non-finite gradient norm skips the update in bf16 too (fp32 ZeRO does it anyway)
         "bf16": {"enabled": t.dtype == "bf16", "check_grad_overflow": True},
@@ -251,6 +268,8 @@ def train(run: RunConfig) -> dict:
             config=deepspeed_config(run, data_cfg),
         )
     check_engine_expert_parallel(engine, ep_info)
+    if t.zero_stage == 0 and dist.world_size == 1:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies the gradients
     device = engine.device
 
     step, tokens_seen, skipped_steps = 0, 0, 0
@@ -312,13 +331,12 @@ def train(run: RunConfig) -> dict:
             else:
                 # No NaN may reach the weights: this micro-batch contributes a zero gradient instead.
                 engine.backward(sum((p * 0.0).sum() for p in engine.module.parameters() if p.requires_grad))
-        bad_grads = False
-        if finite_micro and t.zero_stage == 0:  # no ZeRO optimizer to catch a non-finite gradient norm here
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            bad_grads = not all_ranks_true(all(bool(torch.isfinite(g).all()) for g in grads))
+        bad_grads, grad_norm = False, None
+        if finite_micro and trainer_clips_gradients(t):
+            grad_norm, finite_norm = clip_gradients(engine.module, t.grad_clip)
+            bad_grads = not finite_norm
             if bad_grads:
-                for g in grads:
-                    g.zero_()
+                engine.module.zero_grad()
         if finite_micro == 0 or bad_grads:
             step_without_update(engine)
             skipped_steps += 1
@@ -326,7 +344,8 @@ def train(run: RunConfig) -> dict:
         else:
             ds_skipped = engine.skipped_steps
             engine.step()
-            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = engine.get_global_grad_norm()
             # DeepSpeed's ZeRO optimizers skip an update whose gradient norm is inf/NaN and count it
             if engine.skipped_steps > ds_skipped or (grad_norm is not None and not math.isfinite(float(grad_norm))):
                 skipped_steps += 1
@@ -350,7 +369,7 @@ def train(run: RunConfig) -> dict:
                 "step": step,
                 "loss": step_loss / max(finite_micro, 1),
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "grad_norm": float(grad_norm or 0.0),
                 "tokens_per_sec": tokens_per_sec,
                 "mfu": tokens_per_sec * flops_token / (peak * dist.world_size),
                 "tokens_seen": tokens_seen,

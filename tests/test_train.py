@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launch.cli import main as seedlm
-from launch.config import ConfigError, load_run_config
+from launch.config import ConfigError, load_run_config, model_config_from_run
 from tests.helpers import run_without_seedlm, tiny_run_overrides, write_tiny_corpus_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,3 +353,35 @@ def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(co
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"at step {saved_step}" in resumed.stderr.split("resumed from")[1].splitlines()[0]
     assert sorted(losses(run))[-2:] == [saved_step + 1, saved_step + 2]
+
+
+def test_zero0_run_equals_a_plain_pytorch_loop(corpus_and_tokenizer, tmp_path):
+    """DeepSpeed at ZeRO 0 (fp32, the trainer clipping itself) changes no number: the same model, batches,
+    AdamW groups, schedule and clipping in a plain loop give the same losses and gradient norms."""
+    from data_pipeline import DataConfig, build_dataloader, load_tokenizer
+    from launch.expert_parallel import optimizer_param_groups
+    from launch.trainer import build_model, lr_lambda
+
+    corpus, tok = corpus_and_tokenizer
+    args = run_args(corpus, tok, tmp_path / "run", max_steps=5, zero_stage=0,
+                    **{"train.eval_interval": 0, "train.grad_clip": 0.05})  # small enough to clip every step
+    assert seedlm(["train", *args]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    run = load_run_config(args[0], args[1:])
+    t, tokenizer = run.train, load_tokenizer(tok)
+    net = build_model(run, model_config_from_run(run), tokenizer).train()
+    opt = torch.optim.AdamW(optimizer_param_groups(net, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+    batches = iter(build_dataloader(DataConfig.from_dict({**run.data, "tokenizer": str(tok)}), tokenizer))
+    for record in records:
+        batch = next(batches)
+        loss = net(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), t.grad_clip)
+        opt.step()
+        schedule.step()
+        opt.zero_grad(set_to_none=True)
+        assert record["loss"] == pytest.approx(loss.item(), rel=1e-6), record["step"]
+        assert record["grad_norm"] == pytest.approx(norm.item(), rel=1e-5) and norm > t.grad_clip, record["step"]
+        assert record["lr"] == pytest.approx(schedule.get_last_lr()[0], rel=1e-9), record["step"]
