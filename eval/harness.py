@@ -53,9 +53,14 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
 
 
-def load_model_dir(path: str | Path, device: str | None = None, dtype: str | None = None, attn_implementation=None):
+def load_model_dir(path: str | Path, device: str | None = None, dtype: str | None = None, attn_implementation=None,
+                   device_map: str | dict | None = None, max_memory: dict | None = None):
     """(model, tokenizer) from an exported folder or a run folder's latest checkpoint, in eval mode.
-    seedlm's own families load through `import model`; other models through trust_remote_code."""
+    seedlm's own families load through `import model`; other models through trust_remote_code.
+
+    device_map ("auto", or {module name: device}) places a model too large for one device over the GPUs,
+    CPU memory and, past `max_memory`, disk (accelerate's big-model dispatch: each layer's weights move to
+    its device as it runs); `device` is then not used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import model as _seedlm_models  # noqa: F401 - registers seedlm_gated_moe and seedlm_deltaproduct
@@ -66,8 +71,12 @@ def load_model_dir(path: str | Path, device: str | None = None, dtype: str | Non
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        import tempfile
+
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=tempfile.mkdtemp(prefix="offload-"))
     net = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    if device:
+    if device and device_map is None:
         net = net.to(device)
     net.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -121,6 +121,13 @@ class CausalLM:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the model's device, or for a model dispatched with a device_map (accelerate),
+        the device of its first placed module (offloaded weights live on "meta"; inputs then stay on CPU)."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            first = next(iter(device_map.values()))
+            return torch.device("cuda", first) if isinstance(first, int) else torch.device(
+                first if first not in ("disk", "meta") else "cpu")
         return next(self.model.parameters()).device
 
     def _progress(self, total: int, desc: str):

@@ -213,3 +213,22 @@ def test_heldout_loss_is_the_token_weighted_next_token_loss():
     assert result["tokens"] == 3 * 2 * 9  # 11 predicted positions a row, 2 of them masked
     assert result["loss"] == pytest.approx(sum(per_batch) / 3, rel=1e-5)  # equal token counts per batch
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_cli_device_map_offload_gives_the_same_results(tmp_path, capsys):
+    # accelerate's big-model dispatch: with 300 KB of CPU memory allowed, most layers are offloaded to disk
+    # and loaded as they run; the numbers must not change
+    model_dir = saved_model_dir(tmp_path)
+    args = [str(model_dir), "--tasks", "tiny_qa,tiny_text", "--limit", "4", "--batch-size", "4"]
+    assert run_cli([*args, "--output", str(tmp_path / "plain.json")]) == 0
+    assert run_cli([*args, "--output", str(tmp_path / "offload.json"), "--device-map", "auto",
+                    "--max-memory", "cpu=300KB"]) == 0
+    plain, offload = (json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in ("plain", "offload"))
+    assert offload.keys() == plain.keys()
+    for task in plain:
+        assert offload[task] == pytest.approx(plain[task], rel=1e-6), task
+    capsys.readouterr()
+    assert run_cli([*args, "--max-memory", "cpu=1GB"]) == 2
+    assert "--max-memory needs --device-map" in capsys.readouterr().err
+    assert run_cli([*args, "--device-map", "auto", "--max-memory", "cpu:1GB"]) == 2
+    assert "'cpu:1GB' is not DEVICE=SIZE" in capsys.readouterr().err

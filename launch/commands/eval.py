@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="context length (default: from the config)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="'auto': place a model too large for one device over the GPUs, CPU memory and disk "
+                             "(accelerate's big-model dispatch); replaces --device")
+    parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                        help="with --device-map: memory per device, e.g. '0=70GiB,1=70GiB,cpu=200GiB' "
+                             "(what does not fit is offloaded to disk)")
     parser.add_argument("--list-tasks", action="store_true", help="list the known tasks and exit")
 
 
@@ -65,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_dir(folder, device=device, dtype=args.dtype)
+    try:
+        max_memory = parse_max_memory(args.max_memory, args.device_map)
+    except ValueError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    model, tokenizer = load_model_dir(folder, device=device, dtype=args.dtype, device_map=args.device_map,
+                                      max_memory=max_memory)
     try:
         results = evaluate(
             model,
@@ -90,6 +102,21 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def parse_max_memory(spec: str | None, device_map: str | None) -> dict | None:
+    """'0=70GiB,cpu=200GiB' -> {0: '70GiB', 'cpu': '200GiB'} (accelerate's max_memory; GPU indices as ints)."""
+    if spec is None:
+        return None
+    if device_map is None:
+        raise ValueError("--max-memory needs --device-map (e.g. --device-map auto)")
+    memory = {}
+    for item in spec.split(","):
+        device, sep, size = item.strip().partition("=")
+        if not sep or not device or not size:
+            raise ValueError(f"--max-memory: {item!r} is not DEVICE=SIZE (e.g. 0=70GiB or cpu=200GiB)")
+        memory[int(device) if device.isdigit() else device] = size
+    return memory
 
 
 def synthetic_meta(model_dir) -> dict | None:
