@@ -43,20 +43,22 @@ def chunk_delta_product_flops(T: int, n_h: int, H: int, K: int, V: int, chunk_si
     """Forward + backward FLOPs of model/delta_product_kernels.py's chunk_delta_product (torch path).
 
     A chunk holds Ct = chunk_size // n_h tokens, C = Ct * n_h interleaved Householder positions; per chunk
-    and head the forward does these matmuls (see _chunk_scan):
+    and head the forward does these matmuls (see _chunk_scan; keep this count in step with that code):
       A  = (beta K) K^T              2 C C K
       Aq = Q K^T                     2 Ct C K
-      X  = (I + tril(A))^-1 [.|.]    C C (V + K)   unit lower-triangular solve, C (V + K) right-hand sides
+      Tm = (I + tril(A))^-1          C C C       unit lower-triangular solve against the C x C identity
+      U, W = Tm [beta V | ...K]      2 C C (V + K)
       Vn = U - W S0                  2 C K V
       S1 = decay S0 + Kd^T Vn        2 K C V
       o  = Aq Vn + Qd S0             2 Ct C V + 2 Ct K V
-    The solve's backward is another solve (right-hand-side gradient) and a lower-triangular product (the
-    gradient of A), about 2x its forward like the matmuls', so forward + backward is counted as 3x.
+    The solve's backward is another solve and a triangular product, about 2x its forward like the matmuls',
+    so forward + backward is counted as 3x.
     """
     Ct = max(1, chunk_size // n_h)
     C = Ct * n_h
     chunks = -(-T // Ct)  # the last chunk is padded to Ct tokens
-    per_chunk = 2 * C * C * K + 2 * Ct * C * K + C * C * (V + K) + 4 * C * K * V + 2 * Ct * C * V + 2 * Ct * K * V
+    per_chunk = (2 * C * C * K + 2 * Ct * C * K + C**3 + 2 * C * C * (V + K) + 4 * C * K * V + 2 * Ct * C * V
+                 + 2 * Ct * K * V)
     return 3.0 * B * H * chunks * per_chunk
 
 

@@ -40,8 +40,8 @@ def outside_blocks(text: str) -> str:
 
 
 def test_floor_flop_counts():
-    # T=2, one chunk of 2 tokens, H=K=V=1: A 8 + Aq 8 + solve 8 + Vn 4 + S1 4 + o 8 + 4 = 44 forward, x3
-    assert chunk_delta_product_flops(2, 1, 1, 1, 1, chunk_size=2) == 3 * 44
+    # T=2, one chunk of 2 tokens, H=K=V=1: A 8 + Aq 8 + inverse 8 + U, W 16 + Vn 4 + S1 4 + o 8 + 4 = 60, x3
+    assert chunk_delta_product_flops(2, 1, 1, 1, 1, chunk_size=2) == 3 * 60
     # linear in T over whole chunks (the last chunk is padded), quadratic for attention
     assert chunk_delta_product_flops(8192, 2, 4, 64, 64, 64) == 2 * chunk_delta_product_flops(4096, 2, 4, 64, 64, 64)
     assert chunk_delta_product_flops(33, 1, 1, 8, 8, 32) == chunk_delta_product_flops(64, 1, 1, 8, 8, 32)
