@@ -14,6 +14,7 @@ Token level (training data for `seedlm train`, and exact accuracy of a model on 
   element token: the setup of the DeltaProduct paper (and Merrill et al.'s word problems). Because the
   targets are aligned with the inputs, train with transformers' unshifted loss:
   `model(input_ids=x, labels=y, shift_labels=y)` (a model's usual labels would be shifted by one).
+  `seedlm train` trains on these records directly: a run config's `data.synthetic` (launch/synthetic.py).
   Groups: S3, S4, S5 (all permutations), A5 (even permutations of 5), Z2 (parity), Zm (addition mod m).
   MQAR: `mqar_records` (key-value pairs, then queries; the target at a query key is its value).
 

@@ -10,6 +10,8 @@ product e_1 ... e_t, aligned with the input (no shift). The batches carry the ta
 and as `shift_labels`, so the model's loss (transformers' causal-LM loss) compares the logits at t
 with targets[t] instead of shifting by one. Training batches are drawn fresh: batch i of rank r is a
 pure function of (seed, rank, i), so the stream never repeats and a resumed run sees the same batches.
+An optional length curriculum (`curriculum_length`, `curriculum_steps`) trains the first steps on shorter
+sequences. (tokens_seen and tokens/s in the metrics count train_length tokens per sequence throughout.)
 
 The vocabulary is the group's elements (token id = element index) plus <pad> and <unk>: a word-level
 tokenizer is written into <output_dir>/tokenizer (no sentencepiece training) and saved with every
