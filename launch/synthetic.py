@@ -16,7 +16,7 @@ sequences. (tokens_seen and tokens/s in the metrics count train_length tokens pe
 The vocabulary is the group's elements (token id = element index) plus <pad> and <unk>: a word-level
 tokenizer is written into <output_dir>/tokenizer (no sentencepiece training) and saved with every
 checkpoint and export, with the task's description under `seedlm_synthetic` in tokenizer_config.json
-(`seedlm eval` reads it: see `is_synthetic_tokenizer`).
+(`seedlm eval` reads it: see launch/commands/eval.py).
 
 Evaluation: every eval_interval the held-out loss (on train-length validation sequences) and the
 token accuracy on the first `eval_sequences` sequences at train length and at test length; at the
@@ -179,12 +179,6 @@ def write_tokenizer(cfg: SyntheticConfig, out_dir: str | Path):
                                         **{TOKENIZER_MARKER: meta})
     tokenizer.save_pretrained(out_dir)
     return tokenizer
-
-
-def is_synthetic_tokenizer(tokenizer) -> dict | None:
-    """The task description saved by write_tokenizer, or None for an ordinary text tokenizer."""
-    meta = getattr(tokenizer, "init_kwargs", {}).get(TOKENIZER_MARKER)
-    return meta if isinstance(meta, dict) else None
 
 
 def prepare_tokenizer(cfg: SyntheticConfig, output_dir: Path, is_main: bool):
