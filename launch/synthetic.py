@@ -85,7 +85,7 @@ class SyntheticConfig:
 def synthetic_config(data: dict) -> SyntheticConfig | None:
     """The run's data.synthetic section checked and typed, or None when the run trains on text.
     Every mistake is a ConfigError naming the key and what is allowed."""
-    from launch.config import check_type, suggest
+    from launch.config import build_section
 
     if not isinstance(data, dict) or "synthetic" not in data:
         return None
@@ -97,13 +97,7 @@ def synthetic_config(data: dict) -> SyntheticConfig | None:
     if others:
         raise ConfigError(f"data.{others[0]} has no meaning with data.synthetic (the data is generated, not read); "
                           f"with data.synthetic the data section takes only {list(DATA_KEYS_ALLOWED)}")
-    fields = {f.name: f for f in dataclasses.fields(SyntheticConfig)}
-    values = {}
-    for key, value in section.items():
-        if key not in fields:
-            raise ConfigError(f"unknown key data.synthetic.{key}{suggest(key, fields)}")
-        values[key] = check_type(f"data.synthetic.{key}", value, fields[key].type)
-    cfg = SyntheticConfig(**values)
+    cfg = build_section(SyntheticConfig, section, "data.synthetic")  # unknown keys and wrong types, as everywhere
     if cfg.task not in TASKS:
         close = difflib.get_close_matches(str(cfg.task), TASKS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
