@@ -62,6 +62,9 @@ class TrainConfig:
     warmup_steps: int = 10
     schedule: str = "cosine"  # cosine | wsd | constant
     wsd_decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying at the end
+    # warm restarts: at each of these steps the schedule starts over (warmup, then decay until the next restart
+    # or max_steps), e.g. where a length curriculum switches to long sequences
+    lr_restarts: list[int] = field(default_factory=list)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -260,6 +263,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or null for torch's default), got {t.cpu_threads}")
     if len(t.betas) != 2:
         raise ConfigError(f"train.betas must be two numbers, got {t.betas}")
+    if t.lr_restarts != sorted(set(t.lr_restarts)) or any(not 0 < s < t.max_steps for s in t.lr_restarts):
+        raise ConfigError(f"train.lr_restarts={t.lr_restarts}: give increasing steps between 1 and "
+                          f"max_steps - 1 ({t.max_steps - 1}), each where the schedule starts over")
     if "synthetic" in run.data:  # a generated task instead of text sources: checked here, so --print-config too
         from launch.synthetic import synthetic_config
 

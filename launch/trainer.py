@@ -41,11 +41,16 @@ MODEL_INPUTS = ("input_ids", "labels", "shift_labels", "position_ids")
 
 
 def lr_lambda(train_cfg):
-    """Multiplier of the peak lr at a step: linear warmup, then cosine / WSD decay to min_lr_ratio, or constant."""
-    warmup, total, floor = train_cfg.warmup_steps, train_cfg.max_steps, train_cfg.min_lr_ratio
-    decay_start = total - int(train_cfg.wsd_decay_fraction * total)
+    """Multiplier of the peak lr at a step: linear warmup, then cosine / WSD decay to min_lr_ratio, or constant.
+    With train.lr_restarts the same shape runs again from each restart step to the next (or to max_steps)."""
+    warmup, floor = train_cfg.warmup_steps, train_cfg.min_lr_ratio
+    starts = [0, *train_cfg.lr_restarts]
+    ends = [*train_cfg.lr_restarts, train_cfg.max_steps]
 
-    def multiplier(step: int) -> float:
+    def multiplier(global_step: int) -> float:
+        segment = max(i for i, start in enumerate(starts) if start <= global_step)
+        step, total = global_step - starts[segment], ends[segment] - starts[segment]
+        decay_start = total - int(train_cfg.wsd_decay_fraction * total)
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if train_cfg.schedule == "constant":

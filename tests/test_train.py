@@ -209,11 +209,31 @@ def test_push_dry_run_lists_files_and_never_prints_the_token(corpus_and_tokenize
         (["train.max_steps=1e3"], "train.max_steps must be int"),
         (["train.schedule=linear"], "use one of"),
         (["noequals"], "is not KEY=VALUE"),
+        (["max_steps=100", "train.lr_restarts=[50,20]"], "increasing steps between 1 and max_steps - 1"),
+        (["max_steps=100", "train.lr_restarts=[100]"], "train.lr_restarts=\\[100\\]"),
     ],
 )
 def test_config_mistakes_name_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config("gated_moe_tiny", overrides)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_lr_schedule_shapes_and_warm_restarts(schedule):
+    from launch.trainer import lr_lambda
+
+    base = ["max_steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1", f"train.schedule={schedule}"]
+    plain = lr_lambda(load_run_config("gated_moe_tiny", base).train)
+    assert plain(0) == pytest.approx(1 / 11) and plain(10) == pytest.approx(1.0)  # linear warmup to the peak
+    assert plain(100) == pytest.approx(1.0 if schedule == "constant" else 0.1)  # decayed to the floor at the end
+    if schedule == "wsd":  # flat until the last 20%
+        assert plain(79) == 1.0 and plain(90) < 1.0
+    # a restart at 60: steps 60..99 follow a fresh 40-step schedule; steps before it a 60-step one
+    restarted = lr_lambda(load_run_config("gated_moe_tiny", [*base, "train.lr_restarts=[60]"]).train)
+    first = lr_lambda(load_run_config("gated_moe_tiny", [*base, "max_steps=60"]).train)
+    second = lr_lambda(load_run_config("gated_moe_tiny", [*base, "max_steps=40"]).train)
+    assert [restarted(s) for s in range(60)] == [first(s) for s in range(60)]
+    assert [restarted(s) for s in range(60, 100)] == [second(s) for s in range(40)]
 
 
 def test_numbers_in_exponent_notation_are_numbers(tmp_path):
