@@ -144,7 +144,9 @@ def test_presets_are_the_three_rows_and_differ_only_in_the_row():
 
 
 def tiny_overrides(out: Path, **extra) -> list[str]:
-    args = {"output_dir": out, "max_steps": 4, "train.eval_interval": 2, "train.save_interval": 2,
+    # the presets' lr restart (at the curriculum switch, step 1000) scaled to the 4-step run: resumes cross it
+    args = {"output_dir": out, "max_steps": 4, "train.lr_restarts": "[3]", "train.eval_interval": 2,
+            "train.save_interval": 2,
             "data.micro_batch_size": 4, "data.synthetic.num_val": 8, "data.synthetic.num_test": 6,
             "data.synthetic.eval_sequences": 4, "train.peak_tflops": 1.0, "train.progress_bar": "false",
             "train.tensorboard": "false", **extra}
