@@ -71,11 +71,18 @@ def load_model_dir(path: str | Path, device: str | None = None, dtype: str | Non
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    offload_folder = None
     if device_map is not None:
         import tempfile
 
-        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=tempfile.mkdtemp(prefix="offload-"))
+        offload_folder = tempfile.mkdtemp(prefix="seedlm-offload-")  # weights placed on "disk" are written here
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     net = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if offload_folder is not None:  # the offloaded copy lives as long as the model, not on in /tmp
+        import shutil
+        import weakref
+
+        weakref.finalize(net, shutil.rmtree, offload_folder, True)
     if device and device_map is None:
         net = net.to(device)
     net.eval()

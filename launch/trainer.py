@@ -10,6 +10,7 @@ Order of work, so that every user mistake surfaces before compute starts:
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import signal
@@ -48,7 +49,7 @@ def lr_lambda(train_cfg):
     ends = [*train_cfg.lr_restarts, train_cfg.max_steps]
 
     def multiplier(global_step: int) -> float:
-        segment = max(i for i, start in enumerate(starts) if start <= global_step)
+        segment = bisect.bisect_right(starts, global_step) - 1
         step, total = global_step - starts[segment], ends[segment] - starts[segment]
         decay_start = total - int(train_cfg.wsd_decay_fraction * total)
         if step < warmup:

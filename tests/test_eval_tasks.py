@@ -223,6 +223,12 @@ def test_cli_device_map_offload_gives_the_same_results(tmp_path, capsys):
     assert run_cli([*args, "--output", str(tmp_path / "plain.json")]) == 0
     assert run_cli([*args, "--output", str(tmp_path / "offload.json"), "--device-map", "auto",
                     "--max-memory", "cpu=300KB"]) == 0
+    import gc
+    import tempfile
+    from pathlib import Path
+
+    gc.collect()  # the offloaded weights are deleted with the model, not left in the temp folder
+    assert not list(Path(tempfile.gettempdir()).glob("seedlm-offload-*"))
     plain, offload = (json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in ("plain", "offload"))
     assert offload.keys() == plain.keys()
     for task in plain:

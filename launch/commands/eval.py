@@ -61,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
 
-    import torch
 
     from eval.harness import evaluate, load_model_dir, markdown_table, resolve_model_dir, save_results
 
@@ -70,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args)
     try:
         max_memory = parse_max_memory(args.max_memory, args.device_map)
     except ValueError as err:
@@ -102,6 +101,12 @@ def run(args: argparse.Namespace) -> int:
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def default_device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_max_memory(spec: str | None, device_map: str | None) -> dict | None:
@@ -145,8 +150,6 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
     import sys
     from pathlib import Path
 
-    import torch
-
     from eval.harness import load_model_dir, resolve_model_dir
     from launch.synthetic import SyntheticConfig, SyntheticRun
 
@@ -161,7 +164,7 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
     if args.limit:
         cfg.num_val, cfg.num_test = min(cfg.num_val, args.limit), min(cfg.num_test, args.limit)
     cfg.eval_batch_size = args.batch_size
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args)
     model, _ = load_model_dir(resolve_model_dir(args.model_dir), device=device, dtype=args.dtype)
     results = SyntheticRun(cfg).accuracy(model, final=True)
     output = Path(args.output) if args.output else Path(args.model_dir) / "eval_results.json"
