@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.distributed import barrier
+from launch.distributed import all_ranks_true, barrier
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,18 @@ class CheckpointError(ValueError):
 
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create the run folder and prove it writable now, rather than with a traceback at the first save."""
+    probe = output_dir / f".seedlm-write-test-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"train.output_dir={str(output_dir)!r} cannot be written ({err.strerror or err}); "
+                              "choose a folder you can write, e.g. output_dir=runs/NAME") from None
 
 
 def rng_state() -> dict:
@@ -85,6 +97,51 @@ def is_complete(folder: Path) -> tuple[bool, str]:
     return True, ""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a quota, a file-size limit); the previous one stays."""
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def write_failure_message(folder: Path, step: int, err: BaseException) -> str:
+    """What went wrong writing a checkpoint, how much room is left, and what to do. torch.save reports a full
+    disk as a bare C++ "iostream error", so free space below the previous checkpoint's size is named too."""
+    import errno
+
+    previous = find_resume_checkpoint(folder.parent)
+    try:
+        free = shutil.disk_usage(folder.parent).free
+    except OSError:
+        free = None
+    needed = checkpoint_bytes(previous) if previous else None
+    cause = str(err).strip()
+    if getattr(err, "errno", None) == errno.ENOSPC:
+        cause = "no space left on the device"
+    elif free is not None and needed is not None and free < needed:
+        cause = f"most likely no space left (a checkpoint takes {needed / 2**20:,.1f} MiB); the write said: {cause}"
+    room = f"{free / 2**20:,.1f} MiB free" if free is not None else "free space unknown"
+    kept = f"{previous.name} is still the latest checkpoint" if previous else "no earlier checkpoint exists"
+    return (f"could not write the checkpoint of step {step} into {folder.parent} ({room}): {cause}. "
+            f"The partial {folder.name} was removed and {kept}. Free some space (or lower train.keep_last, "
+            "or point train.output_dir at a larger filesystem), then run the same command again to resume.")
+
+
+def write_on_every_rank(write) -> BaseException | str | None:
+    """Run write() on this rank; None when it succeeded on every rank, else this rank's exception (or, on a
+    rank whose own write succeeded, a note that another rank failed). A full disk shows as OSError, or as
+    RuntimeError from torch.save's C++ stream ("basic_ios::clear: iostream error")."""
+    try:
+        write()
+        error = None
+    except (OSError, RuntimeError) as err:
+        error = err
+    if all_ranks_true(error is None):
+        return None
+    return error or "another rank could not write its part of the checkpoint; its message says why"
+
+
 def save_checkpoint(
     checkpoint_root: Path,
     step: int,
@@ -98,7 +155,8 @@ def save_checkpoint(
     """Write a checkpoint for `step` from every rank; returns the final folder.
 
     save_hf_folder(path) writes the consolidated HF folder; it is called on every rank (gathering may need
-    all of them) and must write files on rank 0 only."""
+    all of them) and must write files on rank 0 only. When any rank fails to write, every rank raises
+    CheckpointWriteError, the partial folder is removed and `latest` keeps naming the previous checkpoint."""
     final = checkpoint_root / step_dir_name(step)
     tmp = checkpoint_root / (step_dir_name(step) + ".tmp")
     if rank == 0:
@@ -107,11 +165,13 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # left over from an interrupted save
         tmp.mkdir()
     barrier()
-    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-    torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
-    save_hf_folder(tmp / "hf")
-    barrier()
-    if rank == 0:
+
+    def write_parts():
+        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+        torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
+        save_hf_folder(tmp / "hf")
+
+    def publish():  # rank 0, once every rank's files are in tmp
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
         write_manifest(tmp)
         if final.exists():  # a checkpoint of this very step from an earlier attempt
@@ -120,6 +180,18 @@ def save_checkpoint(
         latest_tmp = checkpoint_root / "latest.tmp"
         latest_tmp.write_text(final.name + "\n")
         os.replace(latest_tmp, checkpoint_root / "latest")
+
+    failure = write_on_every_rank(write_parts)
+    if failure is None:
+        failure = write_on_every_rank(publish if rank == 0 else lambda: None)
+    if failure is not None:
+        message = write_failure_message(tmp, step, failure) if isinstance(failure, BaseException) else failure
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (checkpoint_root / "latest.tmp").unlink(missing_ok=True)
+        barrier()
+        raise CheckpointWriteError(message)
+    if rank == 0:
         prune(checkpoint_root, keep_last)
         logger.info("saved checkpoint %s", final)
     barrier()

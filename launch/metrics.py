@@ -1,7 +1,9 @@
 """Training metrics: model FLOPs per token, MFU, and the sinks (metrics.jsonl, TensorBoard, W&B, a PNG).
 
 Only rank 0 writes. metrics.jsonl holds one JSON object per logged step with at least step, loss, lr and
-tokens_per_sec; the other sinks get the same numbers.
+tokens_per_sec; the other sinks get the same numbers. The file is only ever appended to: a resumed run first
+appends a row `{"step": N, "resumed_from_step": N, ...}`, and the steps after N that the interrupted attempt had
+logged are redone. `read_metrics` gives the run's history as it stands (the redone rows replace the old ones).
 """
 
 from __future__ import annotations
@@ -77,11 +79,20 @@ class MetricsLogger:
 
             self.wandb = wandb.init(project=wandb_project, dir=str(output_dir), config=config, resume="allow")
 
+    def append_row(self, record: dict) -> None:
+        if self.active:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_resume(self, step: int, checkpoint: Path) -> None:
+        """Mark a resume in metrics.jsonl (only there): the rows an earlier attempt logged after `step` are
+        void from here on, as read_metrics reads the file."""
+        self.append_row({"step": step, "resumed_from_step": step, "checkpoint": str(checkpoint)})
+
     def log(self, record: dict) -> None:
         if not self.active:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.append_row(record)
         step = record["step"]
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.tb is not None:
@@ -98,9 +109,19 @@ class MetricsLogger:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's rows as the run's history stands: at each resume row (resume_record), the rows of later
+    steps written before it are dropped, since the resumed run redid those steps. The resume rows are kept."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "resumed_from_step" in record:
+            records = [r for r in records if r["step"] <= record["resumed_from_step"]]
+        records.append(record)
+    return records
 
 
 def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path | None:
@@ -108,6 +129,7 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    resumes = [r["step"] for r in records if "resumed_from_step" in r]
     if not train:
         return None
     import matplotlib
@@ -119,6 +141,8 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
     ax.plot(*zip(*train), label="training loss", linewidth=1)
     if held_out:
         ax.plot(*zip(*held_out), "o-", label="held-out loss")
+    for i, step in enumerate(resumes):
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1, label="resumed" if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

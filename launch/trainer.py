@@ -25,6 +25,7 @@ from launch.checkpoint import (
     check_compatible,
     find_resume_checkpoint,
     load_checkpoint,
+    prepare_output_dir,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -153,15 +154,26 @@ def step_without_update(engine) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption, time limits): finish the current step, save, exit."""
+    """SIGTERM / SIGUSR1 (SLURM preemption, time limits) and Ctrl-C (SIGINT): finish the current step, save,
+    exit. A second Ctrl-C exits at once (KeyboardInterrupt), losing the steps since the last checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before (train() may run inside a longer-lived process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C interrupts at once
+            logger.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting "
+                           "(Ctrl-C again to exit now without saving)")
 
 
 def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
@@ -200,9 +212,7 @@ def train(run: RunConfig) -> dict:
     if t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
         torch.set_num_threads(t.cpu_threads)
     output_dir = Path(t.output_dir)
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
+    prepare_output_dir(output_dir)  # on every rank: a node that cannot write it stops at once, as rank 0 would
 
     # --- configs and every check, before any compute
     model_config = model_config_from_run(run)
@@ -298,6 +308,8 @@ def train(run: RunConfig) -> dict:
     dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
     peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(device, dtype)
     metrics = MetricsLogger(output_dir, dist.is_main, t.tensorboard, t.wandb_project, run.to_dict())
+    if resume_from is not None:
+        metrics.log_resume(step, resume_from)
     save_hf = save_hf_folder_fn(engine, tokenizer, dist, ep_info)
 
     def checkpoint(at_step: int) -> Path:
@@ -443,6 +455,7 @@ def train(run: RunConfig) -> dict:
 
         export_report = export_and_sample(output_dir, t.sample_prompt)
     barrier()
+    stop.restore()
     return {"export": export_report, "step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
             "stop_reason": stop_reason,
             "last_checkpoint": str(last_saved) if last_saved else None, "loss_curve": str(curve) if curve else None,

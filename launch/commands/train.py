@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as err:
         print(f"seedlm train: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves at the step boundary)
+        print("seedlm train: interrupted; the steps since the last checkpoint are lost", file=sys.stderr)
+        return 130
     if summary["rank"] == 0:
         print(f"finished at step {summary['step']} ({summary['stop_reason']}); run folder {summary['output_dir']}")
         if summary.get("synthetic"):
