@@ -116,3 +116,26 @@ def load_with_every_auto_class_without_seedlm(checks: list[tuple], cwd) -> list[
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return [line for line in result.stdout.splitlines() if line.startswith("OK ")]
+
+
+def umask_set_to(mask: int):
+    """A context manager running its body under umask `mask` (the previous one is restored)."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def scope():
+        previous = os.umask(mask)
+        try:
+            yield
+        finally:
+            os.umask(previous)
+
+    return scope()
+
+
+def file_modes(folder) -> dict[str, int]:
+    """Permission bits of every file under `folder`, by path relative to it."""
+    from pathlib import Path
+
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in Path(folder).rglob("*") if p.is_file()}
