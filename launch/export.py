@@ -2,8 +2,9 @@
 
 Every checkpoint already holds the consolidated weights (ZeRO partitions and expert-parallel shards
 gathered at save time) in `hf/`; export re-saves them with safetensors sharded by size, the config with
-`auto_map`, the remote-code files, the tokenizer, a generation config and a model card, so the folder
-loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` without seedlm.
+the family's `auto_map`, the remote-code files, the tokenizer, a generation config and a model card, so the
+folder loads with `AutoModelForCausalLM` (or AutoModel, AutoConfig) `.from_pretrained(OUT_DIR,
+trust_remote_code=True)` without seedlm. Every file gets the mode the umask gives a new file.
 """
 
 from __future__ import annotations

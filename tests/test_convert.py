@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 import model  # noqa: F401  (registers the auto classes)
 from launch.cli import main as seedlm
 from model import DeltaProductConfig, DeltaProductForCausalLM, GatedMoeForCausalLM
-from tests.helpers import load_with_every_auto_class_without_seedlm, reference_outputs
+from tests.helpers import file_modes, load_with_every_auto_class_without_seedlm, reference_outputs, umask_set_to
 
 
 def qwen3_moe_folder(path, **overrides):
@@ -62,7 +62,10 @@ def test_unsupported_qwen3_moe_features_are_refused(tmp_path, capsys, overrides,
 
 def test_converted_folder_loads_with_every_auto_class_without_seedlm(tmp_path):
     qwen3_moe_folder(tmp_path / "qwen")
-    assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "qwen"), str(tmp_path / "ours")]) == 0
+    with umask_set_to(0o027):
+        assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "qwen"), str(tmp_path / "ours")]) == 0
+    modes = file_modes(tmp_path / "ours")  # the weights too, not safetensors' private 0600
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}
     converted = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
     outputs = reference_outputs(converted, torch.randint(0, 101, (2, 9)))
     ok = load_with_every_auto_class_without_seedlm([(tmp_path / "ours", outputs, True)], tmp_path)
