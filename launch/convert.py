@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from launch.export import use_umask_file_modes
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_SOURCES = ("qwen3_moe",)
@@ -32,17 +34,35 @@ class ConversionError(ValueError):
     """The source checkpoint cannot be converted; the message says why and what to do."""
 
 
+SEEDLM_MODEL_TYPES = ("seedlm_gated_moe", "seedlm_deltaproduct")
+
+
 def read_source_config(src_dir: Path, source: str) -> dict:
+    """The source folder's config.json, after checking that the folder holds a `source` checkpoint with weights."""
     if source not in SUPPORTED_SOURCES:
         raise ConversionError(f"--from {source!r} is not supported; supported sources: {list(SUPPORTED_SOURCES)}")
+    if not src_dir.is_dir():
+        raise ConversionError(f"{src_dir} does not exist: pass the folder of a {source} checkpoint")
     config_path = src_dir / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{src_dir} has no config.json: pass a transformers checkpoint folder")
     config = json.loads(config_path.read_text())
-    if config.get("model_type") != source:
+    model_type = config.get("model_type")
+    if model_type in SEEDLM_MODEL_TYPES:
         raise ConversionError(
-            f"{src_dir} holds a {config.get('model_type')!r} checkpoint, not {source!r}; pass --from "
-            f"{config.get('model_type')} if that is supported, or a {source} folder"
+            f"{src_dir} is already a seedlm model ({model_type!r}) and needs no conversion: load it as it is with "
+            f"AutoModelForCausalLM.from_pretrained (trust_remote_code=True where seedlm is not installed), or "
+            f"continue pretraining it with train.init_from={src_dir}"
+        )
+    if model_type != source:
+        raise ConversionError(
+            f"{src_dir} holds a {model_type!r} checkpoint, not {source!r}; seedlm convert reads only "
+            f"{list(SUPPORTED_SOURCES)} checkpoints"
+        )
+    if not any(src_dir.glob("*.safetensors")) and not any(src_dir.glob("pytorch_model*.bin")):
+        raise ConversionError(
+            f"{src_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin): copy or download "
+            f"the checkpoint's weight files into that folder"
         )
     return config
 
@@ -137,4 +157,5 @@ def convert_qwen3_moe(src_dir: str | Path, out_dir: str | Path, verify_tokens: i
     readme = src_dir / "README.md"
     if readme.is_file():
         shutil.copy(readme, out_dir / "SOURCE_README.md")
+    use_umask_file_modes(out_dir)
     return out_dir

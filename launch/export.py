@@ -2,19 +2,46 @@
 
 Every checkpoint already holds the consolidated weights (ZeRO partitions and expert-parallel shards
 gathered at save time) in `hf/`; export re-saves them with safetensors sharded by size, the config with
-`auto_map`, the remote-code files, the tokenizer, a generation config and a model card, so the folder
-loads with `AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)` without seedlm.
+the family's `auto_map`, the remote-code files, the tokenizer, a generation config and a model card, so the
+folder loads with `AutoModelForCausalLM` (or AutoModel, AutoConfig) `.from_pretrained(OUT_DIR,
+trust_remote_code=True)` without seedlm. Every file gets the mode the umask gives a new file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
 
 from launch.checkpoint import CheckpointError, find_resume_checkpoint, is_complete, step_dir_name
 from launch.metrics import read_metrics
+
+
+def current_umask() -> int:
+    """The process umask. Read from /proc where it can be: os.umask can only read it by setting it, which for
+    a moment would give other threads' new files (a background checkpoint save) a wrong mode."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def use_umask_file_modes(folder: str | Path) -> None:
+    """Give every file under `folder` the mode the umask gives a new file (0644 under umask 022).
+
+    safetensors writes each weight file to a private temporary file (mode 0600) and renames it, so without
+    this colleagues sharing a filesystem can read the config and code of a saved model but not its weights."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
 
 
 def checkpoint_for_export(run_dir: Path, step: int | None) -> Path:
@@ -124,6 +151,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     net.save_pretrained(out_dir, max_shard_size=max_shard_size, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").write_text(model_card(net, run_dir, checkpoint, out_dir.name))
+    use_umask_file_modes(out_dir)
     return out_dir
 
 

@@ -1,7 +1,7 @@
 """`seedlm push OUT_DIR REPO_ID`: upload an exported folder to the Hugging Face Hub.
 
-The token comes from HF_TOKEN or the huggingface-cli login cache; it is passed to huggingface_hub and
-never printed or logged. --dry-run lists what would be uploaded and contacts nobody.
+The token comes from HF_TOKEN or the login cache that `hf auth login` writes; it is passed to huggingface_hub
+and never printed or logged. --dry-run lists what would be uploaded and contacts nobody.
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, revisio
         lines = [f"would upload {len(files)} files ({total / 2**20:.1f} MiB) from {folder} to {repo_id}"
                  f"{'@' + revision if revision else ''} ({'private' if private else 'public'}):"]
         lines += [f"  {name}  {size:,} bytes" for name, size in files]
-        lines.append("token: " + ("found (HF_TOKEN or login cache)" if get_token() else "none found: set HF_TOKEN"))
+        lines.append("token: " + ("found (HF_TOKEN or login cache)" if get_token()
+                                  else "none found: set HF_TOKEN or run `hf auth login`"))
         return "\n".join(lines)
     token = get_token()
     if not token:
-        raise PushError("no Hugging Face token: set HF_TOKEN or run `huggingface-cli login`")
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (huggingface_hub's CLI), "
+                        "then push again")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision:

@@ -32,6 +32,7 @@ from launch.checkpoint import (
 )
 from launch.config import ConfigError, RunConfig, model_config_from_run
 from launch.distributed import DistInfo, all_ranks_true, barrier, init_distributed
+from launch.export import use_umask_file_modes
 from launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
 from launch.synthetic import synthetic_run
 from launch.synthetic import write_report as write_synthetic_report
@@ -196,6 +197,7 @@ def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
         if dist.is_main:
             module.save_pretrained(path, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(path)
+            use_umask_file_modes(path)
 
     return save
 

@@ -5,7 +5,14 @@ Imports only transformers and its sibling config (it travels with exported check
 
 from transformers import PreTrainedConfig
 
-from .configuration_gated_moe import validate_attention_fields, validate_moe_fields
+from .configuration_gated_moe import complete_auto_map, validate_attention_fields, validate_moe_fields
+
+# Every Auto class of the family (see GATED_MOE_AUTO_MAP for why the config carries them).
+DELTAPRODUCT_AUTO_MAP = {
+    "AutoConfig": "configuration_deltaproduct.DeltaProductConfig",
+    "AutoModel": "modeling_deltaproduct.DeltaProductModel",
+    "AutoModelForCausalLM": "modeling_deltaproduct.DeltaProductForCausalLM",
+}
 
 
 class DeltaProductConfig(PreTrainedConfig):
@@ -98,10 +105,11 @@ class DeltaProductConfig(PreTrainedConfig):
         validate_moe_fields(self)
         super().__post_init__(**kwargs)
         self.rope_theta = self.rope_parameters["rope_theta"]
+        complete_auto_map(self, DELTAPRODUCT_AUTO_MAP)
 
     @property
     def head_v_dim(self) -> int:
         return int(self.head_dim * self.expand_v)
 
 
-__all__ = ["DeltaProductConfig"]
+__all__ = ["DeltaProductConfig", "DELTAPRODUCT_AUTO_MAP"]

@@ -8,6 +8,15 @@ from transformers import PreTrainedConfig
 
 ATTN_OUTPUT_GATES = ("elementwise", "headwise", "none")
 
+# Every Auto class of the family, as "<file>.<class>" inside a saved folder. transformers' save_pretrained writes
+# only the saved class's entry, so without these a folder saved from the causal LM would not load with
+# AutoModel(trust_remote_code=True) and vice versa.
+GATED_MOE_AUTO_MAP = {
+    "AutoConfig": "configuration_gated_moe.GatedMoeConfig",
+    "AutoModel": "modeling_gated_moe.GatedMoeModel",
+    "AutoModelForCausalLM": "modeling_gated_moe.GatedMoeForCausalLM",
+}
+
 
 def validate_attention_fields(config, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
     """Shared by both families: the gated attention layer's shape and gate checks."""
@@ -25,6 +34,12 @@ def validate_attention_fields(config, num_heads: int, num_kv_heads: int, head_di
         )
     if head_dim % 2 != 0:
         raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+
+
+def complete_auto_map(config, family_auto_map: dict) -> None:
+    """Add the family's missing Auto classes to `config.auto_map`; entries already there (a Hub repo's
+    prefixed references, say) are kept."""
+    config.auto_map = {**family_auto_map, **(getattr(config, "auto_map", None) or {})}
 
 
 def validate_moe_fields(config) -> None:
@@ -116,6 +131,7 @@ class GatedMoeConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         # rope_theta lives inside rope_parameters after standardisation; keep the flat field in sync
         self.rope_theta = self.rope_parameters["rope_theta"]
+        complete_auto_map(self, GATED_MOE_AUTO_MAP)
 
 
-__all__ = ["GatedMoeConfig"]
+__all__ = ["GatedMoeConfig", "GATED_MOE_AUTO_MAP"]

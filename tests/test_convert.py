@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 
 import model  # noqa: F401  (registers the auto classes)
 from launch.cli import main as seedlm
-from model import GatedMoeForCausalLM
+from model import DeltaProductConfig, DeltaProductForCausalLM, GatedMoeForCausalLM
+from tests.helpers import file_modes, load_with_every_auto_class_without_seedlm, reference_outputs, umask_set_to
 
 
 def qwen3_moe_folder(path, **overrides):
@@ -59,17 +60,57 @@ def test_unsupported_qwen3_moe_features_are_refused(tmp_path, capsys, overrides,
     assert not (tmp_path / "ours").exists()
 
 
+def test_converted_folder_loads_with_every_auto_class_without_seedlm(tmp_path):
+    qwen3_moe_folder(tmp_path / "qwen")
+    with umask_set_to(0o027):
+        assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "qwen"), str(tmp_path / "ours")]) == 0
+    modes = file_modes(tmp_path / "ours")  # the weights too, not safetensors' private 0600
+    assert "model.safetensors" in modes and set(modes.values()) == {0o640}
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    outputs = reference_outputs(converted, torch.randint(0, 101, (2, 9)))
+    ok = load_with_every_auto_class_without_seedlm([(tmp_path / "ours", outputs, True)], tmp_path)
+    assert [line.split()[2:] for line in ok] == [["GatedMoeConfig", "GatedMoeModel", "GatedMoeForCausalLM"]]
+
+
+def convert(src, out, capsys) -> str:
+    """Run `seedlm convert --from qwen3_moe SRC OUT`, expect a refusal, return its message."""
+    assert seedlm(["convert", "--from", "qwen3_moe", str(src), str(out)]) == 2
+    return capsys.readouterr().err
+
+
 def test_conversion_mistakes_get_clear_messages(tmp_path, capsys):
-    assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
-    assert "has no config.json" in capsys.readouterr().err
+    err = convert(tmp_path / "missing", tmp_path / "out", capsys)
+    assert "missing does not exist" in err and "config.json" not in err
+    (tmp_path / "empty").mkdir()
+    assert "has no config.json" in convert(tmp_path / "empty", tmp_path / "out", capsys)
     other = tmp_path / "llama"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert seedlm(["convert", "--from", "qwen3_moe", str(other), str(tmp_path / "out")]) == 2
-    assert "holds a 'llama' checkpoint" in capsys.readouterr().err
+    err = convert(other, tmp_path / "out", capsys)
+    assert "holds a 'llama' checkpoint" in err and "reads only ['qwen3_moe']" in err and "--from llama" not in err
     qwen3_moe_folder(tmp_path / "qwen")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("user data")
-    assert seedlm(["convert", "--from", "qwen3_moe", str(tmp_path / "qwen"), str(tmp_path / "full")]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "not empty" in convert(tmp_path / "qwen", tmp_path / "full", capsys)
     assert (tmp_path / "full" / "keep.txt").read_text() == "user data"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_without_weights_is_refused_naming_the_files(tmp_path, capsys):
+    qwen3_moe_folder(tmp_path / "qwen")
+    (tmp_path / "qwen" / "model.safetensors").unlink()
+    err = convert(tmp_path / "qwen", tmp_path / "out", capsys)
+    assert f"{tmp_path / 'qwen'} has a config.json but no weights" in err
+    assert "*.safetensors or pytorch_model*.bin" in err and "Traceback" not in err
+    assert (tmp_path / "qwen" / "config.json").is_file() and not (tmp_path / "out").exists()
+
+
+def test_a_seedlm_folder_is_not_converted_and_the_message_says_why(tmp_path, capsys):
+    config = DeltaProductConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_heads=2, head_dim=8)
+    DeltaProductForCausalLM(config).save_pretrained(tmp_path / "export")
+    before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "export").iterdir())
+    err = convert(tmp_path / "export", tmp_path / "out", capsys)
+    assert "is already a seedlm model ('seedlm_deltaproduct') and needs no conversion" in err
+    assert "from_pretrained" in err and "train.init_from" in err and "--from seedlm" not in err
+    assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "export").iterdir()) == before
+    assert not (tmp_path / "out").exists()

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 
-from model import DeltaProductConfig, DeltaProductForCausalLM
+from model import DeltaProductConfig, DeltaProductForCausalLM, DeltaProductModel
 from model.modeling_gated_moe import CACHE_NAME
-from tests.helpers import run_without_seedlm
+from tests.helpers import load_with_every_auto_class_without_seedlm, reference_outputs
 
 
 def tiny_config(**overrides) -> DeltaProductConfig:
@@ -221,29 +221,30 @@ def test_gradient_checkpointing_gives_same_gradients():
 
 def test_save_load_round_trip_and_remote_code_without_seedlm(tmp_path):
     m = make_model(torch.float32, num_hidden_layers=3, attn_layers=[1], attn_num_heads=2, tie_word_embeddings=True)
-    folder = tmp_path / "export"
-    m.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "seedlm_deltaproduct" and config["attn_layers"] == [1]
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_deltaproduct.DeltaProductForCausalLM"
-    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    m.save_pretrained(tmp_path / "lm")
+    m.model.save_pretrained(tmp_path / "base")
+    for folder in (tmp_path / "lm", tmp_path / "base"):
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_type"] == "seedlm_deltaproduct" and config["attn_layers"] == [1]
+        assert config["auto_map"] == {  # every Auto class, whichever class saved the folder
+            "AutoConfig": "configuration_deltaproduct.DeltaProductConfig",
+            "AutoModel": "modeling_deltaproduct.DeltaProductModel",
+            "AutoModelForCausalLM": "modeling_deltaproduct.DeltaProductForCausalLM",
+        }
     ids = torch.randint(0, 89, (2, 9))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "lm")
     torch.testing.assert_close(loaded(ids).logits, m(ids).logits)
-    torch.save({"ids": ids, "logits": m(ids).logits.detach()}, tmp_path / "expected.pt")
-    result = run_without_seedlm(
-        f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        torch.testing.assert_close(m(expected['ids']).logits, expected['logits'])
-        out = m.generate(expected['ids'][:1, :4], max_new_tokens=3, do_sample=False)
-        print('OK', type(m).__name__, tuple(out.shape))
-        """,
+    base = AutoModel.from_pretrained(tmp_path / "base")
+    assert type(base) is DeltaProductModel
+    torch.testing.assert_close(base(ids).last_hidden_state, m.model(ids).last_hidden_state)
+    # tied embeddings: the base model's folder holds everything the logits need
+    ok = load_with_every_auto_class_without_seedlm(
+        [(tmp_path / "lm", reference_outputs(m, ids), True), (tmp_path / "base", reference_outputs(m, ids), True)],
         tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "OK DeltaProductForCausalLM (1, 7)" in result.stdout
+    assert [line.split()[2:] for line in ok] == [
+        ["DeltaProductConfig", "DeltaProductModel", "DeltaProductForCausalLM"]
+    ] * 2
 
 
 @pytest.mark.parametrize(

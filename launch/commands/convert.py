@@ -4,7 +4,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--from", dest="source", required=True, choices=["qwen3_moe"], help="source model type")
+    parser.add_argument("--from", dest="source", required=True, choices=["qwen3_moe"],
+                        help="model_type of the source checkpoint (a seedlm folder needs no conversion)")
     parser.add_argument("src_dir", help="a transformers checkpoint folder (config.json + safetensors)")
     parser.add_argument("out_dir", help="new folder for the seedlm model (must not exist or be empty)")
     parser.add_argument(

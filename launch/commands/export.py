@@ -6,8 +6,10 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder (train.output_dir)")
     parser.add_argument("out_dir", help="new folder for the Hugging Face model (must not exist or be empty)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest complete one)")
-    parser.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="step of the checkpoint to export; the latest complete one when not given")
+    parser.add_argument("--max-shard-size", default="2GB",
+                        help="largest size of one safetensors weight file, e.g. 500MB or 5GB")
 
 
 def run(args: argparse.Namespace) -> int:

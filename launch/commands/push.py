@@ -8,7 +8,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("repo_id", help="OWNER/NAME on the Hugging Face Hub")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--revision", default=None, help="branch to push to (created if missing)")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--commit-message", default=None,
+                        help="message of the Hub commit; 'Upload <folder name> with seedlm' when not given")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; upload nothing")
 
 
