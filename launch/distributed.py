@@ -16,6 +16,21 @@ from dataclasses import dataclass
 import torch
 
 
+class PeerFailure(RuntimeError):
+    """This rank stopped because another rank (or the launcher) ended the job: its own error is a consequence
+    (a collective that lost its peer, a DataLoader worker terminated with it), not the cause."""
+
+    def __init__(self, rank: int, signal_name: str | None, error: BaseException, last_checkpoint):
+        cause = f"the launcher sent {signal_name}" if signal_name else "a collective lost its peers"
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        kept = f"the last complete checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was saved"
+        super().__init__(
+            f"rank {rank} stopped because another rank failed first ({cause}; this rank then saw: {first_line}). "
+            "The launcher's summary names the rank that failed first (torchrun: 'Root Cause'; srun: the first "
+            f"task with an error); {kept}, and the same command resumes from it."
+        )
+
+
 @dataclass
 class DistInfo:
     rank: int

@@ -274,25 +274,32 @@ class SyntheticLoader:
 
 
 class SyntheticRun:
-    """What the trainer holds for a synthetic run: loaders, the periodic and final accuracy, CPU time."""
+    """The data of a synthetic run, with the calls of launch/training_data.py: vocabulary tokenizer, loaders,
+    the task's accuracy at each evaluation and at the end, CPU time."""
 
-    def __init__(self, cfg: SyntheticConfig):
+    def __init__(self, cfg: SyntheticConfig, data: dict | None = None):
+        from data_pipeline import DataConfig
+
         self.cfg = cfg
+        self.config = DataConfig.from_dict(data_section(data or {}, cfg))
         self.cpu_start, self.wall_start = time.process_time(), time.perf_counter()
         self._val = self._test = None
 
-    def data_section(self, data: dict) -> dict:
-        return data_section(data, self.cfg)
+    def check(self, run, output_dir: Path) -> None:
+        check_run(run, self.cfg, output_dir / "tokenizer")
 
-    def check_run(self, run, tokenizer_dir: Path) -> None:
-        check_run(run, self.cfg, tokenizer_dir)
+    def prepare_tokenizer(self, output_dir: Path, dist):
+        return prepare_tokenizer(self.cfg, output_dir, dist.is_main)
 
-    def prepare_tokenizer(self, output_dir: Path, is_main: bool):
-        return prepare_tokenizer(self.cfg, output_dir, is_main)
+    def train_loader(self, tokenizer, dist, grad_accum_steps: int) -> SyntheticLoader:
+        return SyntheticLoader(self.cfg, self.config.micro_batch_size, dist.rank, dist.world_size, "train",
+                               grad_accum_steps)
 
-    def loader(self, micro_batch_size: int, rank: int, world_size: int, split: str = "train",
-               grad_accum_steps: int = 1) -> SyntheticLoader:
-        return SyntheticLoader(self.cfg, micro_batch_size, rank, world_size, split, grad_accum_steps)
+    def validation_loader(self, tokenizer, dist) -> SyntheticLoader:
+        return SyntheticLoader(self.cfg, self.config.micro_batch_size, dist.rank, dist.world_size, "validation")
+
+    def evaluate(self, model) -> dict:
+        return self.accuracy(model)
 
     def accuracy(self, model, final: bool = False) -> dict:
         """Token accuracy (argmax at t == targets[t], over every position) at train and at test length, the
@@ -323,6 +330,11 @@ class SyntheticRun:
                   "final_eval_cpu_time_s": time.process_time() - cpu0}
         return report
 
+    def write_report(self, output_dir: Path, report: dict) -> Path:
+        path = output_dir / "synthetic_results.json"
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        return path
+
     def summary_line(self, report: dict) -> str:
         c, p = self.cfg, f"eval/{self.cfg.name}"
         return (f"{c.describe()}: token accuracy {report[f'{p}/acc_len{c.test_length}']:.4f} at length "
@@ -334,10 +346,4 @@ class SyntheticRun:
 def synthetic_run(run) -> SyntheticRun | None:
     """A SyntheticRun when the run config has data.synthetic (checked), else None (text data)."""
     cfg = synthetic_config(run.data)
-    return SyntheticRun(cfg) if cfg is not None else None
-
-
-def write_report(output_dir: Path, report: dict) -> Path:
-    path = output_dir / "synthetic_results.json"
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    return path
+    return SyntheticRun(cfg, run.data) if cfg is not None else None

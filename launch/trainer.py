@@ -1,26 +1,30 @@
-"""`seedlm train`: the training loop around a DeepSpeed engine.
+"""`seedlm train`: the training loop around a DeepSpeed engine, in stages (torchtitan's Trainer shape).
 
-Order of work, so that every user mistake surfaces before compute starts:
-  1. process group (one process, torchrun, deepspeed launcher or srun);
-  2. configs: model, data, tokenizer (trained on the run's sources when none is given) and vocabulary fit,
-     resume compatibility;
-  3. model (same seed on every rank), expert parallelism, DeepSpeed engine (ZeRO, AdamW groups, schedule);
-  4. loop: micro-batches -> loss -> backward -> step; metrics, held-out loss, checkpoints, signals.
+    Trainer(run)          build: process group -> checks -> tokenizer -> data -> model -> engine -> resume;
+                          every user mistake surfaces here, before compute starts
+    trainer.train_step()  one optimizer step: micro-batches -> loss -> backward; non-finite handling,
+                          clipping, optimizer and schedule (launch/engine.py)
+    trainer.evaluate()    held-out loss, the configured tasks and the data's own task (a synthetic task's accuracy)
+    trainer.checkpoint()  save (launch/checkpoint.py); signals and stop conditions decide when
+    trainer.finish()      the data's closing evaluation, loss curve, export and report
+    trainer.train()       the loop over those stages; returns the run's summary
+
+What the run trains on (text or a generated task) is behind launch/training_data.py, so no stage branches
+on it. Ctrl-C, SIGTERM and SIGUSR1 end the run at the next step boundary with a checkpoint.
 """
 
 from __future__ import annotations
 
-import bisect
+import json
 import logging
-import math
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
-from eval import evaluate, flat_metrics, heldout_loss
 from launch.checkpoint import (
     check_compatible,
     find_resume_checkpoint,
@@ -31,127 +35,15 @@ from launch.checkpoint import (
     set_rng_state,
 )
 from launch.config import ConfigError, RunConfig, model_config_from_run
-from launch.distributed import DistInfo, all_ranks_true, barrier, init_distributed
-from launch.export import use_umask_file_modes
+from launch.distributed import PeerFailure, all_ranks_true, barrier, init_distributed
+from launch.engine import build_engine, build_model, optimizer_step, save_hf_folder_fn
 from launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
-from launch.synthetic import synthetic_run
-from launch.synthetic import write_report as write_synthetic_report
+from launch.training_data import training_data
 
 logger = logging.getLogger("seedlm.train")
 # batch keys handed to the model: labels are shifted inside it unless the batch carries shift_labels
 # (synthetic tasks: targets aligned with the inputs)
 MODEL_INPUTS = ("input_ids", "labels", "shift_labels", "position_ids")
-
-
-def lr_lambda(train_cfg):
-    """Multiplier of the peak lr at a step: linear warmup, then cosine / WSD decay to min_lr_ratio, or constant.
-    With train.lr_restarts the same shape runs again from each restart step to the next (or to max_steps)."""
-    warmup, floor = train_cfg.warmup_steps, train_cfg.min_lr_ratio
-    starts = [0, *train_cfg.lr_restarts]
-    ends = [*train_cfg.lr_restarts, train_cfg.max_steps]
-
-    def multiplier(global_step: int) -> float:
-        segment = bisect.bisect_right(starts, global_step) - 1
-        step, total = global_step - starts[segment], ends[segment] - starts[segment]
-        decay_start = total - int(train_cfg.wsd_decay_fraction * total)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if train_cfg.schedule == "constant":
-            return 1.0
-        if train_cfg.schedule == "wsd":  # warmup-stable-decay: flat, then linear decay over the last fraction
-            if step < decay_start:
-                return 1.0
-            return floor + (1 - floor) * max(0.0, (total - step) / max(1, total - decay_start))
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return multiplier
-
-
-def trainer_clips_gradients(train_cfg) -> bool:
-    """fp32 without ZeRO: no DeepSpeed optimizer checks the gradient norm for inf/NaN, so the trainer clips
-    (one fused norm, torch's) and drops a non-finite update itself; DeepSpeed's own clipping is then off."""
-    return train_cfg.zero_stage == 0 and train_cfg.dtype != "bf16"
-
-
-def clip_gradients(module, max_norm: float) -> tuple[float, bool]:
-    """Clip the module's gradients to max_norm (0: no clipping); returns (norm, whether it is finite on
-    every rank). A non-finite norm leaves the gradients unclipped: the caller drops the update."""
-    params = [p for p in module.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    finite = all_ranks_true(bool(torch.isfinite(norm)))
-    if finite and max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return float(norm), finite
-
-
-def deepspeed_config(run: RunConfig, data_cfg) -> dict:
-    t = run.train
-    zero = {"stage": t.zero_stage}
-    if t.offload_optimizer and t.zero_stage > 0:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": data_cfg.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "gradient_clipping": 0.0 if trainer_clips_gradients(t) else t.grad_clip,
-        "zero_optimization": zero,
-        # check_grad_overflow: a non-finite gradient norm skips the update in bf16 too (fp32 ZeRO does it anyway)
-        "bf16": {"enabled": t.dtype == "bf16", "check_grad_overflow": True},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def prepare_tokenizer(run: RunConfig, data_cfg, dist: DistInfo, output_dir: Path):
-    """An existing tokenizer folder, or one trained (on rank 0) from the run's training sources."""
-    from data_pipeline import iter_texts, load_tokenizer, open_sources, train_tokenizer
-
-    if run.tokenizer.path:
-        return load_tokenizer(run.tokenizer.path), Path(run.tokenizer.path)
-    tok_dir = output_dir / "tokenizer"
-    if dist.is_main and not (tok_dir / "tokenizer_config.json").is_file():
-        logger.info("training a %d-token %s tokenizer into %s", run.tokenizer.vocab_size, run.tokenizer.model_type,
-                    tok_dir)
-        texts = iter_texts(open_sources(data_cfg, "train"), seed=data_cfg.seed)
-        train_tokenizer(texts, tok_dir, vocab_size=run.tokenizer.vocab_size, model_type=run.tokenizer.model_type,
-                        max_chars=run.tokenizer.max_chars, max_docs=run.tokenizer.max_docs,
-                        show_progress=run.train.progress_bar)
-    barrier()
-    return load_tokenizer(tok_dir), tok_dir
-
-
-def build_model(run: RunConfig, model_config, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    model_config.pad_token_id = tokenizer.pad_token_id
-    model_config.bos_token_id = tokenizer.bos_token_id
-    model_config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(run.train.seed)  # identical initial weights on every rank
-    model = AutoModelForCausalLM.from_config(model_config, attn_implementation=run.train.attn_implementation)
-    if run.train.activation_checkpointing:
-        model.activation_checkpointing_enable()
-    return model
-
-
-def in_lockstep(batches):
-    """Yield batches while every rank still has one: with expert parallelism a forward is a collective, so
-    all ranks must run the same number of them."""
-    for batch in batches:
-        if not all_ranks_true(True):
-            return
-        yield batch
-    all_ranks_true(False)  # tell the ranks still holding a batch to stop
-
-
-def step_without_update(engine) -> None:
-    """An optimizer step that changes no weight (gradients are zero or dropped): lr 0 for this step, and
-    AdamW's decoupled weight decay is scaled by lr too. Keeps DeepSpeed's micro-step bookkeeping in order."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = 0.0
-    engine.step()  # the scheduler steps inside; its lr for the next step is restored below
-    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-        group["lr"] = lr
 
 
 class StopSignal:
@@ -164,11 +56,6 @@ class StopSignal:
         self.received = None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
 
-    def restore(self) -> None:
-        """Put back the handlers that were there before (train() may run inside a longer-lived process)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
     def handle(self, signum, frame):
         self.received = signal.Signals(signum).name
         if signum == signal.SIGINT:
@@ -176,290 +63,307 @@ class StopSignal:
             logger.warning("Ctrl-C: saving a checkpoint at the end of this step, then exiting "
                            "(Ctrl-C again to exit now without saving)")
 
-
-def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
-    """A function writing the consolidated HF folder of the current weights (rank 0 writes)."""
-
-    def save(path: Path) -> None:
-        import deepspeed
-
-        module = engine.module
-        if ep_info.enabled:
-            from launch.expert_parallel import gather_full_state_dict
-
-            state = gather_full_state_dict(module, ep_info)
-        elif engine.zero_optimization_stage() == 3:
-            params = list(module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().clone() for k, v in module.state_dict().items()} if dist.is_main else None
-        else:
-            state = module.state_dict() if dist.is_main else None
-        if dist.is_main:
-            module.save_pretrained(path, state_dict=state, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-            use_umask_file_modes(path)
-
-    return save
+    def restore(self) -> None:
+        """Put back the handlers that were there before (train() may run inside a longer-lived process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
-def train(run: RunConfig) -> dict:
-    """Run training as configured; returns a summary dict (rank 0's numbers)."""
-    from data_pipeline import DataConfig, build_dataloader, check_vocab_fits
+def in_lockstep(batches):
+    """Yield batches while every rank still has one: with expert parallelism a forward is a collective, so
+    all ranks must run the same number of them."""
+    for batch in batches:
+        if not all_ranks_true(True):
+            return
+        yield batch
+    all_ranks_true(False)  # tell the ranks still holding a batch to stop
 
-    stop = StopSignal()  # first, so a preemption signal during start-up is a clean stop, not a killed rank
-    dist = init_distributed()
-    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {dist.rank}] %(levelname)s %(message)s", force=True)
-    t = run.train
-    if t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
-        torch.set_num_threads(t.cpu_threads)
-    output_dir = Path(t.output_dir)
-    prepare_output_dir(output_dir)  # on every rank: a node that cannot write it stops at once, as rank 0 would
 
-    # --- configs and every check, before any compute
-    model_config = model_config_from_run(run)
-    # data.synthetic: generated task batches with aligned targets and a vocabulary tokenizer (launch/synthetic.py)
-    synthetic = synthetic_run(run)
-    data_cfg = DataConfig.from_dict(synthetic.data_section(run.data) if synthetic else run.data)
-    from launch.expert_parallel import validate_expert_parallel
+@dataclass
+class StepResult:
+    loss: float  # mean over this rank's finite micro-batches
+    aux_loss: float
+    grad_norm: float | None
+    skipped: bool  # no update was applied (non-finite loss or gradients)
+    expert_counts: torch.Tensor | None = None  # [L, E] tokens routed to each expert, summed over micro-batches
 
-    validate_expert_parallel(t.expert_parallel_size, dist.world_size, getattr(model_config, "num_experts", 0),
-                             t.zero_stage)
-    checkpoint_root = output_dir / "checkpoints"
-    resume_from = None
-    if t.resume == "auto":
-        resume_from = find_resume_checkpoint(checkpoint_root)
-    elif t.resume != "none":
-        resume_from = Path(t.resume)
-        if not resume_from.is_dir():
-            raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint folder")
-    if synthetic is not None:
-        synthetic.check_run(run, output_dir / "tokenizer")
-    if t.eval_tasks:  # a misspelt or malformed task fails now, not at the first eval_interval
-        from eval.tasks import resolve_tasks
 
-        resolve_tasks(t.eval_tasks, None)
-    if synthetic is not None:
-        tokenizer, tok_dir = synthetic.prepare_tokenizer(output_dir, dist.is_main)
-    else:
-        tokenizer, tok_dir = prepare_tokenizer(run, data_cfg, dist, output_dir)
-    check_vocab_fits(tokenizer, model_config.vocab_size)
-    data_cfg.tokenizer = str(tok_dir)
-    if dist.is_main:
-        resolved = run.to_dict()
-        resolved["tokenizer"]["path"] = str(tok_dir)
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    if synthetic is not None:
-        train_loader = synthetic.loader(data_cfg.micro_batch_size, dist.rank, dist.world_size,
-                                        grad_accum_steps=t.grad_accum_steps)
-    else:
-        train_loader = build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size)
-    if resume_from is not None:
-        import json
+@dataclass
+class Progress:
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0
+    consecutive_nonfinite: int = 0
+    last_saved: Path | None = None
+    window_start: float = field(default_factory=time.perf_counter)
+    window_tokens: int = 0
 
-        check_compatible(json.loads((resume_from / "trainer_state.json").read_text()), dist.world_size,
-                         t.expert_parallel_size, model_config.model_type)
 
-    # --- model, expert parallelism, engine
-    import deepspeed
+class Trainer:
+    def __init__(self, run: RunConfig, stop: StopSignal | None = None):
+        self.run, self.t = run, run.train
+        self.stop = stop or StopSignal()
+        self.dist = init_distributed()
+        logging.basicConfig(level=logging.INFO if self.dist.is_main else logging.WARNING,
+                            format=f"%(asctime)s [rank {self.dist.rank}] %(levelname)s %(message)s", force=True)
+        if self.t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
+            torch.set_num_threads(self.t.cpu_threads)
+        self.output_dir = Path(self.t.output_dir)
+        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.progress = Progress()
+        self.build_checks()
+        self.build_data()
+        self.build_engine()
+        self.resume()
+        self.build_metrics()
 
-    from launch.expert_parallel import (
-        apply_expert_parallel,
-        check_engine_expert_parallel,
-        expert_parallel_engine_context,
-        loss_with_global_balancing,
-        optimizer_param_groups,
-        sync_expert_weights_after_load,
-    )
+    # ------------------------------------------------------------------ build
 
-    model = build_model(run, model_config, tokenizer)
-    # EP swaps each MoE block's experts for this rank's slice (a no-op at size 1); the engine must be built
-    # inside the context so DeepSpeed reduces expert gradients over the expert-data-parallel group.
-    ep_info = apply_expert_parallel(model, t.expert_parallel_size, zero_stage=t.zero_stage)
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay, ep_info), lr=t.lr,
-                                  betas=tuple(t.betas), eps=t.eps)
-    with expert_parallel_engine_context(ep_info):
-        engine, _, _, scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)),
-            config=deepspeed_config(run, data_cfg),
-        )
-    check_engine_expert_parallel(engine, ep_info)
-    if t.zero_stage == 0 and dist.world_size == 1:
-        engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies the gradients
-    device = engine.device
+    def build_checks(self) -> None:
+        """Every check that needs no tokenizer or model: output folder, model, data, parallelism, resume."""
+        from launch.expert_parallel import validate_expert_parallel
 
-    step, tokens_seen, skipped_steps = 0, 0, 0
-    if resume_from is not None:
-        trainer_state, rank_state = load_checkpoint(resume_from, engine, dist.rank)
-        sync_expert_weights_after_load(engine, ep_info)
-        step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
-        skipped_steps = trainer_state["skipped_steps"]
-        train_loader.load_state_dict(rank_state["data"])
+        t = self.t
+        prepare_output_dir(self.output_dir)  # every rank: a node that cannot write it stops at once
+        self.model_config = model_config_from_run(self.run)
+        self.data = training_data(self.run)
+        validate_expert_parallel(t.expert_parallel_size, self.dist.world_size,
+                                 getattr(self.model_config, "num_experts", 0), t.zero_stage)
+        self.resume_from = None
+        if t.resume == "auto":
+            self.resume_from = find_resume_checkpoint(self.checkpoint_root)
+        elif t.resume != "none":
+            self.resume_from = Path(t.resume)
+            if not self.resume_from.is_dir():
+                raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint folder")
+        if self.resume_from is not None:
+            saved = json.loads((self.resume_from / "trainer_state.json").read_text())
+            check_compatible(saved, self.dist.world_size, t.expert_parallel_size, self.model_config.model_type)
+        self.data.check(self.run, self.output_dir)
+        if t.eval_tasks:  # a misspelt or malformed task fails now, not at the first eval_interval
+            from eval.tasks import resolve_tasks
+
+            resolve_tasks(t.eval_tasks, None)
+
+    def build_data(self) -> None:
+        """Tokenizer (checked against the model's vocabulary), the resolved config file, the training loader."""
+        from data_pipeline import check_vocab_fits
+
+        self.tokenizer, tok_dir = self.data.prepare_tokenizer(self.output_dir, self.dist)
+        check_vocab_fits(self.tokenizer, self.model_config.vocab_size)
+        self.data.config.tokenizer = str(tok_dir)
+        if self.dist.is_main:
+            resolved = self.run.to_dict()
+            resolved["tokenizer"]["path"] = str(tok_dir)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        self.train_loader = self.data.train_loader(self.tokenizer, self.dist, self.t.grad_accum_steps)
+
+    def build_engine(self) -> None:
+        model = build_model(self.t, self.model_config, self.tokenizer)
+        self.engine, self.scheduler, self.ep_info = build_engine(self.t, model, self.data.config.micro_batch_size,
+                                                                 self.dist.world_size)
+        self.device = self.engine.device
+
+    def resume(self) -> None:
+        """Weights, optimizer, schedule, data position and RNG from the checkpoint chosen in build_checks."""
+        from launch.expert_parallel import sync_expert_weights_after_load
+
+        if self.resume_from is None:
+            return
+        trainer_state, rank_state = load_checkpoint(self.resume_from, self.engine, self.dist.rank)
+        sync_expert_weights_after_load(self.engine, self.ep_info)
+        p = self.progress
+        p.step, p.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
+        p.skipped_steps, p.last_saved = trainer_state["skipped_steps"], self.resume_from
+        self.train_loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
-        logger.info("resumed from %s at step %d", resume_from, step)
+        logger.info("resumed from %s at step %d", self.resume_from, p.step)
 
-    def validation_loader():
-        if synthetic is not None:
-            return synthetic.loader(data_cfg.micro_batch_size, dist.rank, dist.world_size, split="validation")
-        return build_dataloader(data_cfg, tokenizer, dist.rank, dist.world_size, split="validation")
+    def build_metrics(self) -> None:
+        t, cfg = self.t, self.data.config
+        self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len * t.grad_accum_steps * self.dist.world_size
+        self.flops_per_token = flops_per_token(self.model_config, cfg.seq_len)
+        dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
+        self.peak_flops = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(self.device, dtype)
+        self.metrics = MetricsLogger(self.output_dir, self.dist.is_main, t.tensorboard, t.wandb_project,
+                                     self.run.to_dict())
+        if self.resume_from is not None:
+            self.metrics.log_resume(self.progress.step, self.resume_from)
+        self.save_hf = save_hf_folder_fn(self.engine, self.tokenizer, self.dist, self.ep_info)
 
-    tokens_per_step = data_cfg.micro_batch_size * data_cfg.seq_len * t.grad_accum_steps * dist.world_size
-    flops_token = flops_per_token(model_config, data_cfg.seq_len)
-    dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
-    peak = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(device, dtype)
-    metrics = MetricsLogger(output_dir, dist.is_main, t.tensorboard, t.wandb_project, run.to_dict())
-    if resume_from is not None:
-        metrics.log_resume(step, resume_from)
-    save_hf = save_hf_folder_fn(engine, tokenizer, dist, ep_info)
+    # ------------------------------------------------------------------ one step
 
-    def checkpoint(at_step: int) -> Path:
-        trainer_state = {"step": at_step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
-                         "world_size": dist.world_size, "expert_parallel_size": t.expert_parallel_size,
-                         "model_type": model_config.model_type}
-        rank_state = {"data": train_loader.state_dict(), "rng": rng_state()}
-        return save_checkpoint(checkpoint_root, at_step, engine, trainer_state, rank_state, save_hf, t.keep_last,
-                               dist.rank)
+    def train_step(self, batches) -> StepResult:
+        """grad_accum_steps micro-batches, then one optimizer step. A non-finite loss on any rank contributes a
+        zero gradient (no NaN may reach the weights); a non-finite gradient norm drops the update."""
+        from launch.expert_parallel import loss_with_global_balancing
 
-    progress = None
-    if dist.is_main and t.progress_bar:
-        from tqdm import tqdm
-
-        progress = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-
-    batches = iter(train_loader)
-    consecutive_nonfinite, last_saved, stop_reason = 0, resume_from, "max_steps"
-    window_start, window_tokens = time.perf_counter(), 0
-    engine.train()
-    while step < t.max_steps:
-        step_loss, step_aux, finite_micro = 0.0, 0.0, 0
-        counts = None
-        for _ in range(t.grad_accum_steps):
+        engine, total_loss, total_aux, finite_micro, counts = self.engine, 0.0, 0.0, 0, None
+        for _ in range(self.t.grad_accum_steps):
             batch = next(batches)
-            out = engine(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch})
+            out = engine(**{k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch})
             # global-batch balancing: expert counts summed over all ranks before the balancing loss is formed
-            loss = loss_with_global_balancing(out, model_config)
-            finite = all_ranks_true(bool(torch.isfinite(loss).item()))
-            if finite:
+            loss = loss_with_global_balancing(out, self.model_config)
+            if all_ranks_true(bool(torch.isfinite(loss).item())):
                 engine.backward(loss)
-                step_loss += loss.item()
-                step_aux += out.aux_loss.item() if out.aux_loss is not None else 0.0
+                total_loss += loss.item()
+                total_aux += out.aux_loss.item() if out.aux_loss is not None else 0.0
                 finite_micro += 1
                 if out.expert_counts is not None:
                     counts = out.expert_counts if counts is None else counts + out.expert_counts
             else:
-                # No NaN may reach the weights: this micro-batch contributes a zero gradient instead.
                 engine.backward(sum((p * 0.0).sum() for p in engine.module.parameters() if p.requires_grad))
-        bad_grads, grad_norm = False, None
-        if finite_micro and trainer_clips_gradients(t):
-            grad_norm, finite_norm = clip_gradients(engine.module, t.grad_clip)
-            bad_grads = not finite_norm
-            if bad_grads:
-                engine.module.zero_grad()
-        if finite_micro == 0 or bad_grads:
-            step_without_update(engine)
-            skipped_steps += 1
-            consecutive_nonfinite += 1
-        else:
-            ds_skipped = engine.skipped_steps
-            engine.step()
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            # DeepSpeed's ZeRO optimizers skip an update whose gradient norm is inf/NaN and count it
-            if engine.skipped_steps > ds_skipped or (grad_norm is not None and not math.isfinite(float(grad_norm))):
-                skipped_steps += 1
-                consecutive_nonfinite += 1
-                if engine.skipped_steps > ds_skipped:  # DeepSpeed skipped the scheduler too: keep it on `step`
-                    scheduler.step()
-            else:
-                consecutive_nonfinite = 0
-        step += 1
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
-        if counts is not None and getattr(model_config, "router_bias_update_rate", 0) > 0:
+        grad_norm, skipped = optimizer_step(engine, self.scheduler, self.t, finite_micro > 0)
+        if counts is not None and getattr(self.model_config, "router_bias_update_rate", 0) > 0:
             if torch.distributed.get_world_size() > 1:
                 torch.distributed.all_reduce(counts)
             engine.module.update_router_biases(counts)
+        n = max(finite_micro, 1)
+        return StepResult(total_loss / n, total_aux / n, grad_norm, skipped, counts)
 
-        if step % t.log_interval == 0 or step == t.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_sec = window_tokens / max(elapsed, 1e-9)
-            record = {
-                "step": step,
-                "loss": step_loss / max(finite_micro, 1),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm or 0.0),
-                "tokens_per_sec": tokens_per_sec,
-                "mfu": tokens_per_sec * flops_token / (peak * dist.world_size),
-                "tokens_seen": tokens_seen,
-                "skipped_steps": skipped_steps,
-                **memory_stats(device),
-            }
-            if counts is not None:
-                record["aux_loss"] = step_aux / max(finite_micro, 1)
-                load = counts / counts.sum(-1, keepdim=True).clamp(min=1)  # [L, E]
-                record["expert_load_max_over_mean"] = (load.max(-1).values / load.mean(-1)).tolist()
-            metrics.log(record)
-            if progress is not None:
-                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{tokens_per_sec:,.0f}")
-            window_start, window_tokens = time.perf_counter(), 0
-        if progress is not None:
-            progress.update(1)
+    def count_step(self, result: StepResult) -> None:
+        p = self.progress
+        p.step += 1
+        p.tokens_seen += self.tokens_per_step
+        p.window_tokens += self.tokens_per_step
+        if result.skipped:
+            p.skipped_steps += 1
+            p.consecutive_nonfinite += 1
+        else:
+            p.consecutive_nonfinite = 0
 
-        if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
-            # the same first eval_batches of the validation split every time; token-weighted over all ranks
-            held_out = heldout_loss(engine.module, in_lockstep(validation_loader()), max_batches=t.eval_batches)
-            eval_record = {"step": step, "eval_loss": held_out["loss"]}
-            if t.eval_tasks:  # every rank takes part: the harness splits the requests and gathers the results
-                results = evaluate(engine.module, tokenizer, t.eval_tasks, limit=t.eval_limit, show_progress=False)
-                eval_record.update(flat_metrics(results))
-            if synthetic is not None:
-                eval_record.update(synthetic.accuracy(engine.module))
-            metrics.log(eval_record)
-            logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in eval_record.items() if k != "step"))
+    def log_step(self, result: StepResult) -> dict:
+        """The step's row in metrics.jsonl: throughput over the steps since the last logged one."""
+        p = self.progress
+        tokens_per_sec = p.window_tokens / max(time.perf_counter() - p.window_start, 1e-9)
+        record = {
+            "step": p.step,
+            "loss": result.loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(result.grad_norm or 0.0),
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * self.flops_per_token / (self.peak_flops * self.dist.world_size),
+            "tokens_seen": p.tokens_seen,
+            "skipped_steps": p.skipped_steps,
+            **memory_stats(self.device),
+        }
+        if result.expert_counts is not None:
+            record["aux_loss"] = result.aux_loss
+            load = result.expert_counts / result.expert_counts.sum(-1, keepdim=True).clamp(min=1)  # [L, E]
+            record["expert_load_max_over_mean"] = (load.max(-1).values / load.mean(-1)).tolist()
+        self.metrics.log(record)
+        p.window_start, p.window_tokens = time.perf_counter(), 0
+        return record
 
-        signalled = not all_ranks_true(stop.received is None)
-        too_many_nonfinite = consecutive_nonfinite >= t.max_consecutive_nonfinite
-        stop_here = step == t.stop_at_step
-        if step % t.save_interval == 0 or step == t.max_steps or signalled or too_many_nonfinite or stop_here:
-            last_saved = checkpoint(step)
-        if stop_here:
-            stop_reason = f"stop_at_step={step}"
-            break
+    # ------------------------------------------------------------------ evaluation and checkpoints
+
+    def evaluate(self) -> dict:
+        """The same first eval_batches of the validation split every time (token-weighted over all ranks),
+        the configured tasks (every rank takes part) and the data's own task."""
+        from eval import evaluate, flat_metrics, heldout_loss
+
+        model, step = self.engine.module, self.progress.step
+        validation = in_lockstep(self.data.validation_loader(self.tokenizer, self.dist))
+        record = {"step": step, "eval_loss": heldout_loss(model, validation, max_batches=self.t.eval_batches)["loss"]}
+        if self.t.eval_tasks:
+            results = evaluate(model, self.tokenizer, self.t.eval_tasks, limit=self.t.eval_limit, show_progress=False)
+            record.update(flat_metrics(results))
+        record.update(self.data.evaluate(model))
+        self.metrics.log(record)
+        logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+        return record
+
+    def checkpoint(self) -> Path:
+        p, dist = self.progress, self.dist
+        trainer_state = {"step": p.step, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps,
+                         "world_size": dist.world_size, "expert_parallel_size": self.t.expert_parallel_size,
+                         "model_type": self.model_config.model_type}
+        rank_state = {"data": self.train_loader.state_dict(), "rng": rng_state()}
+        p.last_saved = save_checkpoint(self.checkpoint_root, p.step, self.engine, trainer_state, rank_state,
+                                       self.save_hf, self.t.keep_last, dist.rank)
+        return p.last_saved
+
+    def stop_reason(self) -> str | None:
+        """Why the run stops after this step (None: it goes on). Decided the same way on every rank."""
+        p, t = self.progress, self.t
+        signalled = not all_ranks_true(self.stop.received is None)
+        if p.step == t.stop_at_step:
+            return f"stop_at_step={p.step}"
         if signalled:
-            stop_reason = f"signal {stop.received or 'on another rank'}"
-            break
-        if too_many_nonfinite:
-            stop_reason = f"{consecutive_nonfinite} non-finite steps in a row"
-            logger.error("stopping: %s (checkpoint saved at step %d); lower the lr or check the data", stop_reason,
-                         step)
-            break
+            return f"signal {self.stop.received or 'on another rank'}"
+        if p.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+            logger.error("stopping: %d non-finite steps in a row (saving a checkpoint at step %d); lower the lr "
+                         "or check the data", p.consecutive_nonfinite, p.step)
+            return f"{p.consecutive_nonfinite} non-finite steps in a row"
+        return "max_steps" if p.step >= t.max_steps else None
 
-    if progress is not None:
-        progress.close()
-    synthetic_report = None
-    if synthetic is not None and stop_reason == "max_steps":  # accuracy on every held-out sequence, CPU time
-        synthetic_report = synthetic.final_report(engine.module, step)
-        metrics.log(synthetic_report)
+    # ------------------------------------------------------------------ the loop and the end
+
+    def train(self) -> dict:
+        """Run training as configured; returns a summary dict (rank 0's numbers)."""
+        t, p = self.t, self.progress
+        bar = None
+        if self.dist.is_main and t.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.max_steps, initial=p.step, desc="train", unit="step", dynamic_ncols=True)
+        batches, reason = iter(self.train_loader), "max_steps" if p.step >= t.max_steps else None
+        self.engine.train()
+        try:
+            while reason is None:
+                result = self.train_step(batches)
+                self.count_step(result)
+                if p.step % t.log_interval == 0 or p.step == t.max_steps:
+                    record = self.log_step(result)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                        tok_s=f"{record['tokens_per_sec']:,.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if t.eval_interval and (p.step % t.eval_interval == 0 or p.step == t.max_steps):
+                    self.evaluate()
+                reason = self.stop_reason()
+                if p.step % t.save_interval == 0 or reason is not None:
+                    self.checkpoint()
+        except Exception as err:
+            if self.dist.world_size > 1 and (self.stop.received or isinstance(err, torch.distributed.DistError)):
+                raise PeerFailure(self.dist.rank, self.stop.received, err, p.last_saved) from err
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.finish(reason)
+
+    def finish(self, reason: str) -> dict:
+        """The data's closing evaluation (a completed run only), loss curve, export; the run's summary."""
+        p, dist, report = self.progress, self.dist, None
+        if reason == "max_steps":
+            report = self.data.final_report(self.engine.module, p.step)
+        if report is not None:
+            self.metrics.log(report)
+            if dist.is_main:
+                self.data.write_report(self.output_dir, report)
+                logger.info(self.data.summary_line(report))
+        self.metrics.close()
+        curve = export = None
         if dist.is_main:
-            write_synthetic_report(output_dir, synthetic_report)
-            logger.info(synthetic.summary_line(synthetic_report))
-    metrics.close()
-    curve = None
-    if dist.is_main:
-        curve = plot_loss_curve(output_dir / "metrics.jsonl", output_dir / "loss_curve.png",
-                                title=f"{model_config.model_type} ({output_dir.name})")
-    export_report = None
-    if dist.is_main and t.export_at_end and last_saved is not None:
-        from launch.export import export_and_sample
+            curve = plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png",
+                                    title=f"{self.model_config.model_type} ({self.output_dir.name})")
+            if self.t.export_at_end and p.last_saved is not None:
+                from launch.export import export_and_sample
 
-        export_report = export_and_sample(output_dir, t.sample_prompt)
-    barrier()
-    stop.restore()
-    return {"export": export_report, "step": step, "tokens_seen": tokens_seen, "skipped_steps": skipped_steps,
-            "stop_reason": stop_reason,
-            "last_checkpoint": str(last_saved) if last_saved else None, "loss_curve": str(curve) if curve else None,
-            "output_dir": str(output_dir), "rank": dist.rank,
-            "synthetic": synthetic.summary_line(synthetic_report) if synthetic_report else None}
+                export = export_and_sample(self.output_dir, self.t.sample_prompt)
+        barrier()
+        return {"export": export, "step": p.step, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps,
+                "stop_reason": reason, "last_checkpoint": str(p.last_saved) if p.last_saved else None,
+                "loss_curve": str(curve) if curve else None, "output_dir": str(self.output_dir),
+                "rank": dist.rank, "synthetic": self.data.summary_line(report) if report else None}
+
+
+def train(run: RunConfig) -> dict:
+    """Build the trainer and run it (the `seedlm train` entry point); returns rank 0's summary."""
+    stop = StopSignal()  # first, so a preemption signal during start-up is a clean stop, not a killed rank
+    try:
+        return Trainer(run, stop).train()
+    finally:
+        stop.restore()

@@ -220,7 +220,7 @@ def test_config_mistakes_name_the_fix(overrides, message):
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_lr_schedule_shapes_and_warm_restarts(schedule):
-    from launch.trainer import lr_lambda
+    from launch.engine import lr_lambda
 
     base = ["max_steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1", f"train.schedule={schedule}"]
     plain = lr_lambda(load_run_config("gated_moe_tiny", base).train)
@@ -271,7 +271,7 @@ def test_non_finite_steps_are_skipped_then_the_run_saves_and_stops(corpus_and_to
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if "loss" in r] == [1, 2, 3]
     # a skipped update still moves the lr schedule on: the lr stays the planned one for each step
-    from launch.trainer import lr_lambda
+    from launch.engine import lr_lambda
 
     train_cfg = load_run_config(args[0], args[1:]).train
     planned = [train_cfg.lr * lr_lambda(train_cfg)(step) for step in (1, 2, 3)]
@@ -379,8 +379,8 @@ def test_zero0_run_equals_a_plain_pytorch_loop(corpus_and_tokenizer, tmp_path):
     """DeepSpeed at ZeRO 0 (fp32, the trainer clipping itself) changes no number: the same model, batches,
     AdamW groups, schedule and clipping in a plain loop give the same losses and gradient norms."""
     from data_pipeline import DataConfig, build_dataloader, load_tokenizer
+    from launch.engine import build_model, lr_lambda
     from launch.expert_parallel import optimizer_param_groups
-    from launch.trainer import build_model, lr_lambda
 
     corpus, tok = corpus_and_tokenizer
     args = run_args(corpus, tok, tmp_path / "run", max_steps=5, zero_stage=0,
@@ -390,7 +390,7 @@ def test_zero0_run_equals_a_plain_pytorch_loop(corpus_and_tokenizer, tmp_path):
 
     run = load_run_config(args[0], args[1:])
     t, tokenizer = run.train, load_tokenizer(tok)
-    net = build_model(run, model_config_from_run(run), tokenizer).train()
+    net = build_model(run.train, model_config_from_run(run), tokenizer).train()
     opt = torch.optim.AdamW(optimizer_param_groups(net, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     batches = iter(build_dataloader(DataConfig.from_dict({**run.data, "tokenizer": str(tok)}), tokenizer))

@@ -18,6 +18,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from launch.config import load_run_config
+    from launch.distributed import PeerFailure
     from launch.errors import USER_ERRORS
 
     try:
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     except USER_ERRORS as err:
         print(f"seedlm train: {err}", file=sys.stderr)
         return 2
+    except PeerFailure as err:  # not this rank's fault: one line instead of a traceback of consequences
+        print(f"seedlm train: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C (the first one saves at the step boundary)
         print("seedlm train: interrupted; the steps since the last checkpoint are lost", file=sys.stderr)
         return 130
