@@ -9,8 +9,8 @@ Three kinds of request, as in lm-evaluation-harness:
   spaces of the context move to the continuation first, so "Answer: " + "Paris" is scored as "Answer:"
   + " Paris" (a tokenizer attaches a space to the word after it). A piece that spans the boundary
   (seedlm's sentencepiece BPE has pieces such as "▁is▁a") starts the continuation, so the continuation
-  always has a token to score (lm-eval's split would leave it none). An empty context is replaced by the prefix token (bos,
-  else eos), so the first continuation token is still conditioned on something.
+  always has a token to score (lm-eval's split would leave it none). An empty context is replaced by the
+  prefix token (bos, else eos), so the first continuation token is still conditioned on something.
 - `LoglikelihoodRolling(text)`: log P(text) under windows of at most the model's max length. Every token
   is predicted exactly once; the first window is conditioned on the prefix token, each later window on
   the tokens before it (see `rolling_windows`).
