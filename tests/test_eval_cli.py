@@ -94,6 +94,20 @@ def test_evaluate_without_failures_raises_on_the_first_failing_task(tmp_path, mo
         evaluate(model, tok, ["tiny_qa", str(user_tasks(tmp_path) / "too_long.yaml")], limit=2, show_progress=False)
 
 
+def test_evaluate_with_failures_records_them_and_runs_the_rest(tmp_path, model_dir):
+    # names, paths and Task objects mixed: a name that does not load and a task that raises are recorded
+    from eval.harness import evaluate, load_model_dir
+    from eval.synthetic import synthetic_task
+
+    model, tok = load_model_dir(model_dir)
+    folder = user_tasks(tmp_path)
+    failures = {}
+    tasks = ["nope", "tiny_qa", str(folder / "too_long.yaml"), synthetic_task("parity", num_docs=2)]
+    results = evaluate(model, tok, tasks, limit=2, failures=failures, show_progress=False)
+    assert list(results) == ["tiny_qa", "parity"] and results["tiny_qa"]["num_docs"] == 2
+    assert list(failures) == ["nope", "too_long"] and "unknown task 'nope'" in failures["nope"]
+
+
 def test_every_eval_option_has_help(capsys):
     eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
     options = [a for a in eval_parser._actions if a.dest != "help"]
