@@ -156,21 +156,37 @@ def evaluate(
     max_length: int | None = None,
     include_paths: list[str | Path] | None = None,
     show_progress: bool = True,
+    failures: dict[str, str] | None = None,
 ) -> dict[str, dict]:
     """Evaluate `model` (any causal LM, live or loaded) on tasks; returns {task: {metric: value, ...}}.
 
     tasks: task names (shipped YAML tasks, tasks under `include_paths`, synthetic task names), YAML paths,
     or `Task` objects. limit: at most this many documents per task. num_fewshot overrides each task's.
-    Under torch.distributed every rank must call it; each scores a share and all get the full results.
+    failures: when a dict is given, a task that fails (does not load, or raises while it runs) is recorded
+    there as {task: reason} and the other tasks still run; without it the first failure raises.
+    Under torch.distributed every rank must call it; each scores a share and all get the full results
+    (with `failures`, a task must then fail on every rank, as bad task files and data do).
     The model is put in eval mode and handed back in the mode it came in.
     """
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     # load every task (and so report every malformed one) before any compute
-    resolved = iter(resolve_tasks([t for t in tasks if not isinstance(t, Task)], include_paths))
-    ordered = [t if isinstance(t, Task) else next(resolved) for t in tasks]
+    unresolved: dict[str, str] = {}
+    names = [t for t in tasks if not isinstance(t, Task)]
+    loaded = iter(resolve_tasks(names, include_paths, unresolved if failures is not None else None))
+    ordered = [t if isinstance(t, Task) else next(loaded) for t in tasks if isinstance(t, Task) or t not in unresolved]
+    if failures is not None:
+        failures.update(unresolved)
     lm = CausalLM(model, tokenizer, batch_size=batch_size, max_length=max_length, show_progress=show_progress)
-    return {task.name: evaluate_task(lm, task, limit, num_fewshot) for task in ordered}
+    results = {}
+    for task in ordered:
+        try:
+            results[task.name] = evaluate_task(lm, task, limit, num_fewshot)
+        except Exception as err:  # noqa: BLE001 - with `failures`, one task's error does not discard the others
+            if failures is None:
+                raise
+            failures[task.name] = str(err) if isinstance(err, TaskError) else f"{type(err).__name__}: {err}"
+    return results
 
 
 @torch.no_grad()
@@ -225,7 +241,7 @@ def flat_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, fl
     }
 
 
-def markdown_table(results: dict[str, dict]) -> str:
+def markdown_table(results: dict[str, dict], failures: dict[str, str] | None = None) -> str:
     lines = ["| task | metric | value | stderr | docs |", "|---|---|---|---|---|"]
     for task, metrics in results.items():
         for name, value in metrics.items():
@@ -234,15 +250,22 @@ def markdown_table(results: dict[str, dict]) -> str:
             stderr = metrics.get(f"{name}_stderr")
             err = f"{stderr:.4f}" if isinstance(stderr, float) and stderr == stderr else ""
             lines.append(f"| {task} | {name} | {value:.4f} | {err} | {metrics.get('num_docs', '')} |")
+    if failures:
+        lines += ["", "Failed tasks:"] + [f"- {task}: {' '.join(reason.split())}" for task, reason in failures.items()]
     return "\n".join(lines) + "\n"
 
 
-def save_results(results: dict[str, dict], path: str | Path, info: dict | None = None) -> tuple[Path, Path]:
-    """Write PATH (JSON: {"results": ..., "info": ...}) and the markdown table beside it (PATH with .md)."""
+def save_results(
+    results: dict[str, dict], path: str | Path, info: dict | None = None, failures: dict[str, str] | None = None
+) -> tuple[Path, Path]:
+    """Write PATH (JSON: {"results": ..., "info": ...}, and "failed": {task: reason} when tasks failed) and
+    the markdown table beside it (PATH with .md)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"results": results, "info": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}}
+    if failures:
+        payload["failed"] = failures
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     md = path.with_suffix(".md")
-    md.write_text(markdown_table(results))
+    md.write_text(markdown_table(results, failures))
     return path, md

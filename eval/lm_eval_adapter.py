@@ -12,8 +12,11 @@ From the shell (lm_eval's own command line, with the adapter registered first):
     python -m eval.lm_eval_adapter --model seedlm --model_args run_dir=runs/x \\
         --include_path eval/tasks --tasks tiny_qa
 
-An exported folder needs no adapter at all:
-`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --tasks ...`.
+An exported folder also runs as `--model seedlm --model_args pretrained=DIR`. lm-eval's own
+`--model hf --model_args pretrained=DIR,trust_remote_code=True` works too, except on a loglikelihood request
+whose continuation merges with the end of the context into one piece (seedlm's tokenizers have pieces such as
+"▁is▁a"): lm-eval's split leaves it no token and HFLM stops on an AssertionError. The "seedlm" model splits
+such a pair before the merged piece (`eval.requests.encode_pair`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     ) from err
 
 from .harness import resolve_model_dir
+from .requests import encode_pair
 
 
 @register_model("seedlm")
@@ -48,6 +52,12 @@ class SeedlmLM(HFLM):
         kwargs.setdefault("trust_remote_code", True)
         kwargs.setdefault("tokenizer", folder)
         super().__init__(pretrained=folder, **kwargs)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """seedlm's split (eval.requests.encode_pair). lm-eval's own splits the joint encoding at the
+        context's token count, which leaves no continuation token when a sentencepiece piece spans the
+        boundary ("... is" + " a" -> "▁is▁a"), and HFLM then stops at `assert len(continuation_enc) > 0`."""
+        return encode_pair(self.tokenizer, context, continuation, encode_fn=self.tok_encode)
 
 
 def main() -> None:

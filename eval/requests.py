@@ -5,10 +5,12 @@ Three kinds of request, as in lm-evaluation-harness:
 - `Loglikelihood(context, continuation)`: log P(continuation | context) summed over the continuation's
   tokens, and whether greedy decoding would have produced exactly those tokens. The split into context
   and continuation tokens is made at the token boundary of the *joint* encoding: encode(context +
-  continuation), then the first len(encode(context)) tokens are the context. Trailing spaces of the
-  context move to the continuation first, so "Answer: " + "Paris" is scored as "Answer:" + " Paris" (a
-  tokenizer attaches a space to the word after it). An empty context is replaced by the prefix token (bos,
-  else eos), so the first continuation token is still conditioned on something.
+  continuation), then the first len(encode(context)) tokens are the context, as in lm-eval. Trailing
+  spaces of the context move to the continuation first, so "Answer: " + "Paris" is scored as "Answer:"
+  + " Paris" (a tokenizer attaches a space to the word after it). A piece that spans the boundary
+  (seedlm's sentencepiece BPE has pieces such as "▁is▁a") starts the continuation, so the continuation
+  always has a token to score (lm-eval's split would leave it none). An empty context is replaced by the
+  prefix token (bos, else eos), so the first continuation token is still conditioned on something.
 - `LoglikelihoodRolling(text)`: log P(text) under windows of at most the model's max length. Every token
   is predicted exactly once; the first window is conditioned on the prefix token, each later window on
   the tokens before it (see `rolling_windows`).
@@ -74,10 +76,12 @@ def prefix_token_id(tokenizer) -> int:
     raise ValueError("the tokenizer has neither a bos nor an eos token: an empty context cannot be scored")
 
 
-def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) split at the token boundary of the joint encoding."""
+def encode_pair(tokenizer, context: str, continuation: str, encode_fn=None) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split at the token boundary of the joint encoding. `encode_fn`
+    (text -> ids) replaces `encode` (the lm-eval adapter passes its model's own tok_encode)."""
+    encode_text = encode_fn or (lambda text: encode(tokenizer, text))
     if context == "":
-        cont = encode(tokenizer, continuation)
+        cont = encode_text(continuation)
         prefix = prefix_token_id(tokenizer)
         if cont and cont[0] == prefix:  # the tokenizer already put bos in front: condition on that one
             return cont[:1], cont[1:]
@@ -87,8 +91,17 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     if len(stripped) < len(context):
         continuation = context[len(stripped) :] + continuation
         context = stripped
-    whole = encode(tokenizer, context + continuation)
-    n_context = len(encode(tokenizer, context))
+    whole = encode_text(context + continuation)
+    context_ids = encode_text(context)
+    # The context is the longest run of leading tokens on which the joint encoding agrees with the
+    # context's own: all of the context's tokens when no piece spans the boundary (lm-eval's split).
+    # "... is" + " a" may encode jointly as [..., "▁is▁a"]: then "▁is▁a" is the continuation, scored
+    # given the tokens before it, where lm-eval's split at len(context_ids) would leave no token at all.
+    n_context = 0
+    while n_context < min(len(whole), len(context_ids)) and whole[n_context] == context_ids[n_context]:
+        n_context += 1
+    if n_context == 0:  # the very first piece spans the boundary: condition on the prefix token
+        return [prefix_token_id(tokenizer)], whole
     return whole[:n_context], whole[n_context:]
 
 

@@ -222,7 +222,11 @@ def _load_splits(cfg: dict, yaml_dir: Path, source: str) -> dict[str, list[dict]
         fn = cfg["custom_dataset"]
         if not isinstance(fn, FunctionRef):
             raise TaskError(f"{source}: custom_dataset must be '!function module.name'")
-        data = fn.load()(**kwargs)
+        load = fn.load()
+        try:
+            data = load(**kwargs)
+        except Exception as err:  # noqa: BLE001 - a missing or unreadable data file, reported with the task
+            raise TaskError(f"{source}: custom_dataset {fn.spec} failed: {type(err).__name__}: {err}") from err
         return {split: list(docs) for split, docs in data.items()}
     path = cfg.get("dataset_path")
     if not path:
@@ -386,24 +390,33 @@ def find_task_files(include_paths: list[str | Path] | None = None) -> dict[str, 
     return found
 
 
-def resolve_tasks(names: list[str], include_paths: list[str | Path] | None = None) -> list[Task]:
+def resolve_tasks(
+    names: list[str], include_paths: list[str | Path] | None = None, failures: dict[str, str] | None = None
+) -> list[Task]:
     """Tasks by name (a shipped task, one under an include path, or a synthetic task from
-    `eval.synthetic.SYNTHETIC_TASKS`) or by the path of a YAML file."""
+    `eval.synthetic.SYNTHETIC_TASKS`) or by the path of a YAML file.
+
+    failures: when a dict is given, a name that gives no valid task is recorded there as {name: message}
+    and the other tasks are still returned; without it the first such name raises `TaskError`. A missing
+    include path always raises: it concerns every name."""
     from .synthetic import SYNTHETIC_TASKS, synthetic_task
 
-    index = None
+    is_path = [name.endswith((".yaml", ".yml")) or Path(name).is_file() for name in names]
+    index = find_task_files(include_paths) if not all(is_path) else {}
     tasks = []
-    for name in names:
-        if name.endswith((".yaml", ".yml")) or Path(name).is_file():
-            tasks.append(load_task_file(name))
-            continue
-        if index is None:
-            index = find_task_files(include_paths)
-        if name in index:
-            tasks.append(load_task_file(index[name]))
-        elif name in SYNTHETIC_TASKS:
-            tasks.append(synthetic_task(name))
-        else:
-            known = sorted(set(index) | set(SYNTHETIC_TASKS))
-            raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(known)} (or give a YAML file's path)")
+    for name, by_path in zip(names, is_path):
+        try:
+            if by_path:
+                tasks.append(load_task_file(name))
+            elif name in index:
+                tasks.append(load_task_file(index[name]))
+            elif name in SYNTHETIC_TASKS:
+                tasks.append(synthetic_task(name))
+            else:
+                known = sorted(set(index) | set(SYNTHETIC_TASKS))
+                raise TaskError(f"unknown task {name!r}; known tasks: {', '.join(known)} (or give a YAML file's path)")
+        except TaskError as err:
+            if failures is None:
+                raise
+            failures[name] = str(err)
     return tasks

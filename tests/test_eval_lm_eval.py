@@ -9,7 +9,7 @@ from eval.lm import CausalLM  # noqa: E402
 from eval.requests import Loglikelihood  # noqa: E402
 from eval.synthetic import write_synthetic_task  # noqa: E402
 from eval.tasks import TASKS_DIR  # noqa: E402
-from tests.test_eval_utils import saved_model_dir  # noqa: E402
+from tests.test_eval_utils import quickstart_tokenizer, saved_model_dir  # noqa: E402
 
 TASKS = ["tiny_qa", "tiny_cloze", "tiny_text", "tiny_arith", "parity"]
 EXACT = {"acc", "acc_norm", "exact_match"}
@@ -79,3 +79,25 @@ def test_seedlm_adapter_evaluates_a_run_folders_latest_checkpoint(setup):
     ours = evaluate(model, tok, ["tiny_qa"], show_progress=False)["tiny_qa"]
     assert ours["acc"] == lm_eval_metric(theirs, "tiny_qa", "acc")
     assert ours["acc_norm"] == lm_eval_metric(theirs, "tiny_qa", "acc_norm")
+
+
+def test_seedlm_adapter_splits_word_spanning_pieces_on_the_quickstart_tokenizer(setup):
+    # tiny_cloze has "... alphabet is" + " a", one piece "▁is▁a" in the quickstart tokenizer: lm-eval's
+    # split gives the continuation no token (HFLM asserts), the adapter's gives it "▁is▁a"
+    import math
+
+    import eval.lm_eval_adapter  # noqa: F401 - registers "seedlm"
+
+    _, _, manager = setup
+    tmp = setup[0].parent / "quickstart"
+    tok = quickstart_tokenizer(str(tmp / "tok"))
+    assert "▁is▁a" in tok.get_vocab()
+    model_dir = saved_model_dir(tmp, tokenizer=tok)
+    theirs = lm_eval.simple_evaluate(model="seedlm", model_args=f"pretrained={model_dir}", tasks=["tiny_cloze"],
+                                     task_manager=manager, batch_size=4, device="cpu")
+    model, tok = load_model_dir(model_dir)
+    ours = evaluate(model, tok, ["tiny_cloze"], show_progress=False)["tiny_cloze"]
+    assert ours["num_docs"] == theirs["results"]["tiny_cloze"]["sample_len"] == 12
+    assert math.isfinite(ours["perplexity"])
+    assert ours["acc"] == lm_eval_metric(theirs, "tiny_cloze", "acc")
+    assert ours["perplexity"] == pytest.approx(lm_eval_metric(theirs, "tiny_cloze", "perplexity"), rel=1e-4)

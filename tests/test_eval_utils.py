@@ -30,6 +30,20 @@ def tiny_tokenizer(out_dir: str):
     return train_tokenizer(corpus(), out_dir, vocab_size=400, num_threads=1)
 
 
+@functools.cache
+def quickstart_tokenizer(out_dir: str):
+    """A tokenizer trained as `seedlm train quickstart` trains one (its sources, vocabulary and budget): a
+    sentencepiece BPE on the stdlib corpus, with pieces that span words ("▁is▁a", "▁of▁the")."""
+    from data_pipeline import DataConfig, iter_texts, open_sources, train_tokenizer
+    from launch.config import load_run_config
+
+    run = load_run_config("quickstart")
+    data = DataConfig.from_dict(run.data)
+    texts = iter_texts(open_sources(data, "train"), seed=data.seed)
+    return train_tokenizer(texts, out_dir, vocab_size=run.tokenizer.vocab_size, model_type=run.tokenizer.model_type,
+                           max_chars=run.tokenizer.max_chars)
+
+
 def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer model with weights large enough that log-probabilities differ clearly between tokens."""
     from transformers import AutoModelForCausalLM
@@ -53,9 +67,9 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def saved_model_dir(tmp: Path, family: str = "gated_moe") -> Path:
-    """A saved folder (model + tokenizer) for folder-based tests."""
-    tok = tiny_tokenizer(str(tmp / "tok"))
+def saved_model_dir(tmp: Path, family: str = "gated_moe", tokenizer=None) -> Path:
+    """A saved folder (model + tokenizer, by default the tiny one) for folder-based tests."""
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer(str(tmp / "tok"))
     net = tiny_model(family, len(tok))
     out = tmp / f"{family}_model"
     net.save_pretrained(out)

@@ -7,7 +7,9 @@ seedlm eval runs/x --list-tasks
 seedlm eval runs/state_tracking/s3_nh2_neg                       # a model trained on data.synthetic: no --tasks
 
 Writes the results as JSON (--output, default MODEL_DIR/eval_results.json) and a markdown table beside it
-(.md), and prints the table.
+(.md), and prints the table. A task that fails (a bad task file or data file, an error while it runs) is
+reported with its reason and listed under "failed" in the JSON; the other tasks' results are still written,
+and the exit status is 1 (2 when no task could be loaded, before the model is).
 """
 
 import argparse
@@ -15,22 +17,28 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="an exported model folder, or a run folder (its latest checkpoint)")
-    parser.add_argument("--tasks", help="comma-separated task names or YAML paths (see --list-tasks)")
-    parser.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more YAML tasks")
-    parser.add_argument("--output", help="results JSON (default: MODEL_DIR/eval_results.json); .md written beside")
-    parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default: 8)")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many documents per task")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="override each task's few-shot count")
-    parser.add_argument("--max-length", type=int, default=None, help="context length (default: from the config)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--tasks", help="comma-separated task names or YAML paths (see --list-tasks); a model "
+                                        "trained on data.synthetic takes none")
+    parser.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                        help="a folder of YAML tasks (or one YAML file) to add to the shipped ones; repeatable")
+    parser.add_argument("--output", help="results JSON, with a markdown table (.md) beside it; "
+                                         "None: MODEL_DIR/eval_results.json")
+    parser.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many documents per task; None: all")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="few-shot examples per prompt for every task; None: each task's own num_fewshot")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="context length in tokens; None: from the model's config")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda:1; None: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, help="weight dtype, e.g. bfloat16; None: as saved")
     parser.add_argument("--device-map", default=None, metavar="MAP",
                         help="'auto': place a model too large for one device over the GPUs, CPU memory and disk "
                              "(accelerate's big-model dispatch); replaces --device")
     parser.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
                         help="with --device-map: memory per device, e.g. '0=70GiB,1=70GiB,cpu=200GiB' "
                              "(what does not fit is offloaded to disk)")
-    parser.add_argument("--list-tasks", action="store_true", help="list the known tasks and exit")
+    parser.add_argument("--list-tasks", action="store_true",
+                        help="list the known tasks (shipped, under --include-path, synthetic) and exit")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,15 +60,20 @@ def run(args: argparse.Namespace) -> int:
         synthetic = synthetic_meta(args.model_dir)
         if synthetic is not None:
             return run_synthetic(args, synthetic)
-        if not args.tasks:
+        names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+        if not names:
             print(f"{prog}: give --tasks NAME[,NAME...] (see --list-tasks)", file=sys.stderr)
             return 2
-        names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        tasks = resolve_tasks(names, args.include_path)  # every task checked before the model loads
+        failures: dict[str, str] = {}  # a task that fails is reported; the others still run
+        tasks = resolve_tasks(names, args.include_path, failures)  # every task checked before the model loads
     except TaskError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-
+    for reason in failures.values():
+        print(f"{prog}: {reason}", file=sys.stderr)
+    if not tasks:
+        return 2
+    failed_to_load = set(failures)
 
     from eval.harness import evaluate, load_model_dir, markdown_table, resolve_model_dir, save_results
 
@@ -86,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.limit,
             num_fewshot=args.num_fewshot,
             max_length=args.max_length,
+            failures=failures,
         )
     except (TaskError, ValueError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
@@ -97,10 +111,17 @@ def run(args: argparse.Namespace) -> int:
         "limit": args.limit,
         "num_fewshot": args.num_fewshot,
     }
-    json_path, md_path = save_results(results, output, info)
+    json_path, md_path = save_results(results, output, info, failures)
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}")
-    return 0
+    if not failures:
+        return 0
+    for name, reason in failures.items():
+        if name not in failed_to_load:  # those were reported before the model loaded
+            print(f"{prog}: task {name} failed: {reason}", file=sys.stderr)
+    print(f"{prog}: {len(failures)} of {len(names)} tasks failed ({', '.join(failures)}); the results of the "
+          f"others are in {json_path}", file=sys.stderr)
+    return 1
 
 
 def default_device(args: argparse.Namespace) -> str:
