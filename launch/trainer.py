@@ -29,7 +29,7 @@ from launch.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from launch.config import ConfigError, RunConfig, model_config_from_run
+from launch.config import ConfigError, RunConfig, check_run_config
 from launch.distributed import DistInfo, all_ranks_true, barrier, init_distributed
 from launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
 from launch.synthetic import synthetic_run
@@ -205,14 +205,10 @@ def train(run: RunConfig) -> dict:
     barrier()
 
     # --- configs and every check, before any compute
-    model_config = model_config_from_run(run)
+    model_config = check_run_config(run, dist.world_size)  # model fields, expert parallel, tokenizer fit
     # data.synthetic: generated task batches with aligned targets and a vocabulary tokenizer (launch/synthetic.py)
     synthetic = synthetic_run(run)
     data_cfg = DataConfig.from_dict(synthetic.data_section(run.data) if synthetic else run.data)
-    from launch.expert_parallel import validate_expert_parallel
-
-    validate_expert_parallel(t.expert_parallel_size, dist.world_size, getattr(model_config, "num_experts", 0),
-                             t.zero_stage)
     checkpoint_root = output_dir / "checkpoints"
     resume_from = None
     if t.resume == "auto":
