@@ -66,7 +66,7 @@ def test_tokenizer_of_an_export_loads_without_the_remote_code_prompt(tmp_path):
     loads = [
         [sys.executable, "-m", "launch.cli", "tokenizer", "encode", str(export), "alpha beta"],
         # the data pipeline alone (no seedlm model classes registered)
-        [sys.executable, "-c", f"from data_pipeline import load_tokenizer; print(len(load_tokenizer({str(export)!r})))"],
+        [sys.executable, "-c", f"import data_pipeline as d; print(len(d.load_tokenizer({str(export)!r})))"],
     ]
     encoded, loaded = [subprocess.run(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True,
                                       text=True, timeout=300) for argv in loads]
