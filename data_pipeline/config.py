@@ -58,7 +58,11 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
-            raise DataError(f"unknown source kind {self.kind!r}; use one of {', '.join(SOURCE_KINDS)}")
+            hint = ""
+            if ":" in self.kind:  # the string form put where the mapping form's kind goes
+                kind, _, path = self.kind.partition(":")
+                hint = f" (the mapping form is {{kind: {kind}, path: {path}}}; the string {self.kind} alone works too)"
+            raise DataError(f"unknown source kind {self.kind!r}; use one of {', '.join(SOURCE_KINDS)}{hint}")
         if self.kind == "stdlib":
             # The embedded default: real text on every machine, no download.
             self.path = self.path or sysconfig.get_paths()["stdlib"]
@@ -106,8 +110,17 @@ class SourceConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | str) -> SourceConfig:
-        if isinstance(d, str):  # shorthand: "stdlib"
-            d = {"kind": d}
+        """A source from a config entry: the command line's spec string ("stdlib", "jsonl:data/*.jsonl", a
+        path), or a mapping of SourceConfig fields ({kind: jsonl, path: data/*.jsonl, text_field: body})."""
+        if isinstance(d, str):
+            return cls.from_spec(d)
+        if not isinstance(d, dict):
+            raise DataError(f"data source {d!r} is neither a string (e.g. jsonl:data/*.jsonl) nor a mapping "
+                            "(e.g. {kind: jsonl, path: data/*.jsonl})")
+        if "kind" not in d and len(d) == 1 and next(iter(d)) in SOURCE_KINDS:  # YAML read `jsonl: x` as a mapping
+            kind, path = next(iter(d.items()))
+            raise DataError(f"data source {d!r}: write {kind}:{path} (no space after the colon) or "
+                            f"{{kind: {kind}, path: {path}}}")
         _check_keys(cls, d, "data source")
         return cls(**d)
 
@@ -150,7 +163,12 @@ class DataConfig:
         _check_keys(cls, d, "data")
         d = dict(d)
         if "sources" in d:
-            d["sources"] = [SourceConfig.from_dict(s) for s in d["sources"]]
+            sources = d["sources"]
+            if isinstance(sources, (str, dict)):  # one source given without the list around it
+                sources = [sources]
+            if not isinstance(sources, list):
+                raise DataError(f"data.sources must be a list of sources, got {sources!r}")
+            d["sources"] = [SourceConfig.from_dict(s) for s in sources]
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:

@@ -116,6 +116,12 @@ def list_files(config: SourceConfig) -> tuple[Path, list[str]]:
     return root, rels
 
 
+def _missing_field(config: SourceConfig, what: str, present: str) -> str:
+    """The message for a text field the source does not have: what is there, and the option that picks it."""
+    return (f"source {config.describe()}: {what}; {present}. Set the source's text_field to the one holding the "
+            "text (text_field: NAME in the config's source mapping, --text-field NAME on the command line)")
+
+
 def _sniff_binary(path: Path) -> bool:
     with open(path, "rb") as f:
         return b"\0" in f.read(_SNIFF_BYTES)
@@ -154,7 +160,7 @@ class LocalSource(Source):
 
             names = pq.ParquetFile(first).schema_arrow.names
             if field not in names:
-                raise DataError(f"source {self.config.describe()}: column {field!r} not in {first}; columns: {names}")
+                raise DataError(_missing_field(self.config, f"column {field!r} not in {first}", f"columns: {names}"))
         elif self.config.kind == "jsonl" and not _sniff_binary(first):
             keys: set[str] = set()
             with open(first, encoding="utf-8", errors="replace") as f:
@@ -170,10 +176,10 @@ class LocalSource(Source):
                             return
                         keys.update(obj)
             if keys:
-                raise DataError(
-                    f"source {self.config.describe()}: text field {field!r} not found in the first records of {first}; "
-                    f"keys seen: {sorted(keys)}; set text_field"
-                )
+                raise DataError(_missing_field(
+                    self.config, f"text field {field!r} not found in the first records of {first}",
+                    f"keys seen: {sorted(keys)}",
+                ))
 
     def iter_records(self, shard: int, start: int) -> Iterator[Record]:
         rel = self.files[shard]
@@ -310,9 +316,7 @@ class HubSource(Source):
             first = next(iter(self.dataset), None)
             names = list(first) if isinstance(first, dict) else []
         if field not in names:
-            raise DataError(
-                f"source {self.config.describe()}: text field {field!r} not found; fields: {names}; set text_field"
-            )
+            raise DataError(_missing_field(self.config, f"text field {field!r} not found", f"fields: {names}"))
 
     def iter_records(self, shard: int, start: int) -> Iterator[Record]:
         field = self.config.text_field

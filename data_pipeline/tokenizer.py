@@ -181,13 +181,17 @@ def _bpe_merges(pieces: list[tuple[str, float, int]], vocab: dict[str, int]) -> 
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
-    """Load a tokenizer folder offline-friendly, checking it has what packing needs (an eos token)."""
+    """Load a tokenizer folder offline-friendly, checking it has what packing needs (an eos token).
+
+    Without remote code: a tokenizer needs none (ours is a plain `tokenizers` one), but in an exported model
+    folder the config's `auto_map` would make transformers ask "Do you wish to run the custom code?" on the
+    terminal (and wait for an answer) while it only looks for the tokenizer class."""
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
         raise DataError(f"tokenizer folder {path} does not exist; train one with `seedlm tokenizer train --out {path}`")
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise DataError(f"cannot load the tokenizer in {path}: {err}") from err
     if tok.eos_token_id is None:

@@ -26,8 +26,22 @@ COMMANDS = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default; descriptions and epilogs keep their line breaks (examples)."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A parser whose epilog may be a function, called only when the help is shown: a long reference (the
+    train config sections) may import heavy modules without slowing down every other command."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="seedlm",
         description="seedlm: pretraining stack for gated-attention MoE and DeltaProduct language models.",
     )
@@ -35,11 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name, help_text in COMMANDS:
         try:
             module = importlib.import_module(f"launch.commands.{module_name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"launch.commands.{module_name}":
-                raise
-            continue  # subcommand not built yet in this checkout
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        except ImportError as err:  # a broken command module is a bug to see, not a command to hide
+            raise ImportError(f"seedlm: the {name!r} command (module launch.commands.{module_name}) "
+                              f"failed to import: {err}") from err
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
     return parser

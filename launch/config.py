@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -228,7 +229,8 @@ def load_run_config(config: str | Path | None, overrides: list[str] = ()) -> Run
             if key in TOP_LEVEL_ALIASES:  # aliases are allowed in files too
                 section, name = TOP_LEVEL_ALIASES[key].split(".")
                 doc.setdefault(section, {})[name] = doc.pop(key)
-    doc = merge(doc, parse_overrides(list(overrides)))
+    command_line = parse_overrides(list(overrides))
+    doc = merge(doc, command_line)
     sections = {f.name for f in dataclasses.fields(RunConfig)}
     for key in doc:
         if key not in sections:
@@ -241,6 +243,7 @@ def load_run_config(config: str | Path | None, overrides: list[str] = ()) -> Run
         train=build_section(TrainConfig, doc.get("train", {}) or {}, "train"),
     )
     validate(run)
+    check_model_fields(run, command_line, path if config is not None else None)
     return run
 
 
@@ -270,6 +273,88 @@ def validate(run: RunConfig) -> None:
         from launch.synthetic import synthetic_config
 
         synthetic_config(run.data)
+    else:  # unknown data keys, source kinds and forms
+        from data_pipeline import DataConfig
+
+        DataConfig.from_dict(run.data)
+
+
+def check_model_fields(run: RunConfig, command_line: dict, config_file: Path | None) -> None:
+    """Refuse a model field that the model's config class does not have, naming the key as written and where
+    (the command line or the YAML file), with the closest valid field; then build the model config, so that
+    its own checks of the values run at load too."""
+    from launch.presets import config_class_for, preset_fields, unknown_field
+
+    def where(section: str, name: str) -> str:
+        given = command_line.get(section)
+        if section in command_line and (not isinstance(given, dict) or name in given):
+            return "from the command line"
+        return f"in {config_file}"
+
+    written = [("model_overrides", name) for name in run.model_overrides]
+    if isinstance(run.model, dict):
+        model_type = run.model.get("model_type")
+        written += [("model", name) for name in run.model if name != "model_type"]
+    elif isinstance(run.model, str):
+        model_type = preset_fields(run.model)[0].get("model_type")
+    else:
+        model_type = None  # model_config_from_run says what is wrong
+    if model_type is not None:
+        config_class = config_class_for(model_type)
+        for section, name in written:
+            problem = unknown_field(config_class, name)
+            if problem:
+                raise ConfigError(f"{section}.{name} ({where(section, name)}): {problem}")
+    model_config_from_run(run)
+
+
+def world_size_from_environment(env=os.environ) -> tuple[int, str]:
+    """The number of ranks the launcher started, and where that was read, without starting a process group
+    (torchrun and the deepspeed launcher set WORLD_SIZE, srun SLURM_NTASKS; a plain process is 1)."""
+    from launch.distributed import detect_launcher
+
+    launcher = detect_launcher(env)
+    if launcher == "torchrun/deepspeed":
+        return int(env["WORLD_SIZE"]), "WORLD_SIZE"
+    if launcher == "srun":
+        return int(env["SLURM_NTASKS"]), "SLURM_NTASKS"
+    return 1, "one process: neither WORLD_SIZE nor SLURM_NTASKS is set"
+
+
+def check_run_config(run: RunConfig, world_size: int | None = None):
+    """Every check of a loaded config that needs neither data nor a process group, so that `--print-config`
+    refuses what the run would: the model config, expert parallelism against the world size (None: from the
+    environment) and ZeRO stage, and the tokenizer's fit in the model's vocabulary. Returns the model config."""
+    from launch.expert_parallel import ExpertParallelError, validate_expert_parallel
+
+    model_config = model_config_from_run(run)
+    where = "the process group"
+    if world_size is None:
+        world_size, where = world_size_from_environment()
+    try:
+        validate_expert_parallel(run.train.expert_parallel_size, world_size, getattr(model_config, "num_experts", 0),
+                                 run.train.zero_stage)
+    except ExpertParallelError as err:
+        raise ExpertParallelError(f"{err} (world size {world_size}, from {where})") from None
+    check_tokenizer_fits(run, model_config.vocab_size)
+    return model_config
+
+
+def check_tokenizer_fits(run: RunConfig, model_vocab_size: int) -> None:
+    """Before any tokenizer is trained: the folder at tokenizer.path is loaded and must fit the model's
+    vocabulary; a tokenizer still to be trained must not ask for more tokens than the model has."""
+    if "synthetic" in run.data:
+        return  # the vocabulary is the task's elements (launch/synthetic.py checks the run)
+    from data_pipeline import check_vocab_fits, load_tokenizer
+
+    if run.tokenizer.path:
+        check_vocab_fits(load_tokenizer(run.tokenizer.path), model_vocab_size)
+    elif run.tokenizer.vocab_size > model_vocab_size:
+        raise ConfigError(
+            f"tokenizer.vocab_size={run.tokenizer.vocab_size} (the tokenizer to train) is larger than the model's "
+            f"vocab_size={model_vocab_size}: set tokenizer.vocab_size <= {model_vocab_size}, or "
+            f"model_overrides.vocab_size >= {run.tokenizer.vocab_size}"
+        )
 
 
 def model_config_from_run(run: RunConfig):

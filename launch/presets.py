@@ -46,26 +46,40 @@ def config_class_for(model_type: str):
     return CONFIG_MAPPING[model_type]
 
 
+def unknown_field(config_class, name: str) -> str | None:
+    """None when `name` is a field of config_class; else says so, with the closest valid field."""
+    valid = {f.name for f in dataclasses.fields(config_class)}
+    if name in valid:
+        return None
+    close = difflib.get_close_matches(name, sorted(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown field {name!r} for {config_class.model_type}{hint}"
+
+
 def build_model_config(fields: dict, source: str = "model config"):
     """fields: {"model_type": ..., <config fields>} -> config object; unknown fields are refused."""
     fields = dict(fields)
     if "model_type" not in fields:
         raise PresetError(f"{source} has no model_type")
     config_class = config_class_for(fields.pop("model_type"))
-    valid = {f.name for f in dataclasses.fields(config_class)}
     for key in fields:
-        if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise PresetError(f"{source}: unknown field {key!r} for {config_class.model_type}{hint}")
+        problem = unknown_field(config_class, key)
+        if problem:
+            raise PresetError(f"{source}: {problem}")
     return config_class(**fields)
 
 
-def load_model_config(name_or_path: str | Path, **overrides):
+def preset_fields(name_or_path: str | Path) -> tuple[dict, Path]:
+    """The fields a preset file holds (model_type included), and the file."""
     path = preset_path(name_or_path)
     fields = yaml.safe_load(path.read_text()) or {}
     if not isinstance(fields, dict):
         raise PresetError(f"{path} must hold a mapping of config fields")
+    return fields, path
+
+
+def load_model_config(name_or_path: str | Path, **overrides):
+    fields, path = preset_fields(name_or_path)
     fields.update(overrides)
     return build_model_config(fields, source=str(path))
 

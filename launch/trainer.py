@@ -34,7 +34,7 @@ from launch.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from launch.config import ConfigError, RunConfig, model_config_from_run
+from launch.config import ConfigError, RunConfig, check_run_config
 from launch.distributed import PeerFailure, all_ranks_true, barrier, init_distributed
 from launch.engine import build_engine, build_model, optimizer_step, save_hf_folder_fn
 from launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
@@ -121,14 +121,11 @@ class Trainer:
 
     def build_checks(self) -> None:
         """Every check that needs no tokenizer or model: output folder, model, data, parallelism, resume."""
-        from launch.expert_parallel import validate_expert_parallel
-
         t = self.t
+        # model fields, expert parallelism, tokenizer fit: the checks `--print-config` runs too
+        self.model_config = check_run_config(self.run, self.dist.world_size)
         prepare_output_dir(self.output_dir)  # every rank: a node that cannot write it stops at once
-        self.model_config = model_config_from_run(self.run)
         self.data = training_data(self.run)
-        validate_expert_parallel(t.expert_parallel_size, self.dist.world_size,
-                                 getattr(self.model_config, "num_experts", 0), t.zero_stage)
         self.resume_from = None
         if t.resume == "auto":
             self.resume_from = find_resume_checkpoint(self.checkpoint_root)

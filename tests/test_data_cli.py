@@ -43,3 +43,34 @@ def test_clear_error_exit_code(tmp_path, capsys):
     assert "no files match" in capsys.readouterr().out
     assert main(["data", "view", "--tokenizer", str(tmp_path / "missing")]) == 2
     assert "seedlm tokenizer train" in capsys.readouterr().out
+
+
+def test_tokenizer_of_an_export_loads_without_the_remote_code_prompt(tmp_path):
+    """An export's config.json maps AutoConfig to remote code; loading only its tokenizer must not ask
+    "Do you wish to run the custom code?" (with stdin closed as here, transformers prints it and waits)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_data_helpers import tiny_tokenizer
+
+    from launch.presets import load_model_config
+
+    export = tmp_path / "export"
+    load_model_config("gated_moe_tiny").save_pretrained(export)  # config.json with auto_map + configuration_*.py
+    tiny_tokenizer(export)
+    assert "auto_map" in (export / "config.json").read_text()
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_MODULES_CACHE=str(tmp_path / "modules"))
+    loads = [
+        [sys.executable, "-m", "launch.cli", "tokenizer", "encode", str(export), "alpha beta"],
+        # the data pipeline alone (no seedlm model classes registered)
+        [sys.executable, "-c", f"import data_pipeline as d; print(len(d.load_tokenizer({str(export)!r})))"],
+    ]
+    encoded, loaded = [subprocess.run(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                      text=True, timeout=300) for argv in loads]
+    for result in (encoded, loaded):
+        assert result.returncode == 0, result.stderr
+        assert "custom code" not in result.stdout + result.stderr
+    assert "round trip: exact" in encoded.stdout and loaded.stdout.strip() == "400"

@@ -105,7 +105,7 @@ def test_text_and_parquet_kinds(tmp_path):
     src = open_source(SourceConfig(kind="parquet", path=str(tmp_path / "pq"), text_field="content"))
     assert texts(src) == ["a", "b", "c"]
     assert [r.text for r in src.iter_records(0, 3)] == ["c"]  # seeking skips whole row groups
-    with pytest.raises(DataError, match="column 'text' not in"):
+    with pytest.raises(DataError, match=r"column 'text' not in .*columns: \['content'\]\. Set the source's text_field"):
         open_source(SourceConfig(kind="parquet", path=str(tmp_path / "pq")))
 
 
@@ -181,3 +181,25 @@ def test_more_readers_than_documents(tmp_path, tok):
     cfg = DataConfig(sources=src, seq_len=8, micro_batch_size=1, num_workers=0)
     with pytest.raises(DataError, match="reader 3 of 4 got no documents.*use fewer ranks/workers or more data"):
         next(iter(build_dataloader(cfg, tok, rank=3, world_size=4)))
+
+
+def test_one_source_syntax_in_config_and_command_line(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", ["x", "y"])
+    (tmp_path / "docs").mkdir()
+    string, mapping, bare, folder, stdlib = DataConfig.from_dict({"sources": [
+        f"jsonl:{data}", {"kind": "jsonl", "path": str(data), "weight": 2.0}, str(data), str(tmp_path / "docs"),
+        "stdlib",
+    ]}).sources
+    assert (string.kind, string.path) == (mapping.kind, mapping.path) == (bare.kind, bare.path) == ("jsonl", str(data))
+    assert mapping.weight == 2.0 and folder.kind == "files" and stdlib.kind == "stdlib"
+    assert string == SourceConfig.from_spec(f"jsonl:{data}")  # the same parser as `--source`
+    assert [s.kind for s in DataConfig.from_dict({"sources": "hub:owner/name"}).sources] == ["hub"]  # no list
+    # the forms mixed up get the fix in the message
+    with pytest.raises(DataError, match=r"write jsonl:/d.jsonl \(no space after the colon\)"):
+        DataConfig.from_dict({"sources": [{"jsonl": "/d.jsonl"}]})
+    with pytest.raises(DataError, match=r"the mapping form is \{kind: jsonl, path: /d.jsonl\}"):
+        DataConfig.from_dict({"sources": [{"kind": "jsonl:/d.jsonl"}]})
+    with pytest.raises(DataError, match="cannot tell the kind of source 'csv:x'"):
+        DataConfig.from_dict({"sources": ["csv:x"]})
+    with pytest.raises(DataError, match="neither a string"):
+        DataConfig.from_dict({"sources": [3]})

@@ -1,5 +1,6 @@
 """Model presets and the `seedlm` command line."""
 
+import argparse
 import subprocess
 import sys
 
@@ -59,3 +60,46 @@ def test_demo_runs_forward_and_generate(capsys):
     assert seedlm(["demo", "--presets", "gated_moe_tiny", "--seq-len", "8", "--new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "gated_moe_tiny (seedlm_gated_moe)" in out and "generate() 3 tokens" in out
+
+
+def test_train_help_lists_config_sections_defaults_and_source_forms(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        seedlm(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for text in ("model_overrides", "gated_moe_tiny", "vocab_size=4096", "seq_len=512", "sources=[stdlib]",
+                 "max_steps=100", "lr=0.003", "zero_stage=1", "expert_parallel_size=1", "--print-config",
+                 "KIND:PATH", "jsonl:data/*.jsonl", "text_field=text", "{kind: K, ...}"):
+        assert text in out, text
+
+
+def parsers_with_options(parser, path=()):
+    """(command path, parser) for every parser below `parser` (commands and their actions)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name), sub
+                yield from parsers_with_options(sub, (*path, name))
+
+
+def test_every_option_shows_its_default_once():
+    ours = {"train", "tokenizer", "data", "demo", "bench"}  # whose help texts this repository part writes
+    found = dict(parsers_with_options(build_parser()))
+    assert {("tokenizer", "train"), ("tokenizer", "encode"), ("data", "view"), ("eval",)} <= set(found)
+    for path, parser in found.items():
+        assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter), path
+        if path[0] not in ours:
+            continue
+        text = parser.format_help()
+        for action in parser._actions:
+            if action.option_strings and action.default is not argparse.SUPPRESS and action.help:
+                assert "default:" not in action.help, (path, action.dest)  # the formatter adds it
+                assert f"(default: {action.default})" in " ".join(text.split()), (path, action.dest)
+
+
+def test_a_command_module_that_fails_to_import_is_an_error(monkeypatch):
+    from launch import cli
+
+    monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, ("broken", "no_such_command", "a command not built")])
+    with pytest.raises(ImportError, match="'broken' command \\(module launch.commands.no_such_command\\)"):
+        cli.build_parser()

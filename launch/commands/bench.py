@@ -67,16 +67,15 @@ def read_exact(path: Path) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "benchmarks:\n" + "\n".join(f"  {name:14s} {what}" for name, _, what in BENCHMARKS)
     parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
-                        help=f"run only these benchmarks (of: {', '.join(NAMES)})")
+                        help=f"run only these benchmarks (of: {', '.join(NAMES)}); None: all of them")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (a few minutes in all, mostly process start-ups): prints the tables, "
                              "writes nothing unless --readme")
     parser.add_argument("--readme", type=Path, default=None, metavar="PATH",
-                        help="README whose bench blocks are rewritten (default: the checkout's README.md; "
-                             "with --smoke: none)")
+                        help="README whose bench blocks are rewritten; None: the checkout's README.md, "
+                             "or with --smoke no README")
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -15,19 +15,22 @@ from launch.commands.tokenizer import add_source_arguments, sources_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     view = sub.add_parser(
         "view",
         help="decode a few packed rows with document boundaries marked",
         description="Build the packed loader (one rank, no workers) and decode its first rows, segment by segment.",
+        formatter_class=parser.formatter_class,
     )
-    view.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (seedlm tokenizer train)")
+    view.add_argument("--tokenizer", required=True, default=argparse.SUPPRESS, metavar="DIR",
+                      help="tokenizer folder (seedlm tokenizer train), or an exported model folder")
     add_source_arguments(view)
-    view.add_argument("--seq-len", type=int, default=128, help="row length in tokens (default: 128)")
-    view.add_argument("--rows", type=int, default=3, help="rows to show (default: 3)")
-    view.add_argument("--skip", type=int, default=0, help="rows to skip first (default: 0)")
-    view.add_argument("--split", choices=["train", "validation"], default="train", help="default: train")
-    view.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    view.add_argument("--seq-len", type=int, default=128, help="row length in tokens")
+    view.add_argument("--rows", type=int, default=3, help="rows to show")
+    view.add_argument("--skip", type=int, default=0, help="rows to skip first")
+    view.add_argument("--split", choices=["train", "validation"], default="train", help="which split's rows")
+    view.add_argument("--seed", type=int, default=0, help="data seed")
     view.add_argument("--max-chars", type=int, default=400, help="cut each printed segment to this many characters")
 
 
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _view(cfg, args: argparse.Namespace) -> int:
+    import model  # noqa: F401  (registers seedlm's configs: an export's config.json resolves without remote code)
     from data_pipeline import build_dataloader, load_tokenizer, split_segments
 
     tok = load_tokenizer(args.tokenizer)

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presets", nargs="+", default=list(DEMO_PRESETS), help="model presets (configs/models)")
     parser.add_argument("--seq-len", type=int, default=32, help="prompt length in tokens")
     parser.add_argument("--new-tokens", type=int, default=16, help="tokens to generate")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 
 SOURCE_HELP = (
-    "a text source: 'stdlib' (default), KIND:PATH with KIND in jsonl, parquet, text, files, hub "
-    "(e.g. jsonl:data/*.jsonl, files:docs/, hub:owner/name), or a .jsonl/.parquet/.txt path; repeat to mix"
+    "a text source: 'stdlib' (the embedded corpus, used when no --source or --config is given), KIND:PATH with "
+    "KIND in jsonl, parquet, text, files, hub (e.g. jsonl:data/*.jsonl, files:docs/, hub:owner/name), or a "
+    ".jsonl/.parquet/.txt path; repeat to mix. The same strings work in a run config's data.sources list"
 )
 
 
@@ -20,10 +21,11 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """Options naming the text sources; shared with `seedlm data`."""
     parser.add_argument("--source", action="append", metavar="SPEC", help=SOURCE_HELP)
     parser.add_argument("--config", metavar="YAML", help="take the sources from a YAML file's `data:` section")
-    parser.add_argument("--text-field", help="field/column holding the text (jsonl, parquet, hub; default: text)")
-    parser.add_argument("--glob", help="file pattern under a folder source (e.g. '**/*.md')")
-    parser.add_argument("--hub-config", help="Hub dataset config name")
-    parser.add_argument("--hub-split", help="Hub dataset split used for training (default: train)")
+    parser.add_argument("--text-field", default="text", help="field/column holding the text (jsonl, parquet, hub)")
+    parser.add_argument("--glob", help="file pattern under a folder source (e.g. '**/*.md'); None: every file "
+                                       "of the source's kind")
+    parser.add_argument("--hub-config", help="Hub dataset config name; None: the dataset's default")
+    parser.add_argument("--hub-split", default="train", help="Hub dataset split used for training")
 
 
 def sources_from_args(args: argparse.Namespace) -> list:
@@ -38,27 +40,29 @@ def sources_from_args(args: argparse.Namespace) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__
     sub = parser.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     train = sub.add_parser(
         "train",
         help="train a sentencepiece tokenizer and save it as a transformers tokenizer folder",
-        description="Train a sentencepiece model (byte fallback; bos <s>, eos </s>, pad <pad>) on the training split "
-        "of the sources and save a folder that AutoTokenizer.from_pretrained loads.",
+        description="Train a sentencepiece model (byte fallback; bos <s>, eos </s>, pad <pad>) on the training\n"
+        "split of the sources and save a folder that AutoTokenizer.from_pretrained loads.",
+        formatter_class=parser.formatter_class,
     )
     add_source_arguments(train)
-    train.add_argument("--out", required=True, metavar="DIR", help="output tokenizer folder")
-    train.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default: 8192)")
-    train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="default: bpe")
-    train.add_argument(
-        "--max-chars", type=int, default=20_000_000, help="character budget of training text (default: 20M; 0 = all)"
-    )
-    train.add_argument("--max-docs", type=int, default=None, help="document budget (default: no limit)")
-    train.add_argument("--seed", type=int, default=0, help="seed of the document order (default: 0)")
-    train.add_argument("--threads", type=int, default=2, help="sentencepiece training threads (default: 2)")
+    train.add_argument("--out", required=True, default=argparse.SUPPRESS, metavar="DIR",
+                       help="output tokenizer folder")  # required: no default to show
+    train.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size")
+    train.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="sentencepiece model type")
+    train.add_argument("--max-chars", type=int, default=20_000_000, help="character budget of training text (0 = all)")
+    train.add_argument("--max-docs", type=int, default=None, help="document budget; None: no limit")
+    train.add_argument("--seed", type=int, default=0, help="seed of the document order")
+    train.add_argument("--threads", type=int, default=2, help="sentencepiece training threads")
 
-    encode = sub.add_parser("encode", help="show how a tokenizer folder encodes a text")
-    encode.add_argument("tokenizer", metavar="DIR", help="tokenizer folder")
+    encode = sub.add_parser("encode", help="show how a tokenizer folder encodes a text",
+                            formatter_class=parser.formatter_class)
+    encode.add_argument("tokenizer", metavar="DIR", help="tokenizer folder, or an exported model folder")
     encode.add_argument("text", help="text to encode")
 
 
@@ -95,6 +99,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
+    import model  # noqa: F401  (registers seedlm's configs: an export's config.json resolves without remote code)
     from data_pipeline import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)

@@ -1,0 +1,102 @@
+"""Run-config mistakes refused at load and by `seedlm train --print-config`, before anything is computed:
+model fields named as written, a tokenizer that does not fit the model's vocabulary, expert parallelism
+against the launcher's world size, and the data-source forms of a run config."""
+
+import re
+
+import pytest
+import yaml
+from test_data_helpers import tiny_tokenizer
+
+from launch.cli import main as seedlm
+from launch.config import ConfigError, load_run_config
+
+
+def train(capsys, *args) -> tuple[int, str, str]:
+    code = seedlm(["train", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_model_field_typo_names_the_override_and_where_it_was_written(tmp_path, capsys):
+    code, out, err = train(capsys, "gated_moe_tiny", "model_overrides.num_expertz=4", "--print-config")
+    assert code == 2 and out == ""  # nothing printed as if it were valid
+    assert "model_overrides.num_expertz (from the command line)" in err and "did you mean 'num_experts'?" in err
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("model: gated_moe_tiny\nmodel_overrides:\n  hidden_sizee: 64\n")
+    with pytest.raises(ConfigError, match=rf"model_overrides.hidden_sizee \(in {config_file}\).*'hidden_size'"):
+        load_run_config(config_file)
+    # a field of an inline model mapping, and the same typo given on the command line over a valid file
+    config_file.write_text("model: {model_type: seedlm_deltaproduct, num_householdr: 2}\n")
+    with pytest.raises(ConfigError, match=r"model.num_householdr \(in .*'num_householder'"):
+        load_run_config(config_file)
+    with pytest.raises(ConfigError, match=r"model_overrides.num_expert_per_tok \(from the command line\)"):
+        load_run_config("gated_moe_tiny", ["model_overrides.num_expert_per_tok=2"])
+    # a valid override still loads, and a value the family refuses is refused at load too
+    assert load_run_config("gated_moe_tiny", ["model_overrides.num_experts=4"]).model_overrides == {"num_experts": 4}
+    with pytest.raises(ValueError, match="num_experts_per_tok=9"):
+        load_run_config("gated_moe_tiny", ["model_overrides.num_experts_per_tok=9"])
+
+
+def test_tokenizer_to_train_larger_than_the_model_is_refused_before_training(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = train(capsys, "gated_moe_tiny", "tokenizer.vocab_size=9000", f"output_dir={run_dir}")
+    assert code == 2
+    assert "tokenizer.vocab_size=9000 (the tokenizer to train) is larger than the model's vocab_size=4096" in err
+    assert not run_dir.exists()  # no run folder, so no tokenizer was trained into it
+    code, out, err = train(capsys, "gated_moe_tiny", "tokenizer.vocab_size=9000", "--print-config")
+    assert code == 2 and out == "" and "tokenizer.vocab_size=9000" in err
+    # fitting sizes pass
+    code, out, _ = train(capsys, "gated_moe_tiny", "tokenizer.vocab_size=4096", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["tokenizer"]["vocab_size"] == 4096
+
+
+def test_given_tokenizer_is_loaded_and_checked_first(tmp_path, capsys):
+    tiny_tokenizer(tmp_path / "tok", vocab_size=400)
+    run_dir = tmp_path / "run"
+    args = ["gated_moe_tiny", f"tokenizer.path={tmp_path / 'tok'}", "model_overrides.vocab_size=300"]
+    code, _, err = train(capsys, *args, f"output_dir={run_dir}")
+    assert code == 2 and "the tokenizer has 400 tokens but the model's vocab_size is 300" in err
+    assert not run_dir.exists()
+    code, _, err = train(capsys, *args, "--print-config")
+    assert code == 2 and "400 tokens" in err
+    code, _, err = train(capsys, "gated_moe_tiny", f"tokenizer.path={tmp_path / 'missing'}", "--print-config")
+    assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    "env, overrides, message",
+    [
+        ({"WORLD_SIZE": "4", "RANK": "0"}, ["expert_parallel_size=2", "zero_stage=3"], "ZeRO stage 3 with expert"),
+        ({"WORLD_SIZE": "4", "RANK": "0"}, ["expert_parallel_size=3"], r"divide the number of ranks \(4\).*WORLD_SIZE"),
+        ({"SLURM_NTASKS": "3", "SLURM_PROCID": "0"}, ["expert_parallel_size=2"], r"ranks \(3\).*SLURM_NTASKS"),
+        ({}, ["expert_parallel_size=2"], r"ranks \(1\).*neither WORLD_SIZE nor SLURM_NTASKS"),
+    ],
+)
+def test_print_config_refuses_expert_parallel_the_run_would_refuse(monkeypatch, capsys, env, overrides, message):
+    for key in ("WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, out, err = train(capsys, "gated_moe_tiny", *overrides, "--print-config")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1  # one line, no traceback
+    assert re.search(message, err), err
+
+
+def test_print_config_accepts_expert_parallel_that_fits_the_world(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    code, out, _ = train(capsys, "gated_moe_tiny", "expert_parallel_size=2", "zero_stage=2", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["train"]["expert_parallel_size"] == 2
+
+
+def test_run_config_takes_the_command_line_source_strings(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    code, out, _ = train(capsys, "gated_moe_tiny", f"data.sources=[jsonl:{data},stdlib]", "--print-config")
+    assert code == 0 and yaml.safe_load(out)["data"]["sources"] == [f"jsonl:{data}", "stdlib"]
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"model: gated_moe_tiny\ndata:\n  sources:\n    - jsonl: {data}\n")  # space after colon
+    code, out, err = train(capsys, str(config_file), "--print-config")
+    assert code == 2 and out == "" and f"write jsonl:{data} (no space after the colon)" in err
