@@ -33,7 +33,7 @@ bench: install
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/seedlm bench
 
 lint: install
-	$(VENV)/bin/ruff check model data_pipeline launch eval tests benchmarks
+	$(VENV)/bin/ruff check seedlm model data_pipeline launch eval tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

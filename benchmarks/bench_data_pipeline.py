@@ -51,7 +51,7 @@ def parse_args(argv=None):
 
 def pipeline_tokens_per_sec(tokenizer, num_workers: int, args: argparse.Namespace) -> float:
     """Tokens/s of packed batches from the stdlib corpus, after the first batch (worker start-up excluded)."""
-    from data_pipeline import DataConfig, build_dataloader
+    from seedlm.data_pipeline import DataConfig, build_dataloader
 
     cfg = DataConfig(
         seq_len=args.seq_len,
@@ -73,7 +73,7 @@ def train_step_tokens_per_sec(preset: str, seq_len: int, batch_size: int, steps:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launch.presets import load_model_config
+    from seedlm.launch.presets import load_model_config
 
     config = load_model_config(preset)
     net = AutoModelForCausalLM.from_config(config)
@@ -102,9 +102,9 @@ def measure(args) -> dict:
     import torch
 
     from benchmarks.floors import training_step_flops
-    from data_pipeline import iter_texts, load_tokenizer, open_sources, train_tokenizer
-    from data_pipeline.config import DataConfig
-    from launch.presets import load_model_config
+    from seedlm.data_pipeline import iter_texts, load_tokenizer, open_sources, train_tokenizer
+    from seedlm.data_pipeline.config import DataConfig
+    from seedlm.launch.presets import load_model_config
 
     torch.set_num_threads(args.threads)
     # The stdlib has empty __init__.py files and a few non-UTF-8 test files: skipped and counted, not news here.

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 
 from benchmarks.floors import floor_cells, matmul_peak_flops, training_step_flops  # noqa: E402
-from launch.convert import gated_moe_from_qwen3_moe  # noqa: E402
-from model import GatedMoeConfig, GatedMoeForCausalLM  # noqa: E402
+from seedlm.launch.convert import gated_moe_from_qwen3_moe  # noqa: E402
+from seedlm.model import GatedMoeConfig, GatedMoeForCausalLM  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -34,8 +34,8 @@ def bare_loop_tokens_per_sec(preset: str, tok_dir: Path, data_args: dict, steps:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from data_pipeline import DataConfig, build_dataloader, load_tokenizer
-    from launch.presets import load_model_config
+    from seedlm.data_pipeline import DataConfig, build_dataloader, load_tokenizer
+    from seedlm.launch.presets import load_model_config
 
     tokenizer = load_tokenizer(tok_dir)
     data_cfg = DataConfig.from_dict({**data_args, "tokenizer": str(tok_dir)})
@@ -75,7 +75,7 @@ def seedlm_train_records(preset, tok_dir, data_args, max_steps, lr, workdir, nam
 
     The machine's cores are split between the ranks (OMP_NUM_THREADS), so 1 and 2 ranks use the same cores.
     """
-    from launch.distributed import free_port
+    from seedlm.launch.distributed import free_port
 
     out = workdir / name
     overrides = [
@@ -91,7 +91,7 @@ def seedlm_train_records(preset, tok_dir, data_args, max_steps, lr, workdir, nam
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                      f"--master_port={free_port()}"]
-    result = subprocess.run([*launcher, "-m", "launch.cli", "train", preset, *overrides], cwd=REPO, env=env,
+    result = subprocess.run([*launcher, "-m", "seedlm.launch.cli", "train", preset, *overrides], cwd=REPO, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"seedlm train ({name}) failed:\n{result.stderr[-2000:]}")
@@ -111,7 +111,7 @@ def memory_worker(zero_stage: int, preset: str, vocab: int, out_dir: Path) -> No
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launch.presets import load_model_config
+    from seedlm.launch.presets import load_model_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     config = load_model_config(preset, vocab_size=vocab)
@@ -146,7 +146,7 @@ def memory_worker(zero_stage: int, preset: str, vocab: int, out_dir: Path) -> No
 
 def memory_by_stage(preset: str, vocab: int, stages=(0, 1, 2, 3), nproc: int = 2) -> dict[int, dict]:
     """Per-rank model-state bytes after one step on `nproc` gloo ranks, for each ZeRO stage (the larger rank)."""
-    from launch.distributed import free_port
+    from seedlm.launch.distributed import free_port
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     out = {}
@@ -166,7 +166,7 @@ def memory_by_stage(preset: str, vocab: int, stages=(0, 1, 2, 3), nproc: int = 2
 
 def tiny_corpus_and_tokenizer(workdir: Path) -> tuple[Path, Path, int]:
     """2000 documents of random words as JSONL and a 512-token BPE trained on them: (corpus, tokenizer, vocab)."""
-    from data_pipeline import train_tokenizer
+    from seedlm.data_pipeline import train_tokenizer
     from tests.helpers import WORDS
 
     corpus = workdir / "docs.jsonl"
@@ -206,7 +206,7 @@ def measure(args) -> dict:
     import torch
 
     from benchmarks.floors import training_step_flops
-    from launch.presets import load_model_config
+    from seedlm.launch.presets import load_model_config
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

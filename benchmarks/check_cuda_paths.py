@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import model  # noqa: E402
-from launch.metrics import flops_per_token  # noqa: E402
-from launch.presets import build_model_config  # noqa: E402
-from model import delta_product_kernels as kernels  # noqa: E402
+from seedlm import model  # noqa: E402
+from seedlm.launch.metrics import flops_per_token  # noqa: E402
+from seedlm.launch.presets import build_model_config  # noqa: E402
+from seedlm.model import delta_product_kernels as kernels  # noqa: E402
 
 
 def max_rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -127,7 +127,7 @@ def throughput(args) -> None:
     print(f"\n## Training step throughput, bf16, AdamW, one GPU (MFU vs {args.peak_tflops:.0f} TFLOP/s)\n")
     print("| model | parameters (active) | batch x seq | tokens/s | MFU |")
     print("|---|---|---|---|---|")
-    from launch.presets import count_parameters
+    from seedlm.launch.presets import count_parameters
 
     if not getattr(args, "fla_backward_ok", False) and kernels._fla_chunk_gated_delta_product is not None:
         kernels._fla_chunk_gated_delta_product = None  # its backward is unusable here: train on the torch path

@@ -22,7 +22,7 @@ def matmul_peak_flops(size: int = 2048, rounds: int = 3) -> float:
     Best of `rounds` measurements of 5 matmuls each (launch.metrics.measure_peak_flops, the trainer's MFU
     denominator): other processes on the machine can only slow a round down, never speed it up.
     """
-    from launch.metrics import measure_peak_flops
+    from seedlm.launch.metrics import measure_peak_flops
 
     return max(measure_peak_flops(torch.device("cpu"), torch.float32, size=size) for _ in range(rounds))
 
@@ -34,7 +34,7 @@ def training_step_flops(config, batch: int, seq_len: int) -> float:
     router, the top-k experts each token runs; the LM head) plus the causal attention score and value
     matmuls (12 x layers x heads x head_dim x seq_len / 2 per token). The optimizer step is not counted.
     """
-    from launch.metrics import flops_per_token
+    from seedlm.launch.metrics import flops_per_token
 
     return flops_per_token(config, seq_len) * batch * seq_len
 

@@ -2,7 +2,7 @@
 
 How the trainer uses it::
 
-    from data_pipeline import DataConfig, build_dataloader, load_tokenizer, check_vocab_fits
+    from seedlm.data_pipeline import DataConfig, build_dataloader, load_tokenizer, check_vocab_fits
 
     cfg = DataConfig.from_dict(run_config["data"])            # unknown keys -> DataError
     tok = load_tokenizer(cfg.tokenizer)                         # a folder from `seedlm tokenizer train`

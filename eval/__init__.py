@@ -1,7 +1,7 @@
 """seedlm evaluation harness: lm-evaluation-harness request semantics, YAML tasks over local data,
 synthetic tasks from the papers, attention-sink and length-extrapolation probes, an lm-eval adapter.
 
-    from eval import evaluate, heldout_loss, flat_metrics, load_model_dir, save_results
+    from seedlm.eval import evaluate, heldout_loss, flat_metrics, load_model_dir, save_results
 
     model, tok = load_model_dir("runs/x")                     # exported HF folder or run folder (latest)
     results = evaluate(model, tok, ["tiny_qa", "parity"], batch_size=16, limit=200)

@@ -27,7 +27,7 @@ import torch
 
 
 def _attention_modules(model) -> list[tuple[str, torch.nn.Module]]:
-    from model.layers import GatedAttention
+    from seedlm.model.layers import GatedAttention
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GatedAttention)]
 
@@ -47,7 +47,7 @@ def _causal_eager(module, query, key, value, attention_mask, scaling, dropout=0.
     """model.layers.eager_attention_forward with the causal mask made explicit. The model hands the kernel
     no mask where plain causal attention is exact (sdpa's is_causal fast path), but the eager kernel then
     attends to every key, the future included; here the missing mask becomes a causal one."""
-    from model.layers import eager_attention_forward
+    from seedlm.model.layers import eager_attention_forward
 
     if attention_mask is None:
         T, S = query.shape[2], key.shape[2]

@@ -2,7 +2,7 @@
 
 On a live model during training (every rank calls it; results are the same on every rank):
 
-    from eval import evaluate, heldout_loss, flat_metrics
+    from seedlm.eval import evaluate, heldout_loss, flat_metrics
     results = evaluate(model, tokenizer, ["tiny_qa", "parity"], batch_size=16, limit=100)
     # {"tiny_qa": {"acc": 0.52, "acc_stderr": 0.05, "acc_norm": 0.49, ..., "num_docs": 100}, "parity": {...}}
     metrics.update(flat_metrics(results))            # {"eval/tiny_qa/acc": 0.52, ...}
@@ -62,8 +62,6 @@ def load_model_dir(path: str | Path, device: str | None = None, dtype: str | Non
     CPU memory and, past `max_memory`, disk (accelerate's big-model dispatch: each layer's weights move to
     its device as it runs); `device` is then not used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import model as _seedlm_models  # noqa: F401 - registers seedlm_gated_moe and seedlm_deltaproduct
 
     folder = resolve_model_dir(path)
     kwargs = {"trust_remote_code": True}

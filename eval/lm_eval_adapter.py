@@ -44,7 +44,6 @@ class SeedlmLM(HFLM):
     """
 
     def __init__(self, run_dir: str | None = None, pretrained: str | None = None, **kwargs):
-        import model as _seedlm_models  # noqa: F401 - registers both families with AutoModelForCausalLM
 
         if (run_dir is None) == (pretrained is None):
             raise ValueError("the seedlm lm-eval model takes exactly one of run_dir=RUN_FOLDER or pretrained=DIR")

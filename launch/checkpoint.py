@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.distributed import all_ranks_true, barrier
+from seedlm.launch.distributed import all_ranks_true, barrier
 
 logger = logging.getLogger(__name__)
 

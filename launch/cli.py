@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module under `launch/commands/` and exposes
 `add_arguments(parser)` and `run(args) -> int`. Command modules keep their
-heavy imports (torch, deepspeed, datasets) inside `run`, so `seedlm --help`
-answers at once.
+heavy imports (deepspeed, datasets) inside `run`; `import seedlm` itself loads torch and transformers
+(it registers the model families), so `seedlm --help` costs that import and nothing more.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name, help_text in COMMANDS:
         try:
-            module = importlib.import_module(f"launch.commands.{module_name}")
+            module = importlib.import_module(f"seedlm.launch.commands.{module_name}")
         except ImportError as err:  # a broken command module is a bug to see, not a command to hide
             raise ImportError(f"seedlm: the {name!r} command (module launch.commands.{module_name}) "
                               f"failed to import: {err}") from err

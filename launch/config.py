@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from seedlm.launch.presets import PRESET_DIR
 
 TOP_LEVEL_ALIASES = {
     "output_dir": "train.output_dir",
@@ -206,10 +206,10 @@ def resolve_config_path(config: str | Path) -> Path:
     path = Path(config)
     if path.is_file():
         return path
-    candidate = REPO_ROOT / "configs" / f"{config}.yaml"
+    candidate = PRESET_DIR / f"{config}.yaml"
     if candidate.is_file():
         return candidate
-    configs = REPO_ROOT / "configs"
+    configs = PRESET_DIR
     known = sorted(str(p.relative_to(configs).with_suffix("")) for p in configs.rglob("*.yaml")
                    if p.parent.name != "models")
     close = difflib.get_close_matches(str(config), known, n=1)
@@ -270,11 +270,11 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.lr_restarts={t.lr_restarts}: give increasing steps between 1 and "
                           f"max_steps - 1 ({t.max_steps - 1}), each where the schedule starts over")
     if "synthetic" in run.data:  # a generated task instead of text sources: checked here, so --print-config too
-        from launch.synthetic import synthetic_config
+        from seedlm.launch.synthetic import synthetic_config
 
         synthetic_config(run.data)
     else:  # unknown data keys, source kinds and forms
-        from data_pipeline import DataConfig
+        from seedlm.data_pipeline import DataConfig
 
         DataConfig.from_dict(run.data)
 
@@ -283,7 +283,7 @@ def check_model_fields(run: RunConfig, command_line: dict, config_file: Path | N
     """Refuse a model field that the model's config class does not have, naming the key as written and where
     (the command line or the YAML file), with the closest valid field; then build the model config, so that
     its own checks of the values run at load too."""
-    from launch.presets import config_class_for, preset_fields, unknown_field
+    from seedlm.launch.presets import config_class_for, preset_fields, unknown_field
 
     def where(section: str, name: str) -> str:
         given = command_line.get(section)
@@ -311,7 +311,7 @@ def check_model_fields(run: RunConfig, command_line: dict, config_file: Path | N
 def world_size_from_environment(env=os.environ) -> tuple[int, str]:
     """The number of ranks the launcher started, and where that was read, without starting a process group
     (torchrun and the deepspeed launcher set WORLD_SIZE, srun SLURM_NTASKS; a plain process is 1)."""
-    from launch.distributed import detect_launcher
+    from seedlm.launch.distributed import detect_launcher
 
     launcher = detect_launcher(env)
     if launcher == "torchrun/deepspeed":
@@ -325,7 +325,7 @@ def check_run_config(run: RunConfig, world_size: int | None = None):
     """Every check of a loaded config that needs neither data nor a process group, so that `--print-config`
     refuses what the run would: the model config, expert parallelism against the world size (None: from the
     environment) and ZeRO stage, and the tokenizer's fit in the model's vocabulary. Returns the model config."""
-    from launch.expert_parallel import ExpertParallelError, validate_expert_parallel
+    from seedlm.launch.expert_parallel import ExpertParallelError, validate_expert_parallel
 
     model_config = model_config_from_run(run)
     where = "the process group"
@@ -345,7 +345,7 @@ def check_tokenizer_fits(run: RunConfig, model_vocab_size: int) -> None:
     vocabulary; a tokenizer still to be trained must not ask for more tokens than the model has."""
     if "synthetic" in run.data:
         return  # the vocabulary is the task's elements (launch/synthetic.py checks the run)
-    from data_pipeline import check_vocab_fits, load_tokenizer
+    from seedlm.data_pipeline import check_vocab_fits, load_tokenizer
 
     if run.tokenizer.path:
         check_vocab_fits(load_tokenizer(run.tokenizer.path), model_vocab_size)
@@ -359,7 +359,7 @@ def check_tokenizer_fits(run: RunConfig, model_vocab_size: int) -> None:
 
 def model_config_from_run(run: RunConfig):
     """The HF model config named by run.model (preset name, YAML path or mapping) with model_overrides."""
-    from launch.presets import build_model_config, load_model_config
+    from seedlm.launch.presets import build_model_config, load_model_config
 
     if isinstance(run.model, dict):
         return build_model_config({**run.model, **run.model_overrides}, source="model")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from launch.export import use_umask_file_modes
+from seedlm.launch.export import use_umask_file_modes
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def check_qwen3_moe_supported(config) -> None:
 
 
 def gated_moe_config_from_qwen3_moe(config):
-    from model import GatedMoeConfig
+    from seedlm.model import GatedMoeConfig
 
     fields = {name: getattr(config, name) for name in QWEN3_MOE_FIELDS if hasattr(config, name)}
     fields["rope_parameters"] = dict(fields.get("rope_parameters") or {})
@@ -101,7 +101,7 @@ def gated_moe_config_from_qwen3_moe(config):
 @torch.no_grad()
 def gated_moe_from_qwen3_moe(source):
     """A GatedMoeForCausalLM holding a loaded Qwen3MoeForCausalLM's weights (same parameter names)."""
-    from model import GatedMoeForCausalLM
+    from seedlm.model import GatedMoeForCausalLM
 
     config = gated_moe_config_from_qwen3_moe(source.config)
     target = GatedMoeForCausalLM(config).to(source.dtype).eval()

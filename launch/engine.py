@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from launch.distributed import DistInfo, all_ranks_true
+from seedlm.launch.distributed import DistInfo, all_ranks_true
 
 
 def lr_lambda(train_cfg):
@@ -93,7 +93,7 @@ def build_engine(train_cfg, model, micro_batch_size: int, world_size: int):
     Returns (engine, scheduler, ep_info)."""
     import deepspeed
 
-    from launch.expert_parallel import (
+    from seedlm.launch.expert_parallel import (
         apply_expert_parallel,
         check_engine_expert_parallel,
         expert_parallel_engine_context,
@@ -159,7 +159,7 @@ def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
 
         module = engine.module
         if ep_info.enabled:
-            from launch.expert_parallel import gather_full_state_dict
+            from seedlm.launch.expert_parallel import gather_full_state_dict
 
             state = gather_full_state_dict(module, ep_info)
         elif engine.zero_optimization_stage() == 3:
@@ -169,7 +169,7 @@ def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
         else:
             state = module.state_dict() if dist.is_main else None
         if dist.is_main:
-            from launch.export import use_umask_file_modes
+            from seedlm.launch.export import use_umask_file_modes
 
             module.save_pretrained(path, state_dict=state, safe_serialization=True)
             tokenizer.save_pretrained(path)

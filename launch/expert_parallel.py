@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.moe import Experts, SparseMoeBlock, load_balancing_loss
+from seedlm.model.moe import Experts, SparseMoeBlock, load_balancing_loss
 
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from launch.checkpoint import CheckpointError, find_resume_checkpoint, is_complete, step_dir_name
-from launch.metrics import read_metrics
+from seedlm.launch.checkpoint import CheckpointError, find_resume_checkpoint, is_complete, step_dir_name
+from seedlm.launch.metrics import read_metrics
 
 
 def current_umask() -> int:
@@ -59,7 +59,7 @@ def checkpoint_for_export(run_dir: Path, step: int | None) -> Path:
 
 
 def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
-    from launch.presets import count_parameters
+    from seedlm.launch.presets import count_parameters
 
     config = model.config
     total, active = count_parameters(config)
@@ -134,8 +134,6 @@ def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
 
 def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, max_shard_size: str = "2GB") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    import model as _  # noqa: F401  (registers the classes so the checkpoint's config resolves)
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checkpoint = checkpoint_for_export(run_dir, step)

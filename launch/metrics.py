@@ -19,7 +19,7 @@ def flops_per_token(config, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward): 6 * active non-embedding parameters plus
     the attention score/value matmuls, 12 * layers_with_attention * heads * head_dim * seq_len / 2 (causal),
     plus the DeltaProduct recurrences, 6 * 2 * n_h * heads * K * V per layer (state update and readout)."""
-    from launch.presets import count_parameters
+    from seedlm.launch.presets import count_parameters
 
     _, active = count_parameters(config)
     embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MODEL_PRESET_DIR = REPO_ROOT / "configs" / "models"
+# the presets: <repository>/configs in a checkout, seedlm/configs (package data) when installed
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+MODEL_PRESET_DIR = PRESET_DIR / "models"
 
 
 class PresetError(ValueError):
@@ -37,8 +38,6 @@ def preset_path(name_or_path: str | Path) -> Path:
 
 def config_class_for(model_type: str):
     from transformers import CONFIG_MAPPING
-
-    import model  # noqa: F401  (registers both families)
 
     seedlm_types = sorted(t for t in CONFIG_MAPPING.keys() if t.startswith("seedlm_"))
     if model_type not in seedlm_types:

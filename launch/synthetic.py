@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.config import ConfigError
+from seedlm.launch.config import ConfigError
 
 TASKS = ("state_tracking",)
 SPECIAL_TOKENS = ("<pad>", "<unk>")  # after the elements: token id = element index
@@ -85,7 +85,7 @@ class SyntheticConfig:
 def synthetic_config(data: dict) -> SyntheticConfig | None:
     """The run's data.synthetic section checked and typed, or None when the run trains on text.
     Every mistake is a ConfigError naming the key and what is allowed."""
-    from launch.config import build_section
+    from seedlm.launch.config import build_section
 
     if not isinstance(data, dict) or "synthetic" not in data:
         return None
@@ -102,7 +102,7 @@ def synthetic_config(data: dict) -> SyntheticConfig | None:
         close = difflib.get_close_matches(str(cfg.task), TASKS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"data.synthetic.task={cfg.task!r} is not a training task{hint}; use one of {list(TASKS)}")
-    from eval.synthetic import Group
+    from seedlm.eval.synthetic import Group
 
     try:
         Group(cfg.group)
@@ -148,7 +148,7 @@ def data_section(data: dict, cfg: SyntheticConfig) -> dict:
 
 
 def element_names(cfg: SyntheticConfig) -> list[str]:
-    from eval.synthetic import Group
+    from seedlm.eval.synthetic import Group
 
     g = Group(cfg.group)
     return [g.name_of(i) for i in range(g.order)]
@@ -179,7 +179,7 @@ def prepare_tokenizer(cfg: SyntheticConfig, output_dir: Path, is_main: bool):
     """Write the vocabulary tokenizer into <output_dir>/tokenizer (rank 0) and load it (every rank)."""
     from transformers import AutoTokenizer
 
-    from launch.distributed import barrier
+    from seedlm.launch.distributed import barrier
 
     tok_dir = output_dir / "tokenizer"
     if is_main:
@@ -192,7 +192,7 @@ def prepare_tokenizer(cfg: SyntheticConfig, output_dir: Path, is_main: bool):
 
 
 def _records(cfg: SyntheticConfig, num: int, length: int, seed):
-    from eval.synthetic import state_tracking_records
+    from seedlm.eval.synthetic import state_tracking_records
 
     return state_tracking_records(cfg.group, num, length, seed)
 
@@ -257,7 +257,7 @@ class SyntheticLoader:
         return {**self.meta(), "batches_taken": self.taken}
 
     def load_state_dict(self, state: dict) -> None:
-        from data_pipeline import DataError
+        from seedlm.data_pipeline import DataError
 
         saved = {k: v for k, v in state.items() if k != "batches_taken"}
         if saved != self.meta():
@@ -278,7 +278,7 @@ class SyntheticRun:
     the task's accuracy at each evaluation and at the end, CPU time."""
 
     def __init__(self, cfg: SyntheticConfig, data: dict | None = None):
-        from data_pipeline import DataConfig
+        from seedlm.data_pipeline import DataConfig
 
         self.cfg = cfg
         self.config = DataConfig.from_dict(data_section(data or {}, cfg))
@@ -305,7 +305,7 @@ class SyntheticRun:
         """Token accuracy (argmax at t == targets[t], over every position) at train and at test length, the
         fraction of sequences right at every position, and the accuracy at the last position; the first
         eval_sequences sequences of each set, or all of them when final. Same numbers on every rank."""
-        from eval.synthetic import token_accuracy
+        from seedlm.eval.synthetic import token_accuracy
 
         if self._val is None:
             self._val, self._test = val_records(self.cfg), test_records(self.cfg)

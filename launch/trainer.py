@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from launch.checkpoint import (
+from seedlm.launch.checkpoint import (
     check_compatible,
     find_resume_checkpoint,
     load_checkpoint,
@@ -34,11 +34,11 @@ from launch.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from launch.config import ConfigError, RunConfig, check_run_config
-from launch.distributed import PeerFailure, all_ranks_true, barrier, init_distributed
-from launch.engine import build_engine, build_model, optimizer_step, save_hf_folder_fn
-from launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
-from launch.training_data import training_data
+from seedlm.launch.config import ConfigError, RunConfig, check_run_config
+from seedlm.launch.distributed import PeerFailure, all_ranks_true, barrier, init_distributed
+from seedlm.launch.engine import build_engine, build_model, optimizer_step, save_hf_folder_fn
+from seedlm.launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
+from seedlm.launch.training_data import training_data
 
 logger = logging.getLogger("seedlm.train")
 # batch keys handed to the model: labels are shifted inside it unless the batch carries shift_labels
@@ -138,13 +138,13 @@ class Trainer:
             check_compatible(saved, self.dist.world_size, t.expert_parallel_size, self.model_config.model_type)
         self.data.check(self.run, self.output_dir)
         if t.eval_tasks:  # a misspelt or malformed task fails now, not at the first eval_interval
-            from eval.tasks import resolve_tasks
+            from seedlm.eval.tasks import resolve_tasks
 
             resolve_tasks(t.eval_tasks, None)
 
     def build_data(self) -> None:
         """Tokenizer (checked against the model's vocabulary), the resolved config file, the training loader."""
-        from data_pipeline import check_vocab_fits
+        from seedlm.data_pipeline import check_vocab_fits
 
         self.tokenizer, tok_dir = self.data.prepare_tokenizer(self.output_dir, self.dist)
         check_vocab_fits(self.tokenizer, self.model_config.vocab_size)
@@ -163,7 +163,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Weights, optimizer, schedule, data position and RNG from the checkpoint chosen in build_checks."""
-        from launch.expert_parallel import sync_expert_weights_after_load
+        from seedlm.launch.expert_parallel import sync_expert_weights_after_load
 
         if self.resume_from is None:
             return
@@ -193,7 +193,7 @@ class Trainer:
     def train_step(self, batches) -> StepResult:
         """grad_accum_steps micro-batches, then one optimizer step. A non-finite loss on any rank contributes a
         zero gradient (no NaN may reach the weights); a non-finite gradient norm drops the update."""
-        from launch.expert_parallel import loss_with_global_balancing
+        from seedlm.launch.expert_parallel import loss_with_global_balancing
 
         engine, total_loss, total_aux, finite_micro, counts = self.engine, 0.0, 0.0, 0, None
         for _ in range(self.t.grad_accum_steps):
@@ -257,7 +257,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """The same first eval_batches of the validation split every time (token-weighted over all ranks),
         the configured tasks (every rank takes part) and the data's own task."""
-        from eval import evaluate, flat_metrics, heldout_loss
+        from seedlm.eval import evaluate, flat_metrics, heldout_loss
 
         model, step = self.engine.module, self.progress.step
         validation = in_lockstep(self.data.validation_loader(self.tokenizer, self.dist))
@@ -347,7 +347,7 @@ class Trainer:
             curve = plot_loss_curve(self.output_dir / "metrics.jsonl", self.output_dir / "loss_curve.png",
                                     title=f"{self.model_config.model_type} ({self.output_dir.name})")
             if self.t.export_at_end and p.last_saved is not None:
-                from launch.export import export_and_sample
+                from seedlm.launch.export import export_and_sample
 
                 export = export_and_sample(self.output_dir, self.t.sample_prompt)
         barrier()

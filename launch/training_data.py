@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from launch.distributed import DistInfo, barrier
+from seedlm.launch.distributed import DistInfo, barrier
 
 logger = logging.getLogger("seedlm.train")
 
@@ -23,7 +23,7 @@ class TextData:
     """Text sources -> sentencepiece tokenizer (trained on the run's sources when none is given) -> packing."""
 
     def __init__(self, run):
-        from data_pipeline import DataConfig
+        from seedlm.data_pipeline import DataConfig
 
         self.run = run
         self.config = DataConfig.from_dict(run.data)
@@ -33,7 +33,7 @@ class TextData:
 
     def prepare_tokenizer(self, output_dir: Path, dist: DistInfo):
         """An existing tokenizer folder, or one trained (on rank 0) from the run's training sources."""
-        from data_pipeline import iter_texts, load_tokenizer, open_sources, train_tokenizer
+        from seedlm.data_pipeline import iter_texts, load_tokenizer, open_sources, train_tokenizer
 
         tok = self.run.tokenizer
         if tok.path:
@@ -48,12 +48,12 @@ class TextData:
         return load_tokenizer(tok_dir), tok_dir
 
     def train_loader(self, tokenizer, dist: DistInfo, grad_accum_steps: int):
-        from data_pipeline import build_dataloader
+        from seedlm.data_pipeline import build_dataloader
 
         return build_dataloader(self.config, tokenizer, dist.rank, dist.world_size)
 
     def validation_loader(self, tokenizer, dist: DistInfo):
-        from data_pipeline import build_dataloader
+        from seedlm.data_pipeline import build_dataloader
 
         return build_dataloader(self.config, tokenizer, dist.rank, dist.world_size, split="validation")
 
@@ -66,6 +66,6 @@ class TextData:
 
 def training_data(run):
     """TextData, or the generated task of data.synthetic (launch/synthetic.py), for the run config."""
-    from launch.synthetic import synthetic_run
+    from seedlm.launch.synthetic import synthetic_run
 
     return synthetic_run(run) or TextData(run)

@@ -9,7 +9,7 @@ BLOCK_SEEDLM = """
 import importlib.abc, sys
 class BlockSeedlm(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('model', 'launch', 'data_pipeline', 'eval'):
+        if name.split('.')[0] == 'seedlm':
             raise ImportError('seedlm is not installed here: ' + name)
 sys.meta_path.insert(0, BlockSeedlm())
 """
@@ -38,7 +38,7 @@ def write_tiny_corpus_and_tokenizer(root):
     import json
     import random
 
-    from data_pipeline import train_tokenizer
+    from seedlm.data_pipeline import train_tokenizer
 
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 120))) for _ in range(400)]
@@ -91,7 +91,7 @@ def load_with_every_auto_class_without_seedlm(checks: list[tuple], cwd) -> list[
         import torch
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
         try:
-            import model
+            import seedlm.model
             raise SystemExit("seedlm should not be importable in this check")
         except ImportError:
             pass

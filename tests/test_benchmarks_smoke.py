@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.floors import causal_attention_flops, chunk_delta_product_flops
-from launch.commands.bench import NAMES, BenchError, check_blocks, rewrite_block
+from seedlm.launch.commands.bench import NAMES, BenchError, check_blocks, rewrite_block
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
@@ -26,7 +26,7 @@ TABLES = {
 
 
 def seedlm_bench(*argv, timeout=600):
-    return subprocess.run([sys.executable, "-m", "launch.cli", "bench", *argv], cwd=REPO, env=ENV,
+    return subprocess.run([sys.executable, "-m", "seedlm.launch.cli", "bench", *argv], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from test_data_helpers import tiny_tokenizer
 
-from launch.cli import main as seedlm
-from launch.config import ConfigError, load_run_config
+from seedlm.launch.cli import main as seedlm
+from seedlm.launch.config import ConfigError, load_run_config
 
 
 def train(capsys, *args) -> tuple[int, str, str]:

@@ -6,9 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-import model  # noqa: F401  (registers the auto classes)
-from launch.cli import main as seedlm
-from model import DeltaProductConfig, DeltaProductForCausalLM, GatedMoeForCausalLM
+from seedlm.launch.cli import main as seedlm
+from seedlm.model import DeltaProductConfig, DeltaProductForCausalLM, GatedMoeForCausalLM
 from tests.helpers import file_modes, load_with_every_auto_class_without_seedlm, reference_outputs, umask_set_to
 
 

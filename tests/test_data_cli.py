@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_data_helpers import make_docs, write_jsonl
 
-from launch.cli import main
+from seedlm.launch.cli import main
 
 
 def test_help(capsys):
@@ -55,7 +55,7 @@ def test_tokenizer_of_an_export_loads_without_the_remote_code_prompt(tmp_path):
 
     from test_data_helpers import tiny_tokenizer
 
-    from launch.presets import load_model_config
+    from seedlm.launch.presets import load_model_config
 
     export = tmp_path / "export"
     load_model_config("gated_moe_tiny").save_pretrained(export)  # config.json with auto_map + configuration_*.py
@@ -64,9 +64,9 @@ def test_tokenizer_of_an_export_loads_without_the_remote_code_prompt(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(repo), HF_MODULES_CACHE=str(tmp_path / "modules"))
     loads = [
-        [sys.executable, "-m", "launch.cli", "tokenizer", "encode", str(export), "alpha beta"],
+        [sys.executable, "-m", "seedlm.launch.cli", "tokenizer", "encode", str(export), "alpha beta"],
         # the data pipeline alone (no seedlm model classes registered)
-        [sys.executable, "-c", f"import data_pipeline as d; print(len(d.load_tokenizer({str(export)!r})))"],
+        [sys.executable, "-c", f"import seedlm.data_pipeline as d; print(len(d.load_tokenizer({str(export)!r})))"],
     ]
     encoded, loaded = [subprocess.run(argv, cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True,
                                       text=True, timeout=300) for argv in loads]

@@ -38,7 +38,7 @@ def write_files(folder: Path, docs: list[str], suffix: str = ".txt") -> Path:
 
 
 def tiny_tokenizer(out_dir: Path, model_type: str = "bpe", vocab_size: int = 400):
-    from data_pipeline import train_tokenizer
+    from seedlm.data_pipeline import train_tokenizer
 
     texts = (
         make_docs("doc", 300) + make_docs("alpha", 50) + make_docs("beta", 50) + ["Ünïcødé ñ 日本語 — “quotes” ✓"] * 5

@@ -18,7 +18,7 @@ from test_data_helpers import (
     write_jsonl,
 )
 
-from data_pipeline import DataConfig, DataError, SourceConfig, build_dataloader, is_heldout
+from seedlm.data_pipeline import DataConfig, DataError, SourceConfig, build_dataloader, is_heldout
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def save_load(state):
 
 def source_epochs(state):
     """Epoch of every (worker, source) position in a loader state."""
-    from data_pipeline.loader import _find_key
+    from seedlm.data_pipeline.loader import _find_key
 
     return [s["epoch"] for ds in _find_key(state, "dataset_state") if ds for s in ds["stream"]["sources"]]
 
@@ -218,7 +218,7 @@ def test_validation_split_is_disjoint_and_complete(tmp_path, tok):
 
 
 def test_stdlib_default_source():
-    from data_pipeline import open_source
+    from seedlm.data_pipeline import open_source
 
     train, val = open_source(SourceConfig(), "train"), open_source(SourceConfig(), "validation")
     assert not any("site-packages" in f for f in train.files)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_data_helpers import make_docs, reader_documents, tiny_tokenizer, write_jsonl
 
-from data_pipeline import DataConfig, DataError, SourceConfig, build_dataloader, open_source
+from seedlm.data_pipeline import DataConfig, DataError, SourceConfig, build_dataloader, open_source
 
 
 @pytest.fixture(scope="module")

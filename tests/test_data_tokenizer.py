@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_data_helpers import tiny_tokenizer
 
-from data_pipeline import DataError, check_vocab_fits, load_tokenizer
-from data_pipeline.loader import make_tokenize
+from seedlm.data_pipeline import DataError, check_vocab_fits, load_tokenizer
+from seedlm.data_pipeline.loader import make_tokenize
 
 TEXTS = [
     "plain ASCII text, with punctuation!  And  double  spaces.",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM
 
-from model import DeltaProductConfig, DeltaProductForCausalLM, DeltaProductModel
-from model.modeling_gated_moe import CACHE_NAME
+from seedlm.model import DeltaProductConfig, DeltaProductForCausalLM, DeltaProductModel
+from seedlm.model.modeling_gated_moe import CACHE_NAME
 from tests.helpers import load_with_every_auto_class_without_seedlm, reference_outputs
 
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from eval.tasks import TASKS_DIR
-from launch.cli import build_parser, main
+from seedlm.eval.tasks import TASKS_DIR
+from seedlm.launch.cli import build_parser, main
 from tests.test_eval_utils import saved_model_dir
 
 # three tasks of a user's include path, each broken in its own way; the first two fail to load, the third
@@ -87,7 +87,7 @@ def test_no_task_loads_exits_before_the_model_loads(tmp_path, capsys):
 
 def test_evaluate_without_failures_raises_on_the_first_failing_task(tmp_path, model_dir):
     # what the trainer calls: a broken task stops the evaluation (on every rank alike)
-    from eval.harness import evaluate, load_model_dir
+    from seedlm.eval.harness import evaluate, load_model_dir
 
     model, tok = load_model_dir(model_dir)
     with pytest.raises(ValueError, match="does not fit the model's max length"):
@@ -96,8 +96,8 @@ def test_evaluate_without_failures_raises_on_the_first_failing_task(tmp_path, mo
 
 def test_evaluate_with_failures_records_them_and_runs_the_rest(tmp_path, model_dir):
     # names, paths and Task objects mixed: a name that does not load and a task that raises are recorded
-    from eval.harness import evaluate, load_model_dir
-    from eval.synthetic import synthetic_task
+    from seedlm.eval.harness import evaluate, load_model_dir
+    from seedlm.eval.synthetic import synthetic_task
 
     model, tok = load_model_dir(model_dir)
     folder = user_tasks(tmp_path)

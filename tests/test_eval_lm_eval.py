@@ -4,11 +4,11 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
 
-from eval.harness import evaluate, load_model_dir  # noqa: E402
-from eval.lm import CausalLM  # noqa: E402
-from eval.requests import Loglikelihood  # noqa: E402
-from eval.synthetic import write_synthetic_task  # noqa: E402
-from eval.tasks import TASKS_DIR  # noqa: E402
+from seedlm.eval.harness import evaluate, load_model_dir  # noqa: E402
+from seedlm.eval.lm import CausalLM  # noqa: E402
+from seedlm.eval.requests import Loglikelihood  # noqa: E402
+from seedlm.eval.synthetic import write_synthetic_task  # noqa: E402
+from seedlm.eval.tasks import TASKS_DIR  # noqa: E402
 from tests.test_eval_utils import quickstart_tokenizer, saved_model_dir  # noqa: E402
 
 TASKS = ["tiny_qa", "tiny_cloze", "tiny_text", "tiny_arith", "parity"]
@@ -64,7 +64,7 @@ def test_same_metrics_as_lm_eval_hf(setup):
 
 
 def test_seedlm_adapter_evaluates_a_run_folders_latest_checkpoint(setup):
-    import eval.lm_eval_adapter  # noqa: F401 - registers "seedlm"
+    import seedlm.eval.lm_eval_adapter  # noqa: F401 - registers "seedlm"
 
     model_dir, _, manager = setup
     run = model_dir.parent / "run"
@@ -86,7 +86,7 @@ def test_seedlm_adapter_splits_word_spanning_pieces_on_the_quickstart_tokenizer(
     # split gives the continuation no token (HFLM asserts), the adapter's gives it "▁is▁a"
     import math
 
-    import eval.lm_eval_adapter  # noqa: F401 - registers "seedlm"
+    import seedlm.eval.lm_eval_adapter  # noqa: F401 - registers "seedlm"
 
     _, _, manager = setup
     tmp = setup[0].parent / "quickstart"

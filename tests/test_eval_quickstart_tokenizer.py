@@ -5,11 +5,11 @@ import math
 
 import pytest
 
-from eval.harness import evaluate
-from eval.lm import CausalLM
-from eval.requests import Loglikelihood, encode_pair
-from eval.synthetic import SYNTHETIC_TASKS
-from eval.tasks import find_task_files
+from seedlm.eval.harness import evaluate
+from seedlm.eval.lm import CausalLM
+from seedlm.eval.requests import Loglikelihood, encode_pair
+from seedlm.eval.synthetic import SYNTHETIC_TASKS
+from seedlm.eval.tasks import find_task_files
 from tests.test_eval_utils import quickstart_tokenizer, tiny_model
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.lm import CausalLM
-from eval.requests import (
+from seedlm.eval.lm import CausalLM
+from seedlm.eval.requests import (
     GenerateUntil,
     Loglikelihood,
     LoglikelihoodRolling,

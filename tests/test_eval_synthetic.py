@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.attention_sinks import attention_sink_stats
-from eval.harness import evaluate
-from eval.length_extrapolation import loss_by_position, plot_loss_by_position
-from eval.synthetic import (
+from seedlm.eval.attention_sinks import attention_sink_stats
+from seedlm.eval.harness import evaluate
+from seedlm.eval.length_extrapolation import loss_by_position, plot_loss_by_position
+from seedlm.eval.synthetic import (
     IGNORE_INDEX,
     Group,
     mqar_records,

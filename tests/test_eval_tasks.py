@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from eval.harness import evaluate, flat_metrics, markdown_table, resolve_model_dir, save_results
-from eval.lm import CausalLM
-from eval.requests import Loglikelihood, LoglikelihoodRolling
-from eval.tasks import TaskError, load_task_file, resolve_tasks
+from seedlm.eval.harness import evaluate, flat_metrics, markdown_table, resolve_model_dir, save_results
+from seedlm.eval.lm import CausalLM
+from seedlm.eval.requests import Loglikelihood, LoglikelihoodRolling
+from seedlm.eval.tasks import TaskError, load_task_file, resolve_tasks
 from tests.test_eval_utils import saved_model_dir, tiny_model, tiny_tokenizer
 
 GOOD = """\
@@ -147,7 +147,7 @@ def test_run_folder_resolves_to_latest_checkpoint(tmp_path):
 
 
 def run_cli(argv):
-    from launch.commands import eval as eval_command
+    from seedlm.launch.commands import eval as eval_command
 
     parser = argparse.ArgumentParser()
     eval_command.add_arguments(parser)
@@ -197,7 +197,7 @@ def test_yaml_task_text(tmp_path):
 def test_heldout_loss_is_the_token_weighted_next_token_loss():
     import torch
 
-    from eval.harness import heldout_loss
+    from seedlm.eval.harness import heldout_loss
 
     net = tiny_model("deltaproduct", 64)  # dense FFN: the model's loss has no router terms
     torch.manual_seed(0)

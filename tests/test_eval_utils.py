@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from eval.tasks import TASKS_DIR
+from seedlm.eval.tasks import TASKS_DIR
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. The dog did not move.",
@@ -25,7 +25,7 @@ def corpus() -> list[str]:
 
 @functools.cache
 def tiny_tokenizer(out_dir: str):
-    from data_pipeline import train_tokenizer
+    from seedlm.data_pipeline import train_tokenizer
 
     return train_tokenizer(corpus(), out_dir, vocab_size=400, num_threads=1)
 
@@ -34,8 +34,8 @@ def tiny_tokenizer(out_dir: str):
 def quickstart_tokenizer(out_dir: str):
     """A tokenizer trained as `seedlm train quickstart` trains one (its sources, vocabulary and budget): a
     sentencepiece BPE on the stdlib corpus, with pieces that span words ("▁is▁a", "▁of▁the")."""
-    from data_pipeline import DataConfig, iter_texts, open_sources, train_tokenizer
-    from launch.config import load_run_config
+    from seedlm.data_pipeline import DataConfig, iter_texts, open_sources, train_tokenizer
+    from seedlm.launch.config import load_run_config
 
     run = load_run_config("quickstart")
     data = DataConfig.from_dict(run.data)
@@ -48,8 +48,7 @@ def tiny_model(family: str, vocab_size: int, seed: int = 0, **overrides):
     """A 2-layer model with weights large enough that log-probabilities differ clearly between tokens."""
     from transformers import AutoModelForCausalLM
 
-    import model  # noqa: F401
-    from launch.presets import load_model_config
+    from seedlm.launch.presets import load_model_config
 
     cfg = load_model_config("gated_moe_tiny" if family == "gated_moe" else "deltaproduct_tiny")
     cfg.vocab_size = vocab_size

@@ -42,8 +42,8 @@ ZERO_RUNS = {"zero1": (1, 0.0, False), "zero2": (2, 0.0, True), "zero2_clip": (2
 
 
 def build_model(router_bias_update_rate=0.0):
-    from launch.presets import load_model_config
-    from model import GatedMoeForCausalLM
+    from seedlm.launch.presets import load_model_config
+    from seedlm.model import GatedMoeForCausalLM
 
     config = load_model_config("gated_moe_tiny", vocab_size=256, router_bias_update_rate=router_bias_update_rate)
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def global_batch(step, world):
 
 
 def adamw_param_groups(model):
-    from launch.expert_parallel import optimizer_param_groups
+    from seedlm.launch.expert_parallel import optimizer_param_groups
 
     return optimizer_param_groups(model, WD, None)
 
@@ -96,7 +96,7 @@ def _worker(out_dir):
     import deepspeed
     import torch.distributed as dist
 
-    from launch.expert_parallel import (
+    from seedlm.launch.expert_parallel import (
         ExpertParallelError,
         apply_expert_parallel,
         check_engine_expert_parallel,
@@ -304,7 +304,7 @@ def test_zero3_with_ep_is_refused(ep_results):
 
 
 def test_validation_messages():
-    from launch.expert_parallel import ExpertParallelError, validate_expert_parallel
+    from seedlm.launch.expert_parallel import ExpertParallelError, validate_expert_parallel
 
     validate_expert_parallel(1, 3, 0, zero_stage=3)  # EP off: anything goes
     validate_expert_parallel(2, 4, 8, zero_stage=2)
@@ -330,7 +330,7 @@ def test_gather_full_state_dict_is_single_process_layout(ep_results):
     local = results["d_local_shapes"]
     assert local and all(shape[0] == 8 // EP for shape in local.values())
 
-    from model import GatedMoeForCausalLM
+    from seedlm.model import GatedMoeForCausalLM
 
     loaded = GatedMoeForCausalLM.from_pretrained(out_dir / "export").state_dict()
     for name, tensor in ref.items():
@@ -338,7 +338,7 @@ def test_gather_full_state_dict_is_single_process_layout(ep_results):
 
 
 def test_optimizer_param_groups_split():
-    from launch.expert_parallel import optimizer_param_groups
+    from seedlm.launch.expert_parallel import optimizer_param_groups
 
     model = build_model()
     groups = optimizer_param_groups(model, WD, None)

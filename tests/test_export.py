@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.cli import build_parser
-from launch.cli import main as seedlm
-from launch.export import use_umask_file_modes
+from seedlm.launch.cli import build_parser
+from seedlm.launch.cli import main as seedlm
+from seedlm.launch.export import use_umask_file_modes
 from tests.helpers import (
     file_modes,
     load_with_every_auto_class_without_seedlm,
@@ -40,8 +40,6 @@ def tiny_run(tmp_path_factory):
 
 def test_export_of_a_run_loads_with_every_auto_class_without_seedlm(tiny_run, tmp_path):
     from transformers import AutoModelForCausalLM
-
-    import model  # noqa: F401  (registers the classes)
 
     assert seedlm(["export", str(tiny_run), str(tmp_path / "export")]) == 0
     config = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -88,7 +86,7 @@ def test_push_without_a_token_refuses_before_any_network(tmp_path):
     # a fresh HF_HOME holds no login cache; offline, any Hub call would fail with another message
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH")}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "launch.cli", "push", str(folder), "someone/tiny"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "seedlm.launch.cli", "push", str(folder), "someone/tiny"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == (

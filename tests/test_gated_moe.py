@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from model import GatedMoeConfig, GatedMoeForCausalLM, GatedMoeModel, load_balancing_loss, router_z_loss
-from model.modeling_gated_moe import CACHE_NAME
-from model.moe import grouped_linear
+from seedlm.model import GatedMoeConfig, GatedMoeForCausalLM, GatedMoeModel, load_balancing_loss, router_z_loss
+from seedlm.model.modeling_gated_moe import CACHE_NAME
+from seedlm.model.moe import grouped_linear
 from tests.helpers import load_with_every_auto_class_without_seedlm, reference_outputs
 from tests.reference_gated_moe import reference_forward
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from launch.cli import build_parser
-from launch.cli import main as seedlm
-from launch.presets import MODEL_PRESET_DIR, PresetError, count_parameters, load_model_config
+from seedlm.launch.cli import build_parser
+from seedlm.launch.cli import main as seedlm
+from seedlm.launch.presets import MODEL_PRESET_DIR, PresetError, count_parameters, load_model_config
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
@@ -52,7 +52,7 @@ def test_help_for_every_subcommand(capsys):
 
 
 def test_no_subcommand_prints_help_and_fails():
-    result = subprocess.run([sys.executable, "-m", "launch.cli"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "seedlm.launch.cli"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage: seedlm" in result.stdout
 
 
@@ -98,7 +98,7 @@ def test_every_option_shows_its_default_once():
 
 
 def test_a_command_module_that_fails_to_import_is_an_error(monkeypatch):
-    from launch import cli
+    from seedlm.launch import cli
 
     monkeypatch.setattr(cli, "COMMANDS", [*cli.COMMANDS, ("broken", "no_such_command", "a command not built")])
     with pytest.raises(ImportError, match="'broken' command \\(module launch.commands.no_such_command\\)"):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.checkpoint import find_resume_checkpoint
-from launch.cli import main as seedlm
-from launch.metrics import read_metrics
+from seedlm.launch.checkpoint import find_resume_checkpoint
+from seedlm.launch.cli import main as seedlm
+from seedlm.launch.metrics import read_metrics
 from tests.helpers import tiny_run_overrides, write_tiny_corpus_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def start_training(args: list[str], preexec_fn=None) -> subprocess.Popen:
     # a fresh single process: not the rendezvous of a run this test process made in-process
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env, text=True,
+    return subprocess.Popen([sys.executable, "-m", "seedlm.launch.cli", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec_fn)
 
 
@@ -67,7 +67,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_the_run_resumes(corpus_and_tokeni
 
 
 def test_a_second_ctrl_c_exits_at_once():
-    from launch.trainer import StopSignal
+    from seedlm.launch.trainer import StopSignal
 
     stop = StopSignal()
     try:
@@ -82,12 +82,12 @@ def test_a_second_ctrl_c_exits_at_once():
 
 
 def test_an_interrupted_run_says_so(corpus_and_tokenizer, tmp_path, capsys, monkeypatch):
-    import launch.trainer
+    import seedlm.launch.trainer
 
     def interrupted(run_config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(launch.trainer, "train", interrupted)  # stands for the second Ctrl-C mid-step
+    monkeypatch.setattr(seedlm.launch.trainer, "train", interrupted)  # stands for the second Ctrl-C mid-step
     corpus, tok = corpus_and_tokenizer
     assert seedlm(train_args(corpus, tok, tmp_path / "run", max_steps=2)) == 130
     assert "interrupted; the steps since the last checkpoint are lost" in capsys.readouterr().err

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.harness import heldout_loss
-from eval.synthetic import IGNORE_INDEX, Group, state_tracking_records
-from launch.cli import main as seedlm
-from launch.config import ConfigError, load_run_config
-from launch.synthetic import SyntheticConfig, SyntheticLoader, synthetic_config, val_records
+from seedlm.eval.harness import heldout_loss
+from seedlm.eval.synthetic import IGNORE_INDEX, Group, state_tracking_records
+from seedlm.launch.cli import main as seedlm
+from seedlm.launch.config import ConfigError, load_run_config
+from seedlm.launch.synthetic import SyntheticConfig, SyntheticLoader, synthetic_config, val_records
 from tests.test_eval_utils import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_training_batches_hold_the_running_products_aligned():
 
 
 def test_training_stream_resumes_exactly_and_refuses_another_setup():
-    from data_pipeline import DataError
+    from seedlm.data_pipeline import DataError
 
     cfg = SyntheticConfig(group="S4", train_length=8)
     loader = SyntheticLoader(cfg, micro_batch_size=3, rank=0, world_size=1)
@@ -217,7 +217,7 @@ def test_two_reflections_per_token_track_s3_over_512_tokens_in_the_kernel():
     most two Householder reflections (beta = 2; a transposition is one, the second step has beta = 0) of
     the permutation representation, and with values v = C^T k the delta rule moves S - C by the reflections
     (S <- S - beta k k^T (S - C)), so S_t = C - P_t C names the running product, exactly, 512 tokens on."""
-    from model import chunk_delta_product
+    from seedlm.model import chunk_delta_product
 
     g = Group("S3")
     eye = torch.eye(3, dtype=torch.float64)

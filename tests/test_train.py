@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.cli import main as seedlm
-from launch.config import ConfigError, load_run_config, model_config_from_run
+from seedlm.launch.cli import main as seedlm
+from seedlm.launch.config import ConfigError, load_run_config, model_config_from_run
 from tests.helpers import run_without_seedlm, tiny_run_overrides, write_tiny_corpus_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,11 +30,11 @@ def run_args(corpus, tok, output_dir, model="gated_moe_tiny", **extra) -> list[s
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    from launch.distributed import free_port
+    from seedlm.launch.distributed import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}",
-           "-m", "launch.cli", "train", *args]
+           "-m", "seedlm.launch.cli", "train", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -80,9 +80,9 @@ def test_two_ranks_train_under_each_zero_stage(corpus_and_tokenizer, tmp_path, z
     hf_state = load_file(checkpoint / "hf" / "model.safetensors")
     assert hf_state["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 8  # all experts, gathered
     if tasks:  # the expert-parallel evaluation at step 4 equals one process evaluating the step-4 weights
-        from data_pipeline import load_tokenizer
-        from eval import evaluate, flat_metrics
-        from model import GatedMoeForCausalLM
+        from seedlm.data_pipeline import load_tokenizer
+        from seedlm.eval import evaluate, flat_metrics
+        from seedlm.model import GatedMoeForCausalLM
 
         logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         logged = next(r for r in logged if r["step"] == 4 and "eval/tiny_qa/acc" in r)
@@ -156,8 +156,6 @@ def test_export_round_trip_without_seedlm(corpus_and_tokenizer, tmp_path):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import model  # noqa: F401
-
     checkpoint = run / "checkpoints" / "step_00000003"
     reference = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint / "hf"))
     reference.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds"), strict=False)
@@ -220,7 +218,7 @@ def test_config_mistakes_name_the_fix(overrides, message):
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_lr_schedule_shapes_and_warm_restarts(schedule):
-    from launch.engine import lr_lambda
+    from seedlm.launch.engine import lr_lambda
 
     base = ["max_steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1", f"train.schedule={schedule}"]
     plain = lr_lambda(load_run_config("gated_moe_tiny", base).train)
@@ -271,7 +269,7 @@ def test_non_finite_steps_are_skipped_then_the_run_saves_and_stops(corpus_and_to
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if "loss" in r] == [1, 2, 3]
     # a skipped update still moves the lr schedule on: the lr stays the planned one for each step
-    from launch.engine import lr_lambda
+    from seedlm.launch.engine import lr_lambda
 
     train_cfg = load_run_config(args[0], args[1:]).train
     planned = [train_cfg.lr * lr_lambda(train_cfg)(step) for step in (1, 2, 3)]
@@ -294,7 +292,7 @@ def test_resume_with_another_world_size_is_refused(corpus_and_tokenizer, tmp_pat
     state = json.loads(state_file.read_text())
     state["world_size"] = 4  # as if written by a 4-rank job
     state_file.write_text(json.dumps(state))
-    from launch.checkpoint import write_manifest
+    from seedlm.launch.checkpoint import write_manifest
 
     write_manifest(state_file.parent)  # a complete checkpoint, just from another launch
     capsys.readouterr()
@@ -337,17 +335,17 @@ def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(co
     import signal
     import time
 
-    from launch.checkpoint import find_resume_checkpoint
+    from seedlm.launch.checkpoint import find_resume_checkpoint
 
     corpus, tok = corpus_and_tokenizer
     run = tmp_path / "run"
     args = run_args(corpus, tok, run, max_steps=400, save_interval=2, **{"train.eval_interval": 0})
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    from launch.distributed import free_port
+    from seedlm.launch.distributed import free_port
 
     launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-         f"--master_port={free_port()}", "-m", "launch.cli", "train", *args],
+         f"--master_port={free_port()}", "-m", "seedlm.launch.cli", "train", *args],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -378,9 +376,9 @@ def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(co
 def test_zero0_run_equals_a_plain_pytorch_loop(corpus_and_tokenizer, tmp_path):
     """DeepSpeed at ZeRO 0 (fp32, the trainer clipping itself) changes no number: the same model, batches,
     AdamW groups, schedule and clipping in a plain loop give the same losses and gradient norms."""
-    from data_pipeline import DataConfig, build_dataloader, load_tokenizer
-    from launch.engine import build_model, lr_lambda
-    from launch.expert_parallel import optimizer_param_groups
+    from seedlm.data_pipeline import DataConfig, build_dataloader, load_tokenizer
+    from seedlm.launch.engine import build_model, lr_lambda
+    from seedlm.launch.expert_parallel import optimizer_param_groups
 
     corpus, tok = corpus_and_tokenizer
     args = run_args(corpus, tok, tmp_path / "run", max_steps=5, zero_stage=0,

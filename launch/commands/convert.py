@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from launch.convert import ConversionError, convert_qwen3_moe
+    from seedlm.launch.convert import ConversionError, convert_qwen3_moe
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

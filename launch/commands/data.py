@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from launch.commands.tokenizer import add_source_arguments, sources_from_args
+from seedlm.launch.commands.tokenizer import add_source_arguments, sources_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline import DataConfig, DataError
+    from seedlm.data_pipeline import DataConfig, DataError
 
     try:
         cfg = DataConfig(
@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _view(cfg, args: argparse.Namespace) -> int:
-    import model  # noqa: F401  (registers seedlm's configs: an export's config.json resolves without remote code)
-    from data_pipeline import build_dataloader, load_tokenizer, split_segments
+    from seedlm.data_pipeline import build_dataloader, load_tokenizer, split_segments
 
     tok = load_tokenizer(args.tokenizer)
     loader = build_dataloader(cfg, tok, split=args.split)

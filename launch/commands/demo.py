@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launch.presets import MODEL_PRESET_DIR, count_parameters, load_model_config
+    from seedlm.launch.presets import MODEL_PRESET_DIR, count_parameters, load_model_config
 
     torch.manual_seed(args.seed)
     for name in args.presets:

@@ -45,12 +45,12 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from eval.tasks import TaskError, find_task_files, resolve_tasks
+    from seedlm.eval.tasks import TaskError, find_task_files, resolve_tasks
 
     prog = "seedlm eval"
     try:
         if args.list_tasks:
-            from eval.synthetic import SYNTHETIC_TASKS
+            from seedlm.eval.synthetic import SYNTHETIC_TASKS
 
             for name, path in sorted(find_task_files(args.include_path).items()):
                 print(f"{name}\t{path}")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     failed_to_load = set(failures)
 
-    from eval.harness import evaluate, load_model_dir, markdown_table, resolve_model_dir, save_results
+    from seedlm.eval.harness import evaluate, load_model_dir, markdown_table, resolve_model_dir, save_results
 
     try:
         folder = resolve_model_dir(args.model_dir)
@@ -150,8 +150,8 @@ def synthetic_meta(model_dir) -> dict | None:
     folder that does not resolve: the usual path reports that)."""
     import json
 
-    from eval.harness import resolve_model_dir
-    from launch.synthetic import TOKENIZER_MARKER
+    from seedlm.eval.harness import resolve_model_dir
+    from seedlm.launch.synthetic import TOKENIZER_MARKER
 
     try:
         config = resolve_model_dir(model_dir) / "tokenizer_config.json"
@@ -171,8 +171,8 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
     import sys
     from pathlib import Path
 
-    from eval.harness import load_model_dir, resolve_model_dir
-    from launch.synthetic import SyntheticConfig, SyntheticRun
+    from seedlm.eval.harness import load_model_dir, resolve_model_dir
+    from seedlm.launch.synthetic import SyntheticConfig, SyntheticRun
 
     prog = "seedlm eval"
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}

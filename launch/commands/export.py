@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from launch.errors import USER_ERRORS
-    from launch.export import export_run
+    from seedlm.launch.errors import USER_ERRORS
+    from seedlm.launch.export import export_run
 
     try:
         out = export_run(args.run_dir, args.out_dir, step=args.step, max_shard_size=args.max_shard_size)

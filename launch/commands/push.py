@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from launch.push import PushError, push_folder
+    from seedlm.launch.push import PushError, push_folder
 
     try:
         print(push_folder(args.out_dir, args.repo_id, private=args.private, revision=args.revision,

@@ -29,7 +29,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sources_from_args(args: argparse.Namespace) -> list:
-    from data_pipeline import SourceConfig, load_data_config
+    from seedlm.data_pipeline import SourceConfig, load_data_config
 
     if args.config:
         if args.source:
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline import DataError
+    from seedlm.data_pipeline import DataError
 
     try:
         if args.tokenizer_command == "train":
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from data_pipeline import iter_texts, open_source, train_tokenizer
+    from seedlm.data_pipeline import iter_texts, open_source, train_tokenizer
 
     sources = [open_source(s, "train") for s in sources_from_args(args)]  # held-out documents stay unseen
     names = ", ".join(s.config.describe() for s in sources)
@@ -99,8 +99,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    import model  # noqa: F401  (registers seedlm's configs: an export's config.json resolves without remote code)
-    from data_pipeline import load_tokenizer
+    from seedlm.data_pipeline import load_tokenizer
 
     tok = load_tokenizer(args.tokenizer)
     ids = tok(args.text, add_special_tokens=False)["input_ids"]

@@ -53,9 +53,9 @@ def config_reference() -> str:
     import shutil
     import textwrap
 
-    from data_pipeline import DataConfig, SourceConfig
-    from launch.config import TOP_LEVEL_ALIASES, TokenizerConfig, TrainConfig
-    from launch.presets import MODEL_PRESET_DIR
+    from seedlm.data_pipeline import DataConfig, SourceConfig
+    from seedlm.launch.config import TOP_LEVEL_ALIASES, TokenizerConfig, TrainConfig
+    from seedlm.launch.presets import MODEL_PRESET_DIR
 
     presets = ", ".join(sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
     rows = [
@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from launch.config import check_run_config, load_run_config
-    from launch.distributed import PeerFailure
-    from launch.errors import USER_ERRORS
+    from seedlm.launch.config import check_run_config, load_run_config
+    from seedlm.launch.distributed import PeerFailure
+    from seedlm.launch.errors import USER_ERRORS
 
     try:
         run_config = load_run_config(args.config, args.overrides)
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(yaml.safe_dump(run_config.to_dict(), sort_keys=False))
             return 0
-        from launch.trainer import train
+        from seedlm.launch.trainer import train
 
         summary = train(run_config)
     except USER_ERRORS as err:
