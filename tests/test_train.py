@@ -339,7 +339,9 @@ def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(co
 
     corpus, tok = corpus_and_tokenizer
     run = tmp_path / "run"
-    args = run_args(corpus, tok, run, max_steps=400, save_interval=2, **{"train.eval_interval": 0})
+    # a loader worker per rank: the survivor's worker is terminated with it, which used to be all it reported
+    args = run_args(corpus, tok, run, max_steps=400, save_interval=2,
+                    **{"train.eval_interval": 0, "data.num_workers": 1})
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     from seedlm.launch.distributed import free_port
 
@@ -361,6 +363,12 @@ def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(co
         launcher.kill()
     assert launcher.returncode != 0, "the launcher must report a failed rank"
     assert "FAILED" in log or "failed" in log
+    # the surviving rank says it is not the cause, where the cause is named, and what is left to resume from
+    survivor = [line for line in log.splitlines() if line.startswith("seedlm train: rank 0 stopped")]
+    assert len(survivor) == 1, log[-4000:]
+    assert "another rank failed first" in survivor[0] and "Root Cause" in survivor[0]
+    assert "the last complete checkpoint is" in survivor[0]
+    assert "Traceback" not in log.split("Root Cause")[0].split("torch.distributed.run")[0]
     # whatever step the kill interrupted (a save included), `latest` names a complete checkpoint to resume from
     latest = find_resume_checkpoint(run / "checkpoints")
     assert latest is not None and latest.name == (run / "checkpoints" / "latest").read_text().strip()
