@@ -297,5 +297,9 @@ class DeltaProductForCausalLM(CausalLMHeadMixin, DeltaProductPreTrainedModel, Ge
 
 
 __all__ = [
-    "DeltaProductPreTrainedModel", "DeltaProductModel", "DeltaProductForCausalLM", "DeltaProductCache", "RecurrentLayerState"
+    "DeltaProductPreTrainedModel",
+    "DeltaProductModel",
+    "DeltaProductForCausalLM",
+    "DeltaProductCache",
+    "RecurrentLayerState",
 ]
