@@ -4,7 +4,7 @@ Goal: the loader is never the bottleneck, i.e. it produces >= 10x the tokens/s a
 
 Measured on the embedded default corpus (the standard library's *.py files, real text, no download):
   - pipeline tokens/s of `build_dataloader` batches (read files, tokenise in batches, shuffle, pack into
-    [batch, seq_len] rows with position_ids / labels / cu_seqlens) in-process and with 1 and 2 workers;
+    [batch, seq_len] rows with position_ids / labels) in-process and with 1 and 2 workers;
   - training tokens/s of one fwd + bwd + AdamW step of each tiny preset (configs/models/*_tiny.yaml) on
     [batch, seq_len] tokens; "n/a" where the model family is not available in this checkout.
 

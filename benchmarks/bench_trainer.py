@@ -164,10 +164,12 @@ def memory_by_stage(preset: str, vocab: int, stages=(0, 1, 2, 3), nproc: int = 2
     return out
 
 
+WORDS = "alpha beta gamma delta state token expert router gate value key query".split()
+
+
 def tiny_corpus_and_tokenizer(workdir: Path) -> tuple[Path, Path, int]:
     """2000 documents of random words as JSONL and a 512-token BPE trained on them: (corpus, tokenizer, vocab)."""
     from seedlm.data_pipeline import train_tokenizer
-    from tests.helpers import WORDS
 
     corpus = workdir / "docs.jsonl"
     rng = random.Random(0)

@@ -13,7 +13,7 @@ How the trainer uses it::
         train.load_state_dict(checkpoint["data"][rank])         # per-rank state, saved with the checkpoint
     for step, batch in zip(range(start, max_steps), train):    # training data repeats forever
         # batch["input_ids"], batch["labels"], batch["position_ids"]: [micro_batch_size, seq_len] int64
-        # batch["cu_seqlens"]: [segments + 1] int32 over the flattened batch
+        # (position_ids restart at 0 where a document starts: the models keep documents apart by them)
         ...
         if saving:
             data_state = train.state_dict()                     # position after the last batch taken

@@ -321,7 +321,7 @@ class PackedDataset(IterableDataset):
                 rows.append(row)
             if not rows:
                 break
-            batch = make_batch(rows)  # input_ids, labels, position_ids [b, T]; cu_seqlens [segments + 1]
+            batch = make_batch(rows)  # input_ids, labels, position_ids [b, T]
             self._state = {"reader": reader, "stream": stream.state(), "packer": packer.state_dict()}
             yield batch
             if len(rows) < B:

@@ -5,13 +5,12 @@ Conventions of a packed batch (B = micro_batch_size, T = seq_len):
 - `position_ids` [B, T] int64: 0, 1, 2, ... within each segment, restarting at 0 where a document
   starts and at the start of every row (a document cut at a row end continues in the next row as a
   new segment: rows are independent samples, so it has no context there). Models use these to keep
-  attention and recurrent state inside a segment.
+  attention and recurrent state inside a segment (the DeltaProduct model derives its kernel's packed
+  offsets from them), so the batch carries no separate segment-offset tensor.
 - `labels` [B, T] int64: equal to `input_ids` (HF convention: the model shifts), except -100 at every
   position where `position_ids == 0`. Under the shift, the label at position t is predicted from
   position t-1, so the -100 at a segment start means "do not predict the first token of a segment
   from the previous document". (At t = 0 of a row it is never used.) Padding is -100 too.
-- `cu_seqlens` [num_segments + 1] int32: segment boundaries over the flattened B*T tokens (the
-  varlen / packed-sequence convention of flash-attn and flash-linear-attention, B = 1 after flatten).
 Padding appears only in the last row of a finite stream (validation): pad tokens form their own
 segment with labels -100.
 """
@@ -88,10 +87,7 @@ def make_batch(rows: list[tuple[np.ndarray, np.ndarray, int]]) -> dict[str, torc
     labels[position_ids == 0] = -100
     for i, (_, _, num_real) in enumerate(rows):
         labels[i, num_real:] = -100  # padding
-    B, T = input_ids.shape
-    starts = torch.nonzero(position_ids.reshape(-1) == 0).reshape(-1)  # [num_segments]
-    cu_seqlens = torch.cat([starts, torch.tensor([B * T])]).to(torch.int32)  # [num_segments + 1]
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seqlens": cu_seqlens}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 
 def split_segments(input_ids: torch.Tensor, position_ids: torch.Tensor) -> list[torch.Tensor]:

@@ -359,10 +359,17 @@ def check_tokenizer_fits(run: RunConfig, model_vocab_size: int) -> None:
 
 def model_config_from_run(run: RunConfig):
     """The HF model config named by run.model (preset name, YAML path or mapping) with model_overrides."""
-    from seedlm.launch.presets import build_model_config, load_model_config
+    from seedlm.launch.presets import PresetError, build_model_config, load_model_config
 
-    if isinstance(run.model, dict):
-        return build_model_config({**run.model, **run.model_overrides}, source="model")
-    if not isinstance(run.model, str):
+    if not isinstance(run.model, (dict, str)):
         raise ConfigError(f"model must be a preset name, a YAML path or a mapping, got {run.model!r}")
-    return load_model_config(run.model, **run.model_overrides)
+    try:
+        if isinstance(run.model, dict):
+            return build_model_config({**run.model, **run.model_overrides}, source="model")
+        return load_model_config(run.model, **run.model_overrides)
+    except PresetError:
+        raise
+    except ValueError as err:  # the config class's own checks of the values (e.g. heads not dividing)
+        overrides = f" with model_overrides {run.model_overrides}" if run.model_overrides else ""
+        name = "model" if isinstance(run.model, dict) else f"model {run.model!r}"
+        raise ConfigError(f"{name}{overrides}: {err}") from err

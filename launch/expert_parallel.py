@@ -44,10 +44,11 @@ global counts, z-loss), expert counts and bias balancing would be lost, and the 
 parameter layout. So the token exchange is built here on torch.distributed (a small
 autograd all-to-all) and DeepSpeed's groups.
 
-Trainer order (see `expert_parallel_engine_context` for the snippet): init_distributed -> build the model
-(same seed everywhere) -> apply_expert_parallel -> optimizer_param_groups -> deepspeed.initialize inside
-expert_parallel_engine_context -> check_engine_expert_parallel -> loss via loss_with_global_balancing;
-resume: engine.load_checkpoint then sync_expert_weights_after_load; export: gather_full_state_dict.
+Trainer order: init_distributed -> build the model (same seed everywhere) -> `launch/engine.py` `build_engine`:
+apply_expert_parallel -> AdamW over optimizer_param_groups -> deepspeed.initialize inside
+expert_parallel_engine_context -> check_engine_expert_parallel; each step's loss via loss_with_global_balancing
+(launch/trainer.py); resume: engine.load_checkpoint then sync_expert_weights_after_load; the full HF weights
+(saving an hf/ folder, export): gather_full_state_dict.
 """
 
 from __future__ import annotations
@@ -253,11 +254,13 @@ def apply_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int | None
 @contextlib.contextmanager
 def expert_parallel_engine_context(ep_info: ExpertParallelInfo):
     """Wrap `deepspeed.initialize` so the engine takes its MoE path for ExpertParallelExperts (see the
-    module docstring for why). A no-op when EP is off.
+    module docstring for why). A no-op when EP is off. `launch/engine.py` `build_engine` uses it so:
 
+        optimizer = torch.optim.AdamW(optimizer_param_groups(model, weight_decay, ep_info), lr=lr)
         with expert_parallel_engine_context(ep_info):
-            engine, optimizer, _, scheduler = deepspeed.initialize(
-                model=model, model_parameters=optimizer_param_groups(model, wd, ep_info), config=ds_config)
+            engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=..., config=ds_config)
+        check_engine_expert_parallel(engine, ep_info)
     """
     if not ep_info.enabled:
         yield

@@ -143,8 +143,8 @@ def recurrent_delta_product(
 # length L = T*n_h. A chunk holds Ct whole tokens, i.e. C = Ct*n_h interleaved positions. Inside a
 # chunk, with decays gamma_p (cumulative log decay up to position p; a token's decay sits on its
 # first position) and state S0 at the chunk start, the WY form gives
-#     X = (I + tril(diag(beta) K K^T * exp(gamma_i - gamma_j), -1))^-1 [beta V | beta exp(gamma) K]
-#     U, W = X[:, :V], X[:, V:]
+#     Tm = (I + tril(diag(beta) K K^T * exp(gamma_i - gamma_j), -1))^-1   one triangular solve against I
+#     U = Tm beta V,  W = Tm beta exp(gamma) K                             two matmuls
 #     Vn = U - W S0                              what the delta rule writes at each position
 #     S1 = exp(gamma_last) S0 + Kd^T Vn          Kd = exp(gamma_last - gamma) K
 #     o  = Qd S0 + Aq Vn                         Qd = exp(gamma_q) Q, Aq = Q K^T * exp(gamma_q - gamma), masked

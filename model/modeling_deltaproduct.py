@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -25,58 +26,77 @@ from .modeling_gated_moe import CACHE_NAME, CausalLMHeadMixin
 from .moe import MoeModelMixin, RouterOutput, SparseMoeBlock
 
 
-class DeltaProductCache:
-    """Per-layer generation state: recurrent state [B, H, K, V] (fp32) and conv histories on DeltaProduct
-    layers, keys/values [B, Hkv, S, D] on attention layers, and the number of tokens seen.
+class RecurrentLayerState:
+    """One DeltaProduct layer's generation state: the recurrent state [B, H, K, V] (fp32) and the short
+    convolutions' histories (q, k, v). None until the first forward, and after reset(): start from zero.
 
-    Not a transformers DynamicCache: a recurrent state is not a key/value list. The model builds it on the
-    first forward with use_cache; generate() carries it between steps (see
-    DeltaProductForCausalLM._supports_default_dynamic_cache)."""
+    Not a transformers CacheLayerMixin: it holds no keys and values and no sequence length (the cache counts
+    the tokens seen), and a recurrent state cannot be rolled back, so it cannot be cropped."""
 
     is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
 
-    def __init__(self, num_layers: int):
-        self.states: list[dict] = [{} for _ in range(num_layers)]
+    def __init__(self):
+        self.state: torch.Tensor | None = None
+        self.conv: tuple = (None, None, None)
+
+    def _map(self, fn):
+        self.state = fn(self.state) if self.state is not None else None
+        self.conv = tuple(fn(t) if t is not None else None for t in self.conv)
+
+    def reset(self) -> None:
+        self.state, self.conv = None, (None, None, None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a DeltaProduct layer's recurrent state cannot be cropped (it keeps no per-token history)")
+
+
+class DeltaProductCache(Cache):
+    """Per-layer generation state, a transformers Cache: a RecurrentLayerState on DeltaProduct layers and a
+    transformers DynamicLayer (keys/values [B, Hkv, S, D]) on attention layers, and the number of tokens seen.
+
+    generate() and its utilities (beam reordering, batch expansion, reset) go through Cache's per-layer
+    methods. The model builds it on the first forward with use_cache, since DynamicCache cannot hold a
+    recurrent state (see DeltaProductForCausalLM._supports_default_dynamic_cache)."""
+
+    def __init__(self, config: DeltaProductConfig):
+        layers = [DynamicLayer() if i in config.attn_layers else RecurrentLayerState()
+                  for i in range(config.num_hidden_layers)]
+        super().__init__(layers=layers)
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen_tokens
+        return self.seen_tokens  # every layer, recurrent or attention, has seen the same tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0  # (key/value length, offset) of an attention mask
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen_tokens = 0
 
     def recurrent_state(self, layer_idx):
-        return self.states[layer_idx].get("state")
+        return self.layers[layer_idx].state
 
     def set_recurrent_state(self, layer_idx, state):
-        self.states[layer_idx]["state"] = state
+        self.layers[layer_idx].state = state
 
     def conv_states(self, layer_idx):
-        return self.states[layer_idx].get("conv", (None, None, None))
+        return self.layers[layer_idx].conv
 
     def set_conv_states(self, layer_idx, conv):
-        self.states[layer_idx]["conv"] = conv
-
-    def update(self, key, value, layer_idx):
-        """Attention layers: append key/value [B, Hkv, T, D]; returns everything cached for the layer."""
-        entry = self.states[layer_idx]
-        if "key" in entry:
-            entry["key"] = torch.cat([entry["key"], key], dim=-2)
-            entry["value"] = torch.cat([entry["value"], value], dim=-2)
-        else:
-            entry["key"], entry["value"] = key, value
-        return entry["key"], entry["value"]
-
-    def _map(self, fn):
-        for entry in self.states:
-            for name, value in entry.items():
-                entry[name] = tuple(fn(v) for v in value) if isinstance(value, tuple) else fn(value)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor):
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int):
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        self._map(lambda t: t[indices])
+        self.layers[layer_idx].conv = conv
 
 
 @dataclass
@@ -219,7 +239,7 @@ class DeltaProductModel(DeltaProductPreTrainedModel):
         if not use_cache:
             cache = None
         elif cache is None:
-            cache = DeltaProductCache(self.config.num_hidden_layers)
+            cache = DeltaProductCache(self.config)
 
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
@@ -276,4 +296,10 @@ class DeltaProductForCausalLM(CausalLMHeadMixin, DeltaProductPreTrainedModel, Ge
         self.model.embeddings = value
 
 
-__all__ = ["DeltaProductPreTrainedModel", "DeltaProductModel", "DeltaProductForCausalLM", "DeltaProductCache"]
+__all__ = [
+    "DeltaProductPreTrainedModel",
+    "DeltaProductModel",
+    "DeltaProductForCausalLM",
+    "DeltaProductCache",
+    "RecurrentLayerState",
+]

@@ -2,9 +2,11 @@
 computed grouped (dropless), an optional sigmoid-gated shared expert, and the router losses.
 
 Parameter names match transformers' Qwen3-MoE (`mlp.gate.weight`, `mlp.experts.gate_up_proj`,
-`mlp.experts.down_proj`), so checkpoints convert without renaming and DeepSpeed AutoEP patterns apply.
-Expert parallelism is not done here: `launch/` swaps `mlp.experts` for a version that sends tokens to
-their ranks, with the same parameter names and the same forward signature.
+`mlp.experts.down_proj`), so checkpoints convert without renaming. DeepSpeed AutoEP is not used: its
+qwen3_moe preset fails at deepspeed.initialize with transformers 5.x, and its layer would replace this block's
+forward and rename the weights (see launch/expert_parallel.py). Expert parallelism is not done here:
+`launch/` swaps `mlp.experts` for a version that sends tokens to their ranks, with the same parameter
+names and the same forward signature.
 """
 
 from dataclasses import dataclass

@@ -1,6 +1,7 @@
 """The benchmarks' smoke modes run and print their tables, and `seedlm bench` rewrites only the README's marked
 blocks (never a time assertion: speed lives in benchmarks/)."""
 
+import ast
 import os
 import shutil
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.floors import causal_attention_flops, chunk_delta_product_flops
-from seedlm.launch.commands.bench import NAMES, BenchError, check_blocks, rewrite_block
+from benchmarks.run_benchmarks import NAMES, BenchError, check_blocks, rewrite_block
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
@@ -85,6 +86,39 @@ def test_user_mistakes_stop_before_anything_is_measured(tmp_path):
     assert result.returncode == 2
     assert "no block for 'delta_product': add the lines <!-- bench:delta_product -->" in result.stderr
     assert "measuring" not in result.stderr
+
+
+def test_seedlm_bench_outside_a_checkout_says_it_needs_one(tmp_path, monkeypatch, capsys):
+    from seedlm.launch.cli import main as seedlm
+    from seedlm.launch.commands import bench
+
+    monkeypatch.setattr(bench, "RUNNER", tmp_path / "benchmarks" / "run_benchmarks.py")  # as from a wheel
+    assert seedlm(["bench", "--smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "scripts of a source checkout" in err and "Clone the repository" in err
+
+
+def imported_top_names(folder: Path) -> dict[str, set[str]]:
+    """{file: top-level names of the modules it imports} for every .py under folder."""
+    found = {}
+    for path in folder.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        found[str(path.relative_to(REPO))] = names
+    return found
+
+
+def test_the_package_never_imports_benchmarks_and_benchmarks_never_import_tests():
+    # benchmarks/ is not in the wheel, and tests/ is in neither
+    for folder in ("seedlm", "model", "data_pipeline", "launch", "eval"):
+        for path, names in imported_top_names(REPO / folder).items():
+            assert not names & {"benchmarks", "tests"}, path
+    for path, names in imported_top_names(REPO / "benchmarks").items():
+        assert "tests" not in names, path
 
 
 def test_seedlm_bench_smoke_prints_tables_and_writes_nothing():

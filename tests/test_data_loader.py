@@ -84,7 +84,7 @@ def test_every_document_once_per_epoch_round_robin(tmp_path, tok):
     check_exactly_once(all_batches(cfg, tok, world_size=2), docs, tok)
 
 
-def test_packed_rows_positions_labels_cu_seqlens(tmp_path, tok):
+def test_packed_rows_positions_and_labels(tmp_path, tok):
     docs = make_docs("doc", 30)
     cfg = DataConfig(
         sources=[SourceConfig(kind="jsonl", path=str(write_jsonl(tmp_path / "a.jsonl", docs)))],
@@ -103,8 +103,7 @@ def test_packed_rows_positions_labels_cu_seqlens(tmp_path, tok):
         assert (labels[pos == 0] == -100).all()
         real = (pos != 0) & (ids != tok.pad_token_id)
         assert torch.equal(labels[real], ids[real])
-        flat_starts = torch.nonzero(pos.reshape(-1) == 0).reshape(-1)
-        assert torch.equal(b["cu_seqlens"], torch.cat([flat_starts, torch.tensor([ids.numel()])]).to(torch.int32))
+        assert set(b) == {"input_ids", "labels", "position_ids"}  # document boundaries live in position_ids
     # the stream's last row is padded, and padding is never a label
     last = batches[-1]
     assert (last["input_ids"] == tok.pad_token_id).any()

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, Cache
 
-from seedlm.model import DeltaProductConfig, DeltaProductForCausalLM, DeltaProductModel
+from seedlm.model import DeltaProductCache, DeltaProductConfig, DeltaProductForCausalLM, DeltaProductModel
 from seedlm.model.modeling_gated_moe import CACHE_NAME
 from tests.helpers import load_with_every_auto_class_without_seedlm, reference_outputs
 
@@ -179,6 +179,28 @@ def test_generate_greedy_and_sampling_with_left_padding(hybrid):
     torch.manual_seed(0)
     sampled = m.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=True, top_p=0.9, pad_token_id=0)
     assert sampled.shape == (2, 13) and (sampled < 89).all()
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["pure", "hybrid"])
+def test_generate_with_and_without_the_cache_gives_the_same_tokens(hybrid):
+    extra = dict(num_hidden_layers=3, attn_layers=[1], attn_num_heads=2) if hybrid else {}
+    m = make_model(**extra)
+    prompt = torch.randint(1, 89, (2, 5))
+    cached = m.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    uncached = m.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+    assert cached.sequences.tolist() == uncached.tolist()
+    cache = getattr(cached, CACHE_NAME)
+    # a transformers Cache, one layer entry per model layer, that has seen prompt and generated tokens but the last
+    assert isinstance(cache, Cache) and isinstance(cache, DeltaProductCache)
+    assert len(cache) == (3 if hybrid else 2)
+    assert cache.get_seq_length() == 5 + 6 - 1
+    assert [type(layer).__name__ for layer in cache.layers] == (
+        ["RecurrentLayerState", "DynamicLayer", "RecurrentLayerState"] if hybrid else ["RecurrentLayerState"] * 2)
+    # beam search goes through Cache's per-layer batch expansion and reordering
+    beams = m.generate(prompt, max_new_tokens=4, num_beams=2, do_sample=False, pad_token_id=0)
+    assert beams.shape == (2, 9)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.recurrent_state(0) is None
 
 
 def test_hybrid_moe_trains_and_reports_router_losses():

@@ -1,75 +1,25 @@
-"""`seedlm bench`: every CPU benchmark beside its baseline in one run, tables rewritten into the README.
+"""`seedlm bench`: run the CPU benchmarks beside their baselines and rewrite the README's result tables.
 
-Each benchmark is a script under `benchmarks/` exposing `parse_args(argv)`, `measure(args) -> dict` and
-`report(result, peak_flops) -> str` (markdown); this command runs them in turn, after measuring the
-machine's fp32 matmul peak once (the floors' denominator), prints every table and replaces the text
-between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in the README with it. Nothing outside those
-markers is touched, so hand-written prose around the tables stays as it is.
+The benchmarks are scripts in a source checkout's `benchmarks/`, not part of the installed package (they
+compare against transformers' reference models and time whole `seedlm train` processes). This command
+runs `benchmarks/run_benchmarks.py` of the checkout it belongs to, as a subprocess with the same options;
+from an installed wheel it says that it needs a checkout.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]  # benchmarks/ lives in the source checkout, not in the package
-
-# (name, module under benchmarks/, what it compares against what)
-BENCHMARKS = [
-    ("gated_moe", "bench_gated_moe", "gated-attention MoE training step vs transformers' Qwen3-MoE"),
-    ("delta_product", "bench_delta_product",
-     "DeltaProduct chunk kernel vs our recurrence and transformers' chunked gated delta rule"),
-    ("data_pipeline", "bench_data_pipeline", "data pipeline throughput vs a training step's consumption"),
-    ("trainer", "bench_trainer", "seedlm train vs a bare PyTorch loop; per-rank memory of ZeRO 0-3"),
-    ("scaling", "bench_scaling", "1 vs 2 ranks, expert parallel 1 vs 2; kernel time against sequence length"),
-]
-NAMES = [name for name, _, _ in BENCHMARKS]
-PLOT = Path("benchmarks") / "results" / "scaling_seq_len.png"  # relative to the README's folder
-
-
-class BenchError(ValueError):
-    """A README without the blocks to rewrite, or a checkout without benchmarks/."""
-
-
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-
-
-def check_blocks(text: str, names: list[str], where: str) -> None:
-    """Raise BenchError unless each name has exactly one start marker followed by one end marker."""
-    problems = []
-    for name in names:
-        start, end = markers(name)
-        n_start, n_end = text.count(start), text.count(end)
-        if n_start == 0 and n_end == 0:
-            problems.append(f"no block for {name!r}: add the lines {start} and {end} where its tables go")
-        elif n_start != 1 or n_end != 1:
-            problems.append(f"block {name!r} needs exactly one {start} and one {end} (found {n_start} and {n_end})")
-        elif text.index(end) < text.index(start):
-            problems.append(f"block {name!r}: {end} comes before {start}")
-    if problems:
-        raise BenchError(f"{where}: " + "; ".join(problems))
-
-
-def rewrite_block(text: str, name: str, content: str) -> str:
-    """`text` with everything between the markers of block `name` replaced by `content` on its own lines."""
-    check_blocks(text, [name], "README")
-    start, end = markers(name)
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    return f"{head}{start}\n{content.strip(chr(10))}\n{end}{tail}"
-
-
-def read_exact(path: Path) -> str:
-    """The file's text with its line endings as they are (no newline translation), so writes keep its bytes."""
-    return path.read_bytes().decode("utf-8")
+REPO = Path(__file__).resolve().parents[2]  # the checkout's root when seedlm runs from one
+RUNNER = REPO / "benchmarks" / "run_benchmarks.py"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = "benchmarks:\n" + "\n".join(f"  {name:14s} {what}" for name, _, what in BENCHMARKS)
-    parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
-                        help=f"run only these benchmarks (of: {', '.join(NAMES)}); None: all of them")
+    parser.epilog = "the benchmarks and what each compares: python benchmarks/run_benchmarks.py --help"
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these benchmarks (gated_moe, delta_product, data_pipeline, trainer, "
+                             "scaling); None: all of them")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (a few minutes in all, mostly process start-ups): prints the tables, "
                              "writes nothing unless --readme")
@@ -78,68 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "or with --smoke no README")
 
 
-def command_line(args: argparse.Namespace) -> str:
-    parts = ["seedlm bench"]
-    if args.only:
-        parts.append("--only " + " ".join(args.only))
-    if args.smoke:
-        parts.append("--smoke")
-    return " ".join(parts)
-
-
 def run(args: argparse.Namespace) -> int:
-    import importlib
-    import time
+    import subprocess
+    import sys
 
-    names = [n for n in NAMES if not args.only or n in args.only]
-    readme = args.readme if args.readme is not None else (None if args.smoke else REPO / "README.md")
-    try:
-        if not (REPO / "benchmarks" / "bench_scaling.py").is_file():
-            raise BenchError(f"seedlm bench runs the scripts in a source checkout's benchmarks/; none at {REPO}")
-        if readme is not None:  # fail before minutes of measurement, not after
-            if not readme.is_file():
-                raise BenchError(f"--readme {readme}: no such file")
-            check_blocks(read_exact(readme), names, str(readme))
-    except BenchError as err:
-        print(f"seedlm bench: {err}", file=sys.stderr)
+    if not RUNNER.is_file():
+        print(f"seedlm bench: the benchmarks are scripts of a source checkout (benchmarks/), not part of the "
+              f"installed package; there is no {RUNNER}. Clone the repository and run `seedlm bench` or "
+              f"`make bench` there.", file=sys.stderr)
         return 2
-
-    sys.path.insert(0, str(REPO))
-    from benchmarks.floors import machine_summary, matmul_peak_flops
-
-    command = command_line(args)
-    print(f"[seedlm bench] measuring the fp32 matmul peak ({command})", file=sys.stderr, flush=True)
-    size = 512 if args.smoke else 2048
-    peak = matmul_peak_flops(size=size)
-    print(f"[seedlm bench] {machine_summary(peak, size)}", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    for i, name in enumerate(names, 1):
-        module_name, what = next((m, w) for n, m, w in BENCHMARKS if n == name)
-        print(f"[{i}/{len(names)}] {name}: {what} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        machine = machine_summary(peak, size)  # the load average as this benchmark starts
-        module = importlib.import_module(f"benchmarks.{module_name}")
-        bench_args = module.parse_args(["--smoke"] if args.smoke else [])
-        result = module.measure(bench_args)
-        if name == "scaling":
-            plot_path = readme.parent / PLOT if readme is not None else None
-            if plot_path is not None:
-                module.plot(result, plot_path, peak)
-            text = module.report(result, peak, PLOT.as_posix() if plot_path is not None else None)
-        else:
-            text = module.report(result, peak)
-        alone = f" (this block alone: `seedlm bench --only {name}`)" if names != [name] else ""
-        block = f"Measured by `{command}`{alone} on {machine}.\n\n{text}"
-        print(f"\n## {name}\n\n{block}\n", flush=True)
-        note = ""
-        if readme is not None:  # re-read: others may have edited the README while this ran
-            try:
-                readme.write_bytes(rewrite_block(read_exact(readme), name, block).encode("utf-8"))
-            except BenchError as err:
-                print(f"seedlm bench: {err} (the README changed during the run)", file=sys.stderr)
-                return 2
-            note = f", block rewritten in {readme}"
-        print(f"[{i}/{len(names)}] {name}: done in {time.perf_counter() - t0:.0f} s{note}", file=sys.stderr,
-              flush=True)
-    print(f"[seedlm bench] all {len(names)} done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    return 0
+    argv = []
+    if args.only:
+        argv += ["--only", *args.only]
+    if args.smoke:
+        argv.append("--smoke")
+    if args.readme is not None:
+        argv += ["--readme", str(args.readme)]
+    return subprocess.run([sys.executable, str(RUNNER), *argv]).returncode
