@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from seedlm.launch.checkpoint import CheckpointError, find_resume_checkpoint, is_complete, step_dir_name
+from seedlm.launch.checkpoint import HF_DIR, CheckpointError, run_checkpoint
 from seedlm.launch.metrics import read_metrics
 
 
@@ -42,20 +42,6 @@ def use_umask_file_modes(folder: str | Path) -> None:
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod(mode)
-
-
-def checkpoint_for_export(run_dir: Path, step: int | None) -> Path:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        raise CheckpointError(f"{run_dir} has no checkpoints/ folder: is it a run folder (train.output_dir)?")
-    folder = find_resume_checkpoint(root) if step is None else root / step_dir_name(step)
-    if folder is None:
-        raise CheckpointError(f"{root} holds no complete checkpoint")
-    ok, why = is_complete(folder)
-    if not ok:
-        available = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        raise CheckpointError(f"checkpoint {folder.name} cannot be exported: {why}; available: {available}")
-    return folder
 
 
 def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
@@ -116,10 +102,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint = checkpoint_for_export(run_dir, step)
+    checkpoint = run_checkpoint(run_dir, step)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new output folder")
-    hf_dir = checkpoint / "hf"
+    hf_dir = checkpoint / HF_DIR
     net = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
