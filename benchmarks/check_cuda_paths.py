@@ -23,7 +23,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seedlm import model  # noqa: E402
-from seedlm.launch.metrics import flops_per_token  # noqa: E402
 from seedlm.launch.presets import build_model_config  # noqa: E402
 from seedlm.model import delta_product_kernels as kernels  # noqa: E402
 
@@ -127,8 +126,6 @@ def throughput(args) -> None:
     print(f"\n## Training step throughput, bf16, AdamW, one GPU (MFU vs {args.peak_tflops:.0f} TFLOP/s)\n")
     print("| model | parameters (active) | batch x seq | tokens/s | MFU |")
     print("|---|---|---|---|---|")
-    from seedlm.launch.presets import count_parameters
-
     if not getattr(args, "fla_backward_ok", False) and kernels._fla_chunk_gated_delta_product is not None:
         kernels._fla_chunk_gated_delta_product = None  # its backward is unusable here: train on the torch path
         print("(DeltaProduct trains on the torch chunk kernel: fla's backward was refused on this machine)\n")
@@ -161,10 +158,10 @@ def throughput(args) -> None:
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         tokens_per_sec = batch * seq * args.repeats / (time.perf_counter() - start)
-        mfu = tokens_per_sec * flops_per_token(config, seq) / (args.peak_tflops * 1e12)
-        total, active = count_parameters(config)
-        print(f"| {name} | {total / 1e9:.2f}B ({active / 1e9:.2f}B) | {batch}x{seq} | {tokens_per_sec:,.0f} | "
-              f"{100 * mfu:.1f}% |")
+        mfu = tokens_per_sec * config.flops_per_token(seq) / (args.peak_tflops * 1e12)
+        counts = config.parameter_counts()
+        print(f"| {name} | {counts.total / 1e9:.2f}B ({counts.active / 1e9:.2f}B) | {batch}x{seq} | "
+              f"{tokens_per_sec:,.0f} | {100 * mfu:.1f}% |")
         del net, opt
         torch.cuda.empty_cache()
 

@@ -30,13 +30,11 @@ def matmul_peak_flops(size: int = 2048, rounds: int = 3) -> float:
 def training_step_flops(config, batch: int, seq_len: int) -> float:
     """Forward + backward FLOPs of one training step of a model built from `config` on [batch, seq_len].
 
-    launch.metrics.flops_per_token: 6 x active non-embedding parameters (attention projections, the
+    The config's flops_per_token: 6 x active non-embedding parameters (attention projections, the
     router, the top-k experts each token runs; the LM head) plus the causal attention score and value
     matmuls (12 x layers x heads x head_dim x seq_len / 2 per token). The optimizer step is not counted.
     """
-    from seedlm.launch.metrics import flops_per_token
-
-    return flops_per_token(config, seq_len) * batch * seq_len
+    return config.flops_per_token(seq_len) * batch * seq_len
 
 
 def chunk_delta_product_flops(T: int, n_h: int, H: int, K: int, V: int, chunk_size: int, B: int = 1) -> float:

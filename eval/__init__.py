@@ -1,16 +1,17 @@
 """seedlm evaluation harness: lm-evaluation-harness request semantics, YAML tasks over local data,
-synthetic tasks from the papers, attention-sink and length-extrapolation probes, an lm-eval adapter.
+synthetic tasks from the papers, attention-sink and length-extrapolation probes.
 
     from seedlm.eval import evaluate, heldout_loss, flat_metrics, load_model_dir, save_results
 
-    model, tok = load_model_dir("runs/x")                     # exported HF folder or run folder (latest)
+    model, tok = load_model_dir("export/x")                   # a model folder (an export, a checkpoint's hf/)
     results = evaluate(model, tok, ["tiny_qa", "parity"], batch_size=16, limit=200)
     save_results(results, "results.json")                      # + results.md (markdown table)
 
 Modules, one job each: `requests` (request types, token-boundary split, rolling windows), `lm` (batched
 scoring and generation on any causal LM, split across ranks), `tasks` (YAML tasks), `metrics`,
 `harness` (evaluate, held-out loss, reports), `synthetic` (state tracking, parity, modular arithmetic,
-MQAR), `attention_sinks`, `length_extrapolation`, `lm_eval_adapter` (needs the `eval` extra).
+MQAR), `attention_sinks`, `length_extrapolation`. The lm-eval adapter, which also takes run folders, is
+`seedlm.launch.lm_eval_adapter`.
 
 Imports are lazy, so `import eval` costs nothing until a name is used. `eval` depends on `model` only.
 """
@@ -27,7 +28,6 @@ _EXPORTS = {
     "markdown_table": "harness",
     "save_results": "harness",
     "load_model_dir": "harness",
-    "resolve_model_dir": "harness",
     "CausalLM": "lm",
     "Loglikelihood": "requests",
     "LoglikelihoodRolling": "requests",

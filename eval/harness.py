@@ -8,9 +8,10 @@ On a live model during training (every rank calls it; results are the same on ev
     metrics.update(flat_metrics(results))            # {"eval/tiny_qa/acc": 0.52, ...}
     metrics["eval/loss"] = heldout_loss(model, val_batches, max_batches=20)["loss"]
 
-On a folder (an exported HF folder or a run folder, see `resolve_model_dir`):
+On a model folder (an exported HF folder, or a checkpoint's hf/ folder; `seedlm eval` and
+`seedlm.launch.checkpoint.resolve_model_dir` find the one of a run folder):
 
-    model, tokenizer = load_model_dir("runs/x")
+    model, tokenizer = load_model_dir("export/x")
     results = evaluate(model, tokenizer, ["tiny_qa"])
     save_results(results, "results.json")            # and results.md beside it
 """
@@ -33,37 +34,22 @@ from .tasks import Task, TaskError, resolve_tasks
 # ---------------------------------------------------------------- model folders
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """The HF folder to load: `path` itself when it holds a config.json, else the latest checkpoint of a
-    run folder: `path/checkpoints/latest` names a step folder whose `hf/` subfolder is a saved model."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    latest = path / "checkpoints" / "latest"
-    if latest.is_file():
-        step = latest.read_text().strip()
-        hf = path / "checkpoints" / step / "hf"
-        if not (hf / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{latest} names {step!r}, but {hf} holds no config.json (an unfinished checkpoint?)"
-            )
-        return hf
-    raise FileNotFoundError(
-        f"{path} is neither a model folder (no config.json) nor a run folder (no checkpoints/latest)"
-    )
-
-
 def load_model_dir(path: str | Path, device: str | None = None, dtype: str | None = None, attn_implementation=None,
                    device_map: str | dict | None = None, max_memory: dict | None = None):
-    """(model, tokenizer) from an exported folder or a run folder's latest checkpoint, in eval mode.
-    seedlm's own families load through `import model`; other models through trust_remote_code.
+    """(model, tokenizer) from a model folder (one with a config.json), in eval mode. seedlm's own families
+    load through `import seedlm`; other models through trust_remote_code.
 
     device_map ("auto", or {module name: device}) places a model too large for one device over the GPUs,
     CPU memory and, past `max_memory`, disk (accelerate's big-model dispatch: each layer's weights move to
     its device as it runs); `device` is then not used."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_model_dir(path)
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        # the run-folder layout belongs to launch/ (eval does not depend on it): say where to resolve one
+        raise FileNotFoundError(f"{folder} holds no config.json: load_model_dir takes a model folder. For a run "
+                                "folder, evaluate with `seedlm eval RUN_DIR`, or load "
+                                "seedlm.launch.checkpoint.resolve_model_dir(RUN_DIR)")
     kwargs = {"trust_remote_code": True}
     if dtype:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype

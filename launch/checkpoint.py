@@ -12,7 +12,9 @@
 A checkpoint is written into `step_XXXXXXXX.tmp/` by all ranks, then rank 0 writes the manifest,
 renames the folder and only then replaces `latest`; the previous checkpoint stays valid until the new
 one is complete. On resume, a folder whose manifest is missing or whose files do not match it (a
-truncated write) is skipped with a warning in favour of the previous complete one.
+truncated write) is skipped with a warning in favour of the previous complete one. The layout's names are
+defined here only (CHECKPOINTS_DIR, LATEST_FILE, STEP_PREFIX, HF_DIR); export and `seedlm eval` find a run's
+checkpoint through `run_checkpoint` and `resolve_model_dir`, with the same manifest check as resume.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from seedlm.launch.distributed import all_ranks_true, barrier
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINTS_DIR = "checkpoints"  # inside a run folder (train.output_dir)
+LATEST_FILE = "latest"  # inside CHECKPOINTS_DIR: the newest complete step folder's name
 STEP_PREFIX = "step_"
+HF_DIR = "hf"  # inside a step folder: the consolidated Hugging Face folder
 
 
 class CheckpointError(ValueError):
@@ -169,7 +174,7 @@ def save_checkpoint(
     def write_parts():
         engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
         torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
-        save_hf_folder(tmp / "hf")
+        save_hf_folder(tmp / HF_DIR)
 
     def publish():  # rank 0, once every rank's files are in tmp
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -177,9 +182,9 @@ def save_checkpoint(
         if final.exists():  # a checkpoint of this very step from an earlier attempt
             shutil.rmtree(final)
         os.replace(tmp, final)
-        latest_tmp = checkpoint_root / "latest.tmp"
+        latest_tmp = checkpoint_root / (LATEST_FILE + ".tmp")
         latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, checkpoint_root / "latest")
+        os.replace(latest_tmp, checkpoint_root / LATEST_FILE)
 
     failure = write_on_every_rank(write_parts)
     if failure is None:
@@ -188,7 +193,7 @@ def save_checkpoint(
         message = write_failure_message(tmp, step, failure) if isinstance(failure, BaseException) else failure
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (checkpoint_root / "latest.tmp").unlink(missing_ok=True)
+            (checkpoint_root / (LATEST_FILE + ".tmp")).unlink(missing_ok=True)
         barrier()
         raise CheckpointWriteError(message)
     if rank == 0:
@@ -214,7 +219,7 @@ def prune(checkpoint_root: Path, keep_last: int) -> None:
 def find_resume_checkpoint(checkpoint_root: Path) -> Path | None:
     """The checkpoint `latest` names, or, when it is incomplete, the newest complete one (with a warning)."""
     candidates = complete_checkpoints(checkpoint_root)
-    latest_file = checkpoint_root / "latest"
+    latest_file = checkpoint_root / LATEST_FILE
     if latest_file.is_file():
         named = checkpoint_root / latest_file.read_text().strip()
         candidates = [named] + [c for c in candidates if c != named]
@@ -224,6 +229,35 @@ def find_resume_checkpoint(checkpoint_root: Path) -> Path | None:
             return folder
         logger.warning("checkpoint %s is not usable: %s; falling back to an earlier one", folder, why)
     return None
+
+
+def run_checkpoint(run_dir: Path, step: int | None = None) -> Path:
+    """A run folder's complete checkpoint: the one of `step`, or by default the one resume would pick."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        raise CheckpointError(f"{run_dir} has no {CHECKPOINTS_DIR}/ folder: is it a run folder (train.output_dir)?")
+    folder = find_resume_checkpoint(root) if step is None else root / step_dir_name(step)
+    if folder is None:
+        raise CheckpointError(f"{root} holds no complete checkpoint")
+    ok, why = is_complete(folder)
+    if not ok:
+        available = sorted(p.name for p in complete_checkpoints(root))
+        raise CheckpointError(f"checkpoint {folder.name} is not usable: {why}; available: {available}")
+    return folder
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """The Hugging Face folder to load for `path`: the folder itself when it holds a config.json (an export),
+    else the hf/ folder of the run folder's checkpoint that resume would pick (a truncated newest one is
+    skipped with a warning)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if not (path / CHECKPOINTS_DIR).is_dir():
+        raise CheckpointError(f"{path} is neither a model folder (no config.json) nor a run folder (no "
+                              f"{CHECKPOINTS_DIR}/); give an exported folder or a train.output_dir")
+    return run_checkpoint(path) / HF_DIR
 
 
 def check_compatible(saved: dict, world_size: int, expert_parallel_size: int, model_type: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from seedlm.launch.checkpoint import CheckpointError, find_resume_checkpoint, is_complete, step_dir_name
+from seedlm.launch.checkpoint import HF_DIR, CheckpointError, run_checkpoint
 from seedlm.launch.metrics import read_metrics
 
 
@@ -44,25 +44,8 @@ def use_umask_file_modes(folder: str | Path) -> None:
             path.chmod(mode)
 
 
-def checkpoint_for_export(run_dir: Path, step: int | None) -> Path:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        raise CheckpointError(f"{run_dir} has no checkpoints/ folder: is it a run folder (train.output_dir)?")
-    folder = find_resume_checkpoint(root) if step is None else root / step_dir_name(step)
-    if folder is None:
-        raise CheckpointError(f"{root} holds no complete checkpoint")
-    ok, why = is_complete(folder)
-    if not ok:
-        available = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        raise CheckpointError(f"checkpoint {folder.name} cannot be exported: {why}; available: {available}")
-    return folder
-
-
 def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
-    from seedlm.launch.presets import count_parameters
-
     config = model.config
-    total, active = count_parameters(config)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     run_config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     data = run_config.get("data", {}) or {}
@@ -73,10 +56,6 @@ def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if "eval_loss" in r and r["step"] <= state["step"]]
     train_losses = [r for r in records if "loss" in r and r["step"] <= state["step"]]
-    family = {
-        "seedlm_gated_moe": "gated-attention Mixture-of-Experts decoder (sigmoid output gate, Qiu et al. 2025)",
-        "seedlm_deltaproduct": "DeltaProduct linear RNN (Siems et al. 2025)",
-    }[config.model_type]
     lines = [
         "---",
         "library_name: transformers",
@@ -84,25 +63,12 @@ def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
         "---",
         f"# {repo_hint}",
         "",
-        f"A {family}, trained with seedlm.",
+        f"A {config.card_summary()}, trained with seedlm.",
         "",
         "## Architecture",
         "",
-        f"- model_type `{config.model_type}`, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"vocabulary {config.vocab_size}",
-        f"- parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active per token",
-    ]
-    if config.model_type == "seedlm_gated_moe":
-        lines.append(f"- attention: {config.num_attention_heads} query / {config.num_key_value_heads} KV heads of "
-                     f"{config.head_dim}, output gate `{config.attn_output_gate}`, qk_norm {config.qk_norm}")
-    else:
-        lines.append(f"- DeltaProduct: {config.num_heads} heads of {config.head_dim}, {config.num_householder} "
-                     f"Householder steps, negative eigenvalues {config.allow_neg_eigval}, "
-                     f"attention layers {config.attn_layers}")
-    if getattr(config, "num_experts", 0):
-        lines.append(f"- MoE FFN: {config.num_experts} experts, top-{config.num_experts_per_tok}, expert FFN "
-                     f"{config.moe_intermediate_size}")
-    lines += [
+        *config.card_lines(),
+        "",
         "",
         "## Training",
         "",
@@ -136,10 +102,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    checkpoint = checkpoint_for_export(run_dir, step)
+    checkpoint = run_checkpoint(run_dir, step)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new output folder")
-    hf_dir = checkpoint / "hf"
+    hf_dir = checkpoint / HF_DIR
     net = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

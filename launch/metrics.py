@@ -1,4 +1,5 @@
-"""Training metrics: model FLOPs per token, MFU, and the sinks (metrics.jsonl, TensorBoard, W&B, a PNG).
+"""Training metrics: MFU (its FLOPs per token come from the model config), and the sinks (metrics.jsonl,
+TensorBoard, W&B, a PNG).
 
 Only rank 0 writes. metrics.jsonl holds one JSON object per logged step with at least step, loss, lr and
 tokens_per_sec; the other sinks get the same numbers. The file is only ever appended to: a resumed run first
@@ -16,23 +17,9 @@ import torch
 
 
 def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward): 6 * active non-embedding parameters plus
-    the attention score/value matmuls, 12 * layers_with_attention * heads * head_dim * seq_len / 2 (causal),
-    plus the DeltaProduct recurrences, 6 * 2 * n_h * heads * K * V per layer (state update and readout)."""
-    from seedlm.launch.presets import count_parameters
-
-    _, active = count_parameters(config)
-    embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-    flops = 6.0 * (active - embedding) + 6.0 * config.vocab_size * config.hidden_size  # lm_head matmul
-    layers = config.num_hidden_layers
-    if config.model_type == "seedlm_gated_moe":
-        flops += 12 * layers * config.num_attention_heads * config.head_dim * seq_len / 2
-    else:
-        attn = len(config.attn_layers)
-        flops += 12 * attn * config.attn_num_heads * config.head_dim * seq_len / 2
-        recurrent = layers - attn
-        flops += 6 * recurrent * 2 * config.num_householder * config.num_heads * config.head_dim * config.head_v_dim
-    return flops
+    """Training FLOPs per token, the numerator of MFU: the model config's own count (see
+    model/configuration_gated_moe.py, training_flops_per_token)."""
+    return config.flops_per_token(seq_len)
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:

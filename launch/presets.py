@@ -81,18 +81,3 @@ def load_model_config(name_or_path: str | Path, **overrides):
     fields, path = preset_fields(name_or_path)
     fields.update(overrides)
     return build_model_config(fields, source=str(path))
-
-
-def count_parameters(config) -> tuple[int, int]:
-    """(total, active per token) parameter counts, computed on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        built = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in built.parameters())
-    active = total
-    for name, param in built.named_parameters():
-        if ".experts." in name:  # only top-k of the experts run for each token
-            active -= param.numel() * (1 - config.num_experts_per_tok / config.num_experts)
-    return total, int(active)

@@ -5,7 +5,16 @@ Imports only transformers and its sibling config (it travels with exported check
 
 from transformers import PreTrainedConfig
 
-from .configuration_gated_moe import complete_auto_map, validate_attention_fields, validate_moe_fields
+from .configuration_gated_moe import (
+    ParameterCounts,
+    card_lines,
+    complete_auto_map,
+    gated_attention_parameters,
+    stack_parameter_counts,
+    training_flops_per_token,
+    validate_attention_fields,
+    validate_moe_fields,
+)
 
 # Every Auto class of the family (see GATED_MOE_AUTO_MAP for why the config carries them).
 DELTAPRODUCT_AUTO_MAP = {
@@ -110,6 +119,43 @@ class DeltaProductConfig(PreTrainedConfig):
     @property
     def head_v_dim(self) -> int:
         return int(self.head_dim * self.expand_v)
+
+    def recurrent_layer_parameters(self) -> int:
+        """One DeltaProduct mixer (model/deltaproduct_layer.py): projections for q, n_h keys, values and
+        betas, the forget gate, short convolutions, the output gate, norm and projection."""
+        hidden, H, K, V, n = self.hidden_size, self.num_heads, self.head_dim, self.head_v_dim, self.num_householder
+        count = hidden * (H * K + n * H * K + n * H * V + n * H) + V + H * V * hidden  # q, k, v, b; o_norm, o_proj
+        if self.use_forget_gate:
+            count += hidden * H + 2 * H  # a_proj, A_log, dt_bias
+        if self.use_short_conv:
+            count += (H * K + n * H * K + n * H * V) * self.conv_size
+        if self.use_output_gate:
+            count += hidden * H * V
+        return count
+
+    def parameter_counts(self) -> ParameterCounts:
+        attention = gated_attention_parameters(self, self.attn_num_heads, self.attn_num_kv_heads, self.head_dim)
+        recurrent = self.recurrent_layer_parameters()
+        attn = set(self.attn_layers)
+        return stack_parameter_counts(self, [attention if i in attn else recurrent
+                                             for i in range(self.num_hidden_layers)])
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at `seq_len` (the numerator of MFU); the recurrences add
+        6 * 2 * n_h * heads * K * V per layer (state update and readout)."""
+        attn = len(self.attn_layers)
+        recurrent = self.num_hidden_layers - attn
+        recurrent_flops = 6 * recurrent * 2 * self.num_householder * self.num_heads * self.head_dim * self.head_v_dim
+        return training_flops_per_token(self, self.parameter_counts(), attn, self.attn_num_heads, seq_len,
+                                        recurrent_flops)
+
+    def card_summary(self) -> str:
+        return "DeltaProduct linear RNN (Siems et al. 2025)"
+
+    def card_lines(self) -> list[str]:
+        return card_lines(self, f"- DeltaProduct: {self.num_heads} heads of {self.head_dim}, {self.num_householder} "
+                                f"Householder steps, negative eigenvalues {self.allow_neg_eigval}, "
+                                f"attention layers {self.attn_layers}")
 
 
 __all__ = ["DeltaProductConfig", "DELTAPRODUCT_AUTO_MAP"]

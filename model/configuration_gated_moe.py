@@ -1,8 +1,14 @@
 """Configuration of the gated-attention Mixture-of-Experts decoder (model_type `seedlm_gated_moe`).
 
 Field names follow transformers' Qwen3-MoE where the idea is the same, so configs and checkpoints
-convert by renaming nothing. Imports only transformers: this file travels with exported checkpoints.
+convert by renaming nothing. Imports only the standard library and transformers: this file travels with
+exported checkpoints.
+
+The facts both families share also live here: parameter counts and training FLOPs per token computed from
+the config alone (no weights, so a 15B preset costs nothing), and the model card's architecture lines.
 """
+
+from dataclasses import dataclass
 
 from transformers import PreTrainedConfig
 
@@ -60,6 +66,87 @@ def validate_moe_fields(config) -> None:
         raise ValueError("router_bias_update_rate must be >= 0 (0 = no auxiliary-loss-free bias)")
     if config.hidden_act != "silu":
         raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; the FFNs are SwiGLU ('silu')")
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of the causal LM a config builds (tied weights counted once).
+
+    expert: the routed experts' weights, all of them; each token runs num_experts_per_tok of
+    num_experts, so `active` counts that share of them. embedding: the input table and, when untied,
+    the lm_head."""
+
+    total: int
+    active: int
+    expert: int
+    embedding: int
+
+    @property
+    def non_expert(self) -> int:
+        return self.total - self.expert
+
+
+def gate_dim(attn_output_gate: str, head_dim: int) -> int:
+    """Output-gate values per head that q_proj adds to each head's query (model/layers.py, GatedAttention)."""
+    return {"elementwise": head_dim, "headwise": 1, "none": 0}[attn_output_gate]
+
+
+def gated_attention_parameters(config, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """One gated attention layer: q_proj (query and gate), k_proj, v_proj, o_proj, optional QK norms."""
+    q_out = num_heads * (head_dim + gate_dim(config.attn_output_gate, head_dim))
+    kv_out = num_kv_heads * head_dim
+    weights = config.hidden_size * (q_out + 2 * kv_out) + num_heads * head_dim * config.hidden_size
+    biases = q_out + 2 * kv_out + config.hidden_size if config.attention_bias else 0
+    norms = 2 * head_dim if config.qk_norm else 0
+    return weights + biases + norms
+
+
+def ffn_parameters(config) -> tuple[int, int]:
+    """One layer's FFN as (non-expert, expert) parameters: a dense SwiGLU, or the router, the routed
+    experts and the optional shared expert with its sigmoid gate."""
+    hidden = config.hidden_size
+    if config.num_experts == 0:
+        return 3 * hidden * config.intermediate_size, 0
+    shared = config.shared_expert_intermediate_size
+    non_expert = config.num_experts * hidden + (3 * hidden * shared + hidden if shared > 0 else 0)
+    return non_expert, config.num_experts * 3 * hidden * config.moe_intermediate_size
+
+
+def stack_parameter_counts(config, mixer_parameters: list[int]) -> ParameterCounts:
+    """Counts of an embedding, one pre-norm block per entry of `mixer_parameters` (its token mixer's
+    parameters; each block adds two RMSNorms and an FFN), a final RMSNorm and the lm_head."""
+    hidden = config.hidden_size
+    ffn, ffn_expert = ffn_parameters(config)
+    embedding = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    expert = len(mixer_parameters) * ffn_expert
+    total = embedding + sum(mixer_parameters) + len(mixer_parameters) * (2 * hidden + ffn) + expert + hidden
+    active_expert = expert * config.num_experts_per_tok // config.num_experts if config.num_experts else 0
+    return ParameterCounts(total=total, active=total - expert + active_expert, expert=expert, embedding=embedding)
+
+
+def training_flops_per_token(config, counts: ParameterCounts, attention_layers: int, attention_heads: int,
+                             seq_len: int, recurrent_flops: float = 0) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs a multiply-add): 6 * active
+    non-embedding parameters plus the lm_head matmul, the causal attention score/value matmuls
+    (12 * attention layers * heads * head_dim * seq_len / 2), and `recurrent_flops` for state updates."""
+    flops = 6.0 * (counts.active - counts.embedding) + 6.0 * config.vocab_size * config.hidden_size
+    flops += 12 * attention_layers * attention_heads * config.head_dim * seq_len / 2
+    return flops + recurrent_flops
+
+
+def card_lines(config, mixer_line: str) -> list[str]:
+    """The model card's architecture bullets: sizes, parameters, the family's mixer, the MoE FFN."""
+    counts = config.parameter_counts()
+    lines = [
+        f"- model_type `{config.model_type}`, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"vocabulary {config.vocab_size}",
+        f"- parameters: {counts.total / 1e6:.2f}M total, {counts.active / 1e6:.2f}M active per token",
+        mixer_line,
+    ]
+    if config.num_experts:
+        lines.append(f"- MoE FFN: {config.num_experts} experts, top-{config.num_experts_per_tok}, expert FFN "
+                     f"{config.moe_intermediate_size}")
+    return lines
 
 
 class GatedMoeConfig(PreTrainedConfig):
@@ -133,5 +220,23 @@ class GatedMoeConfig(PreTrainedConfig):
         self.rope_theta = self.rope_parameters["rope_theta"]
         complete_auto_map(self, GATED_MOE_AUTO_MAP)
 
+    def parameter_counts(self) -> ParameterCounts:
+        attention = gated_attention_parameters(self, self.num_attention_heads, self.num_key_value_heads,
+                                               self.head_dim)
+        return stack_parameter_counts(self, [attention] * self.num_hidden_layers)
 
-__all__ = ["GatedMoeConfig", "GATED_MOE_AUTO_MAP"]
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at `seq_len` (the numerator of MFU)."""
+        return training_flops_per_token(self, self.parameter_counts(), self.num_hidden_layers,
+                                        self.num_attention_heads, seq_len)
+
+    def card_summary(self) -> str:
+        return "gated-attention Mixture-of-Experts decoder (sigmoid output gate, Qiu et al. 2025)"
+
+    def card_lines(self) -> list[str]:
+        return card_lines(self, f"- attention: {self.num_attention_heads} query / {self.num_key_value_heads} KV "
+                                f"heads of {self.head_dim}, output gate `{self.attn_output_gate}`, qk_norm "
+                                f"{self.qk_norm}")
+
+
+__all__ = ["GatedMoeConfig", "GATED_MOE_AUTO_MAP", "ParameterCounts"]

@@ -6,6 +6,7 @@ import shutil
 import pytest
 
 from seedlm.eval.tasks import TASKS_DIR
+from seedlm.launch.checkpoint import write_manifest
 from seedlm.launch.cli import build_parser, main
 from tests.test_eval_utils import saved_model_dir
 
@@ -106,6 +107,33 @@ def test_evaluate_with_failures_records_them_and_runs_the_rest(tmp_path, model_d
     results = evaluate(model, tok, tasks, limit=2, failures=failures, show_progress=False)
     assert list(results) == ["tiny_qa", "parity"] and results["tiny_qa"]["num_docs"] == 2
     assert list(failures) == ["nope", "too_long"] and "unknown task 'nope'" in failures["nope"]
+
+
+def test_eval_of_a_run_folder_falls_back_from_a_truncated_checkpoint(tmp_path, model_dir, capsys, caplog):
+    # two checkpoints as the trainer writes them; the newest one's weights were cut short after its manifest
+    run = tmp_path / "run"
+    for step in ("step_00000002", "step_00000004"):
+        shutil.copytree(model_dir, run / "checkpoints" / step / "hf")
+        write_manifest(run / "checkpoints" / step)
+    (run / "checkpoints" / "latest").write_text("step_00000004\n")
+    weights = run / "checkpoints" / "step_00000004" / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+
+    out = tmp_path / "results.json"
+    assert main(["eval", str(run), "--tasks", "tiny_qa", "--limit", "3", "--output", str(out)]) == 0
+    capsys.readouterr()
+    payload = json.loads(out.read_text())
+    assert payload["info"]["checkpoint"] == str(run / "checkpoints" / "step_00000002" / "hf")  # as resume picks
+    warnings = [r.getMessage() for r in caplog.records if "step_00000004 is not usable" in r.getMessage()]
+    assert len(warnings) == 1 and "truncated" in warnings[0]  # said once
+    assert payload["results"]["tiny_qa"]["num_docs"] == 3
+    assert weights.stat().st_size == 100  # the broken checkpoint is left as it was, for the user to look at
+
+    # with no complete checkpoint left: one message, exit 2, nothing written
+    (run / "checkpoints" / "step_00000002" / "manifest.json").unlink()
+    out.unlink()
+    assert main(["eval", str(run), "--tasks", "tiny_qa", "--output", str(out)]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err and not out.exists()
 
 
 def test_every_eval_option_has_help(capsys):

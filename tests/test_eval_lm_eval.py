@@ -1,5 +1,7 @@
 """Our harness and lm-evaluation-harness agree on the same local tasks (skipped without the `eval` extra)."""
 
+import shutil
+
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
@@ -9,6 +11,7 @@ from seedlm.eval.lm import CausalLM  # noqa: E402
 from seedlm.eval.requests import Loglikelihood  # noqa: E402
 from seedlm.eval.synthetic import write_synthetic_task  # noqa: E402
 from seedlm.eval.tasks import TASKS_DIR  # noqa: E402
+from seedlm.launch.checkpoint import resolve_model_dir, write_manifest  # noqa: E402
 from tests.test_eval_utils import quickstart_tokenizer, saved_model_dir  # noqa: E402
 
 TASKS = ["tiny_qa", "tiny_cloze", "tiny_text", "tiny_arith", "parity"]
@@ -64,18 +67,19 @@ def test_same_metrics_as_lm_eval_hf(setup):
 
 
 def test_seedlm_adapter_evaluates_a_run_folders_latest_checkpoint(setup):
-    import seedlm.eval.lm_eval_adapter  # noqa: F401 - registers "seedlm"
+    import seedlm.launch.lm_eval_adapter  # noqa: F401 - registers "seedlm"
 
     model_dir, _, manager = setup
     run = model_dir.parent / "run"
     step = run / "checkpoints" / "step_00000007"
     step.mkdir(parents=True)
-    (step / "hf").symlink_to(model_dir, target_is_directory=True)
+    shutil.copytree(model_dir, step / "hf")
+    write_manifest(step)
     (run / "checkpoints" / "latest").write_text("step_00000007\n")
     theirs = lm_eval.simple_evaluate(
         model="seedlm", model_args=f"run_dir={run}", tasks=["tiny_qa"], task_manager=manager, batch_size=4, device="cpu"
     )
-    model, tok = load_model_dir(run)
+    model, tok = load_model_dir(resolve_model_dir(run))
     ours = evaluate(model, tok, ["tiny_qa"], show_progress=False)["tiny_qa"]
     assert ours["acc"] == lm_eval_metric(theirs, "tiny_qa", "acc")
     assert ours["acc_norm"] == lm_eval_metric(theirs, "tiny_qa", "acc_norm")
@@ -86,7 +90,7 @@ def test_seedlm_adapter_splits_word_spanning_pieces_on_the_quickstart_tokenizer(
     # split gives the continuation no token (HFLM asserts), the adapter's gives it "▁is▁a"
     import math
 
-    import seedlm.eval.lm_eval_adapter  # noqa: F401 - registers "seedlm"
+    import seedlm.launch.lm_eval_adapter  # noqa: F401 - registers "seedlm"
 
     _, _, manager = setup
     tmp = setup[0].parent / "quickstart"

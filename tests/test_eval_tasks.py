@@ -8,10 +8,11 @@ import textwrap
 
 import pytest
 
-from seedlm.eval.harness import evaluate, flat_metrics, markdown_table, resolve_model_dir, save_results
+from seedlm.eval.harness import evaluate, flat_metrics, load_model_dir, markdown_table, save_results
 from seedlm.eval.lm import CausalLM
 from seedlm.eval.requests import Loglikelihood, LoglikelihoodRolling
 from seedlm.eval.tasks import TaskError, load_task_file, resolve_tasks
+from seedlm.launch.checkpoint import CheckpointError, resolve_model_dir, write_manifest
 from tests.test_eval_utils import saved_model_dir, tiny_model, tiny_tokenizer
 
 GOOD = """\
@@ -140,10 +141,14 @@ def test_run_folder_resolves_to_latest_checkpoint(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000020").mkdir(parents=True)
     model_dir.rename(run / "checkpoints" / "step_00000020" / "hf")
+    write_manifest(run / "checkpoints" / "step_00000020")
     (run / "checkpoints" / "latest").write_text("step_00000020\n")
     assert resolve_model_dir(run) == run / "checkpoints" / "step_00000020" / "hf"
-    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+    with pytest.raises(CheckpointError, match="neither a model folder"):
         resolve_model_dir(tmp_path / "nothing")
+    # eval knows model folders only, and says where a run folder is resolved
+    with pytest.raises(FileNotFoundError, match=r"no config.json.*seedlm eval RUN_DIR"):
+        load_model_dir(run)
 
 
 def run_cli(argv):

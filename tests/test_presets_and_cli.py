@@ -8,7 +8,7 @@ import pytest
 
 from seedlm.launch.cli import build_parser
 from seedlm.launch.cli import main as seedlm
-from seedlm.launch.presets import MODEL_PRESET_DIR, PresetError, count_parameters, load_model_config
+from seedlm.launch.presets import MODEL_PRESET_DIR, PresetError, load_model_config
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml")))
@@ -18,10 +18,10 @@ def test_every_model_preset_builds_a_valid_config(name):
 
 
 def test_paper_sizes():
-    total, active = count_parameters(load_model_config("gated_moe_15a2b"))
-    assert 15.0e9 < total < 16.5e9 and 2.0e9 < active < 2.4e9  # "15A2B"
-    total, active = count_parameters(load_model_config("gated_dense_1p7b"))
-    assert 1.6e9 < total < 2.0e9 and total == active
+    counts = load_model_config("gated_moe_15a2b").parameter_counts()
+    assert 15.0e9 < counts.total < 16.5e9 and 2.0e9 < counts.active < 2.4e9  # "15A2B"
+    counts = load_model_config("gated_dense_1p7b").parameter_counts()
+    assert 1.6e9 < counts.total < 2.0e9 and counts.total == counts.active
     dense = load_model_config("gated_dense_1p7b")
     assert (dense.num_hidden_layers, dense.num_attention_heads, dense.num_key_value_heads) == (28, 16, 8)
     assert dense.tie_word_embeddings and dense.attn_output_gate == "elementwise"

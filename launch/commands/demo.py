@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from seedlm.launch.presets import MODEL_PRESET_DIR, count_parameters, load_model_config
+    from seedlm.launch.presets import MODEL_PRESET_DIR, load_model_config
 
     torch.manual_seed(args.seed)
     for name in args.presets:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: preset not in this checkout, skipped")
             continue
         config = load_model_config(name)
-        total, active = count_parameters(config)
+        counts = config.parameter_counts()
         net = AutoModelForCausalLM.from_config(config).eval()
         ids = torch.randint(0, config.vocab_size, (2, args.seq_len))
         start = time.perf_counter()
@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         generated = net.generate(ids[:, :8], max_new_tokens=args.new_tokens, do_sample=False)
         generate_s = time.perf_counter() - start
         print(
-            f"{name} ({config.model_type}): {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active), "
+            f"{name} ({config.model_type}): {counts.total / 1e6:.2f}M parameters "
+            f"({counts.active / 1e6:.2f}M active), "
             f"forward on {tuple(ids.shape)} loss {out.loss.item():.3f} (ln vocab = "
             f"{torch.log(torch.tensor(float(config.vocab_size))).item():.3f}) in {forward_ms:.0f} ms; "
             f"generate() {args.new_tokens} tokens x 2 in {generate_s:.2f} s -> {generated[0, 8:].tolist()}"

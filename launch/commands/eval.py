@@ -1,4 +1,5 @@
-"""`seedlm eval MODEL_DIR --tasks ...`: run evaluation tasks on a model folder or a run's latest checkpoint.
+"""`seedlm eval MODEL_DIR --tasks ...`: run evaluation tasks on a model folder or a run's latest checkpoint
+(the complete one resume would pick: launch/checkpoint.py, resolve_model_dir).
 
 seedlm eval runs/x --tasks tiny_qa,tiny_text                     # shipped YAML tasks (eval/tasks)
 seedlm eval export/ --tasks my_task.yaml --include-path tasks/   # YAML paths / folders of YAML tasks
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from seedlm.eval.tasks import TaskError, find_task_files, resolve_tasks
+    from seedlm.launch.checkpoint import CheckpointError, resolve_model_dir
 
     prog = "seedlm eval"
     try:
@@ -57,9 +59,13 @@ def run(args: argparse.Namespace) -> int:
             for name in SYNTHETIC_TASKS:
                 print(f"{name}\t(synthetic)")
             return 0
-        synthetic = synthetic_meta(args.model_dir)
+        try:  # resolved once (a skipped checkpoint is warned about once); reported after the task errors
+            folder, folder_error = resolve_model_dir(args.model_dir), None
+        except CheckpointError as err:
+            folder, folder_error = None, err
+        synthetic = synthetic_meta(folder) if folder is not None else None
         if synthetic is not None:
-            return run_synthetic(args, synthetic)
+            return run_synthetic(args, synthetic, folder)
         names = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
         if not names:
             print(f"{prog}: give --tasks NAME[,NAME...] (see --list-tasks)", file=sys.stderr)
@@ -75,12 +81,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     failed_to_load = set(failures)
 
-    from seedlm.eval.harness import evaluate, load_model_dir, markdown_table, resolve_model_dir, save_results
+    from seedlm.eval.harness import evaluate, load_model_dir, markdown_table, save_results
 
-    try:
-        folder = resolve_model_dir(args.model_dir)
-    except FileNotFoundError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+    if folder_error is not None:
+        print(f"{prog}: {folder_error}", file=sys.stderr)
         return 2
     device = default_device(args)
     try:
@@ -145,25 +149,20 @@ def parse_max_memory(spec: str | None, device_map: str | None) -> dict | None:
     return memory
 
 
-def synthetic_meta(model_dir) -> dict | None:
-    """The data.synthetic description saved in the model folder's tokenizer, None for a text model (or a
-    folder that does not resolve: the usual path reports that)."""
+def synthetic_meta(folder) -> dict | None:
+    """The data.synthetic description saved in the model folder's tokenizer, None for a text model."""
     import json
 
-    from seedlm.eval.harness import resolve_model_dir
     from seedlm.launch.synthetic import TOKENIZER_MARKER
 
-    try:
-        config = resolve_model_dir(model_dir) / "tokenizer_config.json"
-    except FileNotFoundError:
-        return None
+    config = folder / "tokenizer_config.json"
     if not config.is_file():
         return None
     meta = json.loads(config.read_text()).get(TOKENIZER_MARKER)
     return meta if isinstance(meta, dict) else None
 
 
-def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
+def run_synthetic(args: argparse.Namespace, meta: dict, folder) -> int:
     """A model trained on a synthetic task (its vocabulary is the task's tokens): the token accuracy at train
     and test length on the task's own held-out sequences; text tasks do not apply to it."""
     import dataclasses
@@ -171,7 +170,7 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
     import sys
     from pathlib import Path
 
-    from seedlm.eval.harness import load_model_dir, resolve_model_dir
+    from seedlm.eval.harness import load_model_dir
     from seedlm.launch.synthetic import SyntheticConfig, SyntheticRun
 
     prog = "seedlm eval"
@@ -186,7 +185,7 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
         cfg.num_val, cfg.num_test = min(cfg.num_val, args.limit), min(cfg.num_test, args.limit)
     cfg.eval_batch_size = args.batch_size
     device = default_device(args)
-    model, _ = load_model_dir(resolve_model_dir(args.model_dir), device=device, dtype=args.dtype)
+    model, _ = load_model_dir(folder, device=device, dtype=args.dtype)
     results = SyntheticRun(cfg).accuracy(model, final=True)
     output = Path(args.output) if args.output else Path(args.model_dir) / "eval_results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
