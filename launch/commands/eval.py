@@ -151,7 +151,7 @@ def synthetic_meta(model_dir) -> dict | None:
     import json
 
     from seedlm.eval.harness import resolve_model_dir
-    from seedlm.launch.synthetic import TOKENIZER_MARKER
+    from seedlm.data_pipeline.synthetic import TOKENIZER_MARKER
 
     try:
         config = resolve_model_dir(model_dir) / "tokenizer_config.json"
@@ -172,7 +172,8 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
     from pathlib import Path
 
     from seedlm.eval.harness import load_model_dir, resolve_model_dir
-    from seedlm.launch.synthetic import SyntheticConfig, SyntheticRun
+    from seedlm.data_pipeline import SyntheticConfig
+    from seedlm.launch.training_data import SyntheticData
 
     prog = "seedlm eval"
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
@@ -187,7 +188,7 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
     cfg.eval_batch_size = args.batch_size
     device = default_device(args)
     model, _ = load_model_dir(resolve_model_dir(args.model_dir), device=device, dtype=args.dtype)
-    results = SyntheticRun(cfg).accuracy(model, final=True)
+    results = SyntheticData(cfg).accuracy(model, final=True)
     output = Path(args.output) if args.output else Path(args.model_dir) / "eval_results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"synthetic": cfg.to_dict(), "results": results}, indent=1) + "\n")
