@@ -119,9 +119,11 @@ def test_aligned_targets_give_the_unshifted_cross_entropy(family):
     ({"synthetic": {"train_length": "long"}}, ConfigError, "data.synthetic.train_length must be int"),
     ({"synthetic": "S3"}, DataError, "data.synthetic must be a mapping"),
     ({"synthetic": {}, "sources": ["stdlib"]}, DataError, "data.sources has no meaning with data.synthetic"),
-    ({"synthetic": {"train_length": 64}, "seq_len": 128}, DataError, "data.seq_len=128 but data.synthetic.train_length=64"),
+    ({"synthetic": {"train_length": 64}, "seq_len": 128}, DataError,
+     "data.seq_len=128 but data.synthetic.train_length=64"),
     ({"synthetic": {"curriculum_length": 16}}, DataError, "curriculum_length and curriculum_steps go together"),
-    ({"synthetic": {"curriculum_length": 256, "curriculum_steps": 5}}, DataError, "must be between 1 and train_length - 1"),
+    ({"synthetic": {"curriculum_length": 256, "curriculum_steps": 5}}, DataError,
+     "must be between 1 and train_length - 1"),
 ])
 def test_synthetic_config_mistakes_name_the_fix(data, error, match):
     with pytest.raises(error, match=match.replace("(", r"\(").replace(".", r"\.")):

@@ -150,8 +150,8 @@ def synthetic_meta(model_dir) -> dict | None:
     folder that does not resolve: the usual path reports that)."""
     import json
 
-    from seedlm.eval.harness import resolve_model_dir
     from seedlm.data_pipeline.synthetic import TOKENIZER_MARKER
+    from seedlm.eval.harness import resolve_model_dir
 
     try:
         config = resolve_model_dir(model_dir) / "tokenizer_config.json"
@@ -171,8 +171,8 @@ def run_synthetic(args: argparse.Namespace, meta: dict) -> int:
     import sys
     from pathlib import Path
 
-    from seedlm.eval.harness import load_model_dir, resolve_model_dir
     from seedlm.data_pipeline import SyntheticConfig
+    from seedlm.eval.harness import load_model_dir, resolve_model_dir
     from seedlm.launch.training_data import SyntheticData
 
     prog = "seedlm eval"
