@@ -24,12 +24,16 @@ The state is exact: a loader restored from `state_dict()` yields the same batche
 one. It must be restored with the same world size, num_workers and data settings (else a DataError
 names what changed). Labels are -100 at the first position of every segment (see `packing`). All
 user mistakes about the data raise `DataError` with a message naming what is wrong and what to do.
+
+Generated tasks (a run's `data.synthetic`) have the same loader interface: `SyntheticLoader` yields batches
+whose targets are aligned with the inputs, over records from a generator the caller passes (see `synthetic`).
 """
 
 from .config import DataConfig, DataError, SourceConfig, load_data_config
 from .loader import PackedDataLoader, build_dataloader, open_sources
 from .packing import make_batch, split_segments
 from .sources import is_heldout, iter_texts, open_source
+from .synthetic import SyntheticConfig, SyntheticLoader
 from .tokenizer import check_vocab_fits, load_tokenizer, train_tokenizer
 
 __all__ = [
@@ -37,6 +41,8 @@ __all__ = [
     "DataError",
     "PackedDataLoader",
     "SourceConfig",
+    "SyntheticConfig",
+    "SyntheticLoader",
     "build_dataloader",
     "check_vocab_fits",
     "is_heldout",

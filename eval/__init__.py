@@ -38,6 +38,8 @@ _EXPORTS = {
     "load_task_file": "tasks",
     "resolve_tasks": "tasks",
     "attention_sink_stats": "attention_sinks",
+    "accuracy_metrics": "synthetic",
+    "token_accuracy": "synthetic",
     "loss_by_position": "length_extrapolation",
     "plot_loss_by_position": "length_extrapolation",
 }

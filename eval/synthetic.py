@@ -14,7 +14,9 @@ Token level (training data for `seedlm train`, and exact accuracy of a model on 
   element token: the setup of the DeltaProduct paper (and Merrill et al.'s word problems). Because the
   targets are aligned with the inputs, train with transformers' unshifted loss:
   `model(input_ids=x, labels=y, shift_labels=y)` (a model's usual labels would be shifted by one).
-  `seedlm train` trains on these records directly: a run config's `data.synthetic` (launch/synthetic.py).
+  `seedlm train` trains on these records directly: a run config's `data.synthetic`, batched by
+  data_pipeline/synthetic.py (which cannot import eval: launch/training_data.py hands it the generator) and
+  evaluated every eval_interval by `accuracy_metrics` below.
   Groups: S3, S4, S5 (all permutations), A5 (even permutations of 5), Z2 (parity), Zm (addition mod m).
   MQAR: `mqar_records` (key-value pairs, then queries; the target at a query key is its value).
 
@@ -222,6 +224,20 @@ def token_accuracy(model, records: list[dict], batch_size: int = 64) -> dict:
         "per_position": [c / n if n else None for c, n in zip(correct, counted)],
         "num_sequences": len(records),
     }
+
+
+def accuracy_metrics(model, task: str, record_sets: list[list[dict]], batch_size: int = 64) -> dict:
+    """The evaluation of a model trained on a token-level task: for each set of equal-length records (length L),
+    eval/TASK/acc_lenL (token accuracy, see token_accuracy), eval/TASK/seq_acc_lenL (the fraction of sequences
+    right at every position) and eval/TASK/last_acc_lenL (the accuracy at the last position)."""
+    out = {}
+    for records in record_sets:
+        length = len(records[0]["input_ids"])
+        acc = token_accuracy(model, records, batch_size=batch_size)
+        out[f"eval/{task}/acc_len{length}"] = acc["accuracy"]
+        out[f"eval/{task}/seq_acc_len{length}"] = acc["sequence_accuracy"]
+        out[f"eval/{task}/last_acc_len{length}"] = acc["per_position"][-1]
+    return out
 
 
 # ---------------------------------------------------------------- text tasks for the harness and lm-eval

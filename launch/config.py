@@ -270,7 +270,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.lr_restarts={t.lr_restarts}: give increasing steps between 1 and "
                           f"max_steps - 1 ({t.max_steps - 1}), each where the schedule starts over")
     if "synthetic" in run.data:  # a generated task instead of text sources: checked here, so --print-config too
-        from seedlm.launch.synthetic import synthetic_config
+        from seedlm.launch.training_data import synthetic_config
 
         synthetic_config(run.data)
     else:  # unknown data keys, source kinds and forms
@@ -344,7 +344,7 @@ def check_tokenizer_fits(run: RunConfig, model_vocab_size: int) -> None:
     """Before any tokenizer is trained: the folder at tokenizer.path is loaded and must fit the model's
     vocabulary; a tokenizer still to be trained must not ask for more tokens than the model has."""
     if "synthetic" in run.data:
-        return  # the vocabulary is the task's elements (launch/synthetic.py checks the run)
+        return  # the vocabulary is the task's elements (launch/training_data.py checks the run)
     from seedlm.data_pipeline import check_vocab_fits, load_tokenizer
 
     if run.tokenizer.path:

@@ -51,7 +51,7 @@ def model_card(model, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
     data = run_config.get("data", {}) or {}
     sources = [s if isinstance(s, str) else s.get("kind", "?") + ":" + str(s.get("path") or "")
                for s in data.get("sources", ["stdlib"])]
-    if isinstance(data.get("synthetic"), dict):  # a generated task, not text (launch/synthetic.py)
+    if isinstance(data.get("synthetic"), dict):  # a generated task, not text (data_pipeline/synthetic.py)
         sources = ["synthetic " + ", ".join(f"{k}={v}" for k, v in data["synthetic"].items())]
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if "eval_loss" in r and r["step"] <= state["step"]]

@@ -16,12 +16,6 @@ from pathlib import Path
 import torch
 
 
-def flops_per_token(config, seq_len: int) -> float:
-    """Training FLOPs per token, the numerator of MFU: the model config's own count (see
-    model/configuration_gated_moe.py, training_flops_per_token)."""
-    return config.flops_per_token(seq_len)
-
-
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """Achieved matmul FLOP/s on this device: the denominator of MFU when no peak is configured."""
     a = torch.randn(size, size, device=device, dtype=dtype)

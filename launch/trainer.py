@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from seedlm.launch.checkpoint import (
+    CHECKPOINTS_DIR,
     check_compatible,
     find_resume_checkpoint,
     load_checkpoint,
@@ -37,7 +38,7 @@ from seedlm.launch.checkpoint import (
 from seedlm.launch.config import ConfigError, RunConfig, check_run_config
 from seedlm.launch.distributed import PeerFailure, all_ranks_true, barrier, init_distributed
 from seedlm.launch.engine import build_engine, build_model, optimizer_step, save_hf_folder_fn
-from seedlm.launch.metrics import MetricsLogger, flops_per_token, measure_peak_flops, memory_stats, plot_loss_curve
+from seedlm.launch.metrics import MetricsLogger, measure_peak_flops, memory_stats, plot_loss_curve
 from seedlm.launch.training_data import training_data
 
 logger = logging.getLogger("seedlm.train")
@@ -109,7 +110,7 @@ class Trainer:
         if self.t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
             torch.set_num_threads(self.t.cpu_threads)
         self.output_dir = Path(self.t.output_dir)
-        self.checkpoint_root = self.output_dir / "checkpoints"
+        self.checkpoint_root = self.output_dir / CHECKPOINTS_DIR
         self.progress = Progress()
         self.build_checks()
         self.build_data()
@@ -179,7 +180,7 @@ class Trainer:
     def build_metrics(self) -> None:
         t, cfg = self.t, self.data.config
         self.tokens_per_step = cfg.micro_batch_size * cfg.seq_len * t.grad_accum_steps * self.dist.world_size
-        self.flops_per_token = flops_per_token(self.model_config, cfg.seq_len)
+        self.flops_per_token = self.model_config.flops_per_token(cfg.seq_len)  # MFU's numerator
         dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
         self.peak_flops = t.peak_tflops * 1e12 if t.peak_tflops else measure_peak_flops(self.device, dtype)
         self.metrics = MetricsLogger(self.output_dir, self.dist.is_main, t.tensorboard, t.wandb_project,

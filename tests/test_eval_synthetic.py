@@ -13,6 +13,7 @@ from seedlm.eval.length_extrapolation import loss_by_position, plot_loss_by_posi
 from seedlm.eval.synthetic import (
     IGNORE_INDEX,
     Group,
+    accuracy_metrics,
     mqar_records,
     read_jsonl,
     state_tracking_records,
@@ -83,6 +84,17 @@ def test_token_accuracy_is_exact_per_position():
     result = token_accuracy(Oracle(g, fail_from=4), records, batch_size=3)
     assert result["per_position"] == [1.0] * 4 + [0.0] * 6
     assert result["accuracy"] == pytest.approx(0.4) and result["sequence_accuracy"] == 0.0
+
+
+def test_accuracy_metrics_name_each_length_of_the_task():
+    # the evaluation a synthetic training run logs: one key per metric and record length
+    g = Group("S3")
+    short, long = state_tracking_records("S3", 5, 6, seed=1), state_tracking_records("S3", 4, 24, seed=2)
+    metrics = accuracy_metrics(Oracle(g, fail_from=12), "state_s3", [short, long], batch_size=2)
+    assert metrics == {
+        "eval/state_s3/acc_len6": 1.0, "eval/state_s3/seq_acc_len6": 1.0, "eval/state_s3/last_acc_len6": 1.0,
+        "eval/state_s3/acc_len24": 0.5, "eval/state_s3/seq_acc_len24": 0.0, "eval/state_s3/last_acc_len24": 0.0,
+    }
 
 
 def test_aligned_targets_train_with_transformers_unshifted_loss():

@@ -1,28 +1,38 @@
-"""Synthetic tasks as `seedlm train` data (data.synthetic, launch/synthetic.py): aligned-target batches, the
-unshifted loss through both model families, config mistakes, and short runs of the state-tracking presets."""
+"""Synthetic tasks as `seedlm train` data (data.synthetic: data_pipeline/synthetic.py, joined to the task's records
+and accuracy in eval/synthetic.py by launch/training_data.py): aligned-target batches, the unshifted loss through
+both model families, config mistakes, and short runs of the state-tracking presets."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from seedlm.data_pipeline import DataError
+from seedlm.data_pipeline.synthetic import SyntheticConfig, SyntheticLoader, validation_records
 from seedlm.eval.harness import heldout_loss
 from seedlm.eval.synthetic import IGNORE_INDEX, Group, state_tracking_records
 from seedlm.launch.cli import main as seedlm
 from seedlm.launch.config import ConfigError, load_run_config
-from seedlm.launch.synthetic import SyntheticConfig, SyntheticLoader, synthetic_config, val_records
+from seedlm.launch.training_data import SyntheticData, synthetic_config
 from tests.test_eval_utils import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs" / "state_tracking").glob("*.yaml"))
 
 
+def task_loader(cfg: SyntheticConfig, *args, **kwargs) -> SyntheticLoader:
+    """The data_pipeline loader over the task's records, as the trainer builds it."""
+    return SyntheticLoader(cfg, SyntheticData(cfg).generate, *args, **kwargs)
+
+
 def test_training_batches_hold_the_running_products_aligned():
     cfg = SyntheticConfig(group="S3", train_length=12, seed=5)
     g = Group("S3")
-    batches = iter(SyntheticLoader(cfg, micro_batch_size=4, rank=0, world_size=2))
+    batches = iter(task_loader(cfg, micro_batch_size=4, rank=0, world_size=2))
     first, second = next(batches), next(batches)
     assert set(first) == {"input_ids", "labels", "shift_labels", "position_ids"}
     assert first["input_ids"].shape == (4, 12) and first["input_ids"].dtype == torch.long
@@ -32,30 +42,28 @@ def test_training_batches_hold_the_running_products_aligned():
         assert max(ids + targets) < g.order
     assert torch.equal(first["position_ids"][0], torch.arange(12))
     assert not torch.equal(first["input_ids"], second["input_ids"])  # a fresh stream, batch after batch
-    other_rank = next(iter(SyntheticLoader(cfg, micro_batch_size=4, rank=1, world_size=2)))
+    other_rank = next(iter(task_loader(cfg, micro_batch_size=4, rank=1, world_size=2)))
     assert not torch.equal(first["input_ids"], other_rank["input_ids"])
 
 
 def test_training_stream_resumes_exactly_and_refuses_another_setup():
-    from seedlm.data_pipeline import DataError
-
     cfg = SyntheticConfig(group="S4", train_length=8)
-    loader = SyntheticLoader(cfg, micro_batch_size=3, rank=0, world_size=1)
+    loader = task_loader(cfg, micro_batch_size=3, rank=0, world_size=1)
     stream = iter(loader)
     for _ in range(3):
         next(stream)
     state = loader.state_dict()  # taken after three batches
     expected = next(stream)
-    resumed = SyntheticLoader(cfg, micro_batch_size=3, rank=0, world_size=1)
+    resumed = task_loader(cfg, micro_batch_size=3, rank=0, world_size=1)
     resumed.load_state_dict(state)
     assert torch.equal(next(iter(resumed))["input_ids"], expected["input_ids"])
     with pytest.raises(DataError, match="micro_batch_size"):
-        SyntheticLoader(cfg, micro_batch_size=5, rank=0, world_size=1).load_state_dict(state)
+        task_loader(cfg, micro_batch_size=5, rank=0, world_size=1).load_state_dict(state)
 
 
 def test_length_curriculum_counts_optimizer_steps():
     cfg = SyntheticConfig(group="S3", train_length=12, curriculum_length=4, curriculum_steps=2)
-    stream = iter(SyntheticLoader(cfg, micro_batch_size=2, rank=0, world_size=1, grad_accum_steps=3))
+    stream = iter(task_loader(cfg, micro_batch_size=2, rank=0, world_size=1, grad_accum_steps=3))
     lengths = [next(stream)["input_ids"].shape[1] for _ in range(9)]
     assert lengths == [4] * 6 + [12] * 3  # 2 steps of 3 micro-batches at length 4, then train_length
     assert synthetic_config({"synthetic": {"curriculum_length": 4, "curriculum_steps": 2}}).length_at(2) == 128
@@ -63,17 +71,17 @@ def test_length_curriculum_counts_optimizer_steps():
 
 def test_validation_split_is_one_pass_shared_out_between_ranks():
     cfg = SyntheticConfig(group="S3", train_length=6, num_val=10)
-    shares = [list(SyntheticLoader(cfg, 3, rank, 2, split="validation")) for rank in range(2)]
+    shares = [list(task_loader(cfg, 3, rank, 2, split="validation")) for rank in range(2)]
     rows = [row for share in shares for batch in share for row in batch["input_ids"].tolist()]
-    assert sorted(rows) == sorted(r["input_ids"] for r in val_records(cfg))
-    train_rows = next(iter(SyntheticLoader(cfg, 10, 0, 1)))["input_ids"].tolist()
+    assert sorted(rows) == sorted(r["input_ids"] for r in validation_records(cfg, SyntheticData(cfg).generate))
+    train_rows = next(iter(task_loader(cfg, 10, 0, 1)))["input_ids"].tolist()
     assert not set(map(tuple, train_rows)) & set(map(tuple, rows))
 
 
 @pytest.mark.parametrize("family", ["deltaproduct", "gated_moe"])
 def test_aligned_targets_give_the_unshifted_cross_entropy(family):
     net = tiny_model(family, vocab_size=8, num_experts=0)
-    batch = next(iter(SyntheticLoader(SyntheticConfig(group="S3", train_length=10), 3, 0, 1)))
+    batch = next(iter(task_loader(SyntheticConfig(group="S3", train_length=10), 3, 0, 1)))
     targets = batch["shift_labels"].clone()
     targets[0, :4] = IGNORE_INDEX  # positions without a question are left out
     seen = []
@@ -101,21 +109,49 @@ def test_aligned_targets_give_the_unshifted_cross_entropy(family):
     assert held_out["tokens"] == int((targets != IGNORE_INDEX).sum())
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"synthetic": {"task": "state_tracking", "grup": "S3"}}, "data.synthetic.grup; did you mean 'group'"),
-    ({"synthetic": {"group": "S9"}}, "data.synthetic.group: S9: permutation groups of degree 2..6"),
-    ({"synthetic": {"task": "state_trakcing"}}, "did you mean 'state_tracking'"),
-    ({"synthetic": {"train_length": 0}}, "train_length must be >= 1"),
-    ({"synthetic": {"train_length": "long"}}, "data.synthetic.train_length must be int"),
-    ({"synthetic": "S3"}, "data.synthetic must be a mapping"),
-    ({"synthetic": {}, "sources": ["stdlib"]}, "data.sources has no meaning with data.synthetic"),
-    ({"synthetic": {"train_length": 64}, "seq_len": 128}, "data.seq_len=128 but data.synthetic.train_length=64"),
-    ({"synthetic": {"curriculum_length": 16}}, "curriculum_length and curriculum_steps go together"),
-    ({"synthetic": {"curriculum_length": 256, "curriculum_steps": 5}}, "must be between 1 and train_length - 1"),
+# the schema's checks (unknown keys, types) and the group's are ConfigErrors, data_pipeline's value checks DataErrors:
+# both are user errors, shown by `seedlm train` as one line with exit code 2
+@pytest.mark.parametrize("data, error, match", [
+    ({"synthetic": {"task": "state_tracking", "grup": "S3"}}, ConfigError, "data.synthetic.grup; did you mean 'group'"),
+    ({"synthetic": {"group": "S9"}}, ConfigError, "data.synthetic.group: S9: permutation groups of degree 2..6"),
+    ({"synthetic": {"task": "state_trakcing"}}, DataError, "did you mean 'state_tracking'"),
+    ({"synthetic": {"train_length": 0}}, DataError, "train_length must be >= 1"),
+    ({"synthetic": {"train_length": "long"}}, ConfigError, "data.synthetic.train_length must be int"),
+    ({"synthetic": "S3"}, DataError, "data.synthetic must be a mapping"),
+    ({"synthetic": {}, "sources": ["stdlib"]}, DataError, "data.sources has no meaning with data.synthetic"),
+    ({"synthetic": {"train_length": 64}, "seq_len": 128}, DataError,
+     "data.seq_len=128 but data.synthetic.train_length=64"),
+    ({"synthetic": {"curriculum_length": 16}}, DataError, "curriculum_length and curriculum_steps go together"),
+    ({"synthetic": {"curriculum_length": 256, "curriculum_steps": 5}}, DataError,
+     "must be between 1 and train_length - 1"),
 ])
-def test_synthetic_config_mistakes_name_the_fix(data, match):
-    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(".", r"\.")):
+def test_synthetic_config_mistakes_name_the_fix(data, error, match):
+    with pytest.raises(error, match=match.replace("(", r"\(").replace(".", r"\.")):
         synthetic_config(data)
+
+
+def test_data_pipeline_batches_any_generator_without_importing_eval_or_launch(tmp_path):
+    # the dependency rule: data_pipeline uses no other seedlm package; the records come from the caller
+    script = """
+import sys
+from seedlm.data_pipeline.synthetic import SyntheticConfig, SyntheticLoader, write_vocabulary_tokenizer
+
+def count_up(num, length, seed):  # a task of our own: the target at t is t
+    return [{"input_ids": [1] * length, "targets": list(range(length))} for _ in range(num)]
+
+cfg = SyntheticConfig(train_length=5)
+batch = next(iter(SyntheticLoader(cfg, count_up, micro_batch_size=2, rank=0, world_size=1)))
+assert batch["shift_labels"].tolist() == [[0, 1, 2, 3, 4]] * 2, batch
+tok = write_vocabulary_tokenizer(cfg, ["a", "b"], sys.argv[1])
+assert tok("b a c")["input_ids"] == [1, 0, tok.unk_token_id] and len(tok) == 4
+loaded = sorted(m for m in sys.modules if m.startswith(("seedlm.eval", "seedlm.launch")))
+assert not loaded, loaded
+print("ok")
+"""
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "tok")], cwd=repo, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_config_mistakes_stop_seedlm_train_before_compute(tmp_path, capsys):

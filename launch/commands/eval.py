@@ -44,21 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    from pathlib import Path
 
-    from seedlm.eval.tasks import TaskError, find_task_files, resolve_tasks
+    from seedlm.eval.tasks import TaskError, resolve_tasks
     from seedlm.launch.checkpoint import CheckpointError, resolve_model_dir
 
     prog = "seedlm eval"
     try:
         if args.list_tasks:
-            from seedlm.eval.synthetic import SYNTHETIC_TASKS
-
-            for name, path in sorted(find_task_files(args.include_path).items()):
-                print(f"{name}\t{path}")
-            for name in SYNTHETIC_TASKS:
-                print(f"{name}\t(synthetic)")
-            return 0
+            return list_tasks(args.include_path)
         try:  # resolved once (a skipped checkpoint is warned about once); reported after the task errors
             folder, folder_error = resolve_model_dir(args.model_dir), None
         except CheckpointError as err:
@@ -81,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     failed_to_load = set(failures)
 
-    from seedlm.eval.harness import evaluate, load_model_dir, markdown_table, save_results
+    from seedlm.eval.harness import evaluate, load_model_dir
 
     if folder_error is not None:
         print(f"{prog}: {folder_error}", file=sys.stderr)
@@ -108,13 +101,30 @@ def run(args: argparse.Namespace) -> int:
     except (TaskError, ValueError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    return write_report(args, folder, results, failures, failed_to_load, len(names))
+
+
+def list_tasks(include_path) -> int:
+    from seedlm.eval.synthetic import SYNTHETIC_TASKS
+    from seedlm.eval.tasks import find_task_files
+
+    for name, path in sorted(find_task_files(include_path).items()):
+        print(f"{name}\t{path}")
+    for name in SYNTHETIC_TASKS:
+        print(f"{name}\t(synthetic)")
+    return 0
+
+
+def write_report(args, folder, results: dict, failures: dict, failed_to_load: set, num_tasks: int) -> int:
+    """The results file and table of the tasks that ran; the failed ones with their reasons (exit 1)."""
+    import sys
+    from pathlib import Path
+
+    from seedlm.eval.harness import markdown_table, save_results
+
     output = Path(args.output) if args.output else Path(args.model_dir) / "eval_results.json"
-    info = {
-        "model_dir": str(args.model_dir),
-        "checkpoint": str(folder),
-        "limit": args.limit,
-        "num_fewshot": args.num_fewshot,
-    }
+    info = {"model_dir": str(args.model_dir), "checkpoint": str(folder), "limit": args.limit,
+            "num_fewshot": args.num_fewshot}
     json_path, md_path = save_results(results, output, info, failures)
     print(markdown_table(results), end="")
     print(f"wrote {json_path} and {md_path}")
@@ -122,8 +132,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for name, reason in failures.items():
         if name not in failed_to_load:  # those were reported before the model loaded
-            print(f"{prog}: task {name} failed: {reason}", file=sys.stderr)
-    print(f"{prog}: {len(failures)} of {len(names)} tasks failed ({', '.join(failures)}); the results of the "
+            print(f"seedlm eval: task {name} failed: {reason}", file=sys.stderr)
+    print(f"seedlm eval: {len(failures)} of {num_tasks} tasks failed ({', '.join(failures)}); the results of the "
           f"others are in {json_path}", file=sys.stderr)
     return 1
 
@@ -153,7 +163,7 @@ def synthetic_meta(folder) -> dict | None:
     """The data.synthetic description saved in the model folder's tokenizer, None for a text model."""
     import json
 
-    from seedlm.launch.synthetic import TOKENIZER_MARKER
+    from seedlm.data_pipeline.synthetic import TOKENIZER_MARKER
 
     config = folder / "tokenizer_config.json"
     if not config.is_file():
@@ -170,8 +180,9 @@ def run_synthetic(args: argparse.Namespace, meta: dict, folder) -> int:
     import sys
     from pathlib import Path
 
+    from seedlm.data_pipeline import SyntheticConfig
     from seedlm.eval.harness import load_model_dir
-    from seedlm.launch.synthetic import SyntheticConfig, SyntheticRun
+    from seedlm.launch.training_data import SyntheticData
 
     prog = "seedlm eval"
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
@@ -186,7 +197,7 @@ def run_synthetic(args: argparse.Namespace, meta: dict, folder) -> int:
     cfg.eval_batch_size = args.batch_size
     device = default_device(args)
     model, _ = load_model_dir(folder, device=device, dtype=args.dtype)
-    results = SyntheticRun(cfg).accuracy(model, final=True)
+    results = SyntheticData(cfg).accuracy(model, final=True)
     output = Path(args.output) if args.output else Path(args.model_dir) / "eval_results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps({"synthetic": cfg.to_dict(), "results": results}, indent=1) + "\n")

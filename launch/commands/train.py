@@ -65,7 +65,7 @@ def config_reference() -> str:
         ("tokenizer", field_defaults(TokenizerConfig)
          + ". path: an existing tokenizer folder, or null to train one into <output_dir>/tokenizer"),
         ("data", field_defaults(DataConfig, skip=("tokenizer",), sources="[stdlib]")
-         + ". Or data.synthetic: a generated task instead of sources (launch/synthetic.py)"),
+         + ". Or data.synthetic: a generated task instead of sources (data_pipeline/synthetic.py)"),
         ("train", field_defaults(TrainConfig)),
     ]
     width = max(60, shutil.get_terminal_size().columns - 2)  # as argparse wraps the options
