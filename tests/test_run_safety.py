@@ -82,12 +82,12 @@ def test_a_second_ctrl_c_exits_at_once():
 
 
 def test_an_interrupted_run_says_so(corpus_and_tokenizer, tmp_path, capsys, monkeypatch):
-    import seedlm.launch.trainer
+    from seedlm.launch import trainer
 
     def interrupted(run_config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(seedlm.launch.trainer, "train", interrupted)  # stands for the second Ctrl-C mid-step
+    monkeypatch.setattr(trainer, "train", interrupted)  # stands for the second Ctrl-C mid-step
     corpus, tok = corpus_and_tokenizer
     assert seedlm(train_args(corpus, tok, tmp_path / "run", max_steps=2)) == 130
     assert "interrupted; the steps since the last checkpoint are lost" in capsys.readouterr().err

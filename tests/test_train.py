@@ -375,7 +375,7 @@ def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(co
     saved_step = json.loads((latest / "trainer_state.json").read_text())["step"]
     assert saved_step < 400
     resumed = torchrun(run_args(corpus, tok, run, max_steps=saved_step + 2, save_interval=2,
-                                **{"train.eval_interval": 0}))
+                                **{"train.eval_interval": 0, "data.num_workers": 1}))
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"at step {saved_step}" in resumed.stderr.split("resumed from")[1].splitlines()[0]
     assert sorted(losses(run))[-2:] == [saved_step + 1, saved_step + 2]
