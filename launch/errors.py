@@ -7,10 +7,12 @@ config, and `seedlm convert` raises ConversionError.
 """
 
 from seedlm.data_pipeline import DataError
+from seedlm.eval.tasks import TaskError
 from seedlm.launch.checkpoint import CheckpointError
 from seedlm.launch.config import ConfigError
 from seedlm.launch.convert import ConversionError
 from seedlm.launch.expert_parallel import ExpertParallelError
 from seedlm.launch.presets import PresetError
 
-USER_ERRORS = (ConfigError, DataError, PresetError, CheckpointError, ConversionError, ExpertParallelError)
+# TaskError: a train.eval_tasks entry that does not resolve (checked before compute)
+USER_ERRORS = (ConfigError, DataError, PresetError, CheckpointError, ConversionError, ExpertParallelError, TaskError)
