@@ -83,6 +83,8 @@ class TrainConfig:
     eval_tasks: list[str] = field(default_factory=list)  # evaluation tasks run with the held-out loss (seedlm eval)
     eval_limit: int | None = 50  # documents per task at each eval_interval
     resume: str = "auto"  # auto (latest checkpoint if any) | none | a checkpoint folder
+    # a Hugging Face folder or Hub id whose config, weights (and tokenizer) start a new run (launch/warm_start.py)
+    init_from: str | None = None
     max_consecutive_nonfinite: int = 5  # stop (after saving) when this many steps in a row are not finite
     peak_tflops: float | None = None  # per-device peak for MFU; None measures a matmul at start
     tensorboard: bool = True
@@ -243,6 +245,9 @@ def load_run_config(config: str | Path | None, overrides: list[str] = ()) -> Run
         train=build_section(TrainConfig, doc.get("train", {}) or {}, "train"),
     )
     validate(run)
+    from seedlm.launch.warm_start import apply_init_from
+
+    apply_init_from(run)
     check_model_fields(run, command_line, path if config is not None else None)
     return run
 
@@ -292,7 +297,9 @@ def check_model_fields(run: RunConfig, command_line: dict, config_file: Path | N
         return f"in {config_file}"
 
     written = [("model_overrides", name) for name in run.model_overrides]
-    if isinstance(run.model, dict):
+    if run.train.init_from:
+        model_type = None  # the folder's config: model_config_from_run checks the overrides against it
+    elif isinstance(run.model, dict):
         model_type = run.model.get("model_type")
         written += [("model", name) for name in run.model if name != "model_type"]
     elif isinstance(run.model, str):
@@ -361,6 +368,10 @@ def model_config_from_run(run: RunConfig):
     """The HF model config named by run.model (preset name, YAML path or mapping) with model_overrides."""
     from seedlm.launch.presets import PresetError, build_model_config, load_model_config
 
+    if run.train.init_from:  # the folder's config (launch/warm_start.py), not run.model
+        from seedlm.launch.warm_start import init_model_config
+
+        return init_model_config(Path(run.train.init_from), run.model_overrides)
     if not isinstance(run.model, (dict, str)):
         raise ConfigError(f"model must be a preset name, a YAML path or a mapping, got {run.model!r}")
     try:

@@ -75,14 +75,19 @@ def deepspeed_config(train_cfg, micro_batch_size: int) -> dict:
     }
 
 
-def build_model(train_cfg, model_config, tokenizer):
+def build_model(train_cfg, model_config, tokenizer, init_from: str | None = None):
+    """The whole model on every rank, in fp32: seeded initial weights, or those of the HF folder init_from."""
     from transformers import AutoModelForCausalLM
 
     model_config.pad_token_id = tokenizer.pad_token_id
     model_config.bos_token_id = tokenizer.bos_token_id
     model_config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
-    model = AutoModelForCausalLM.from_config(model_config, attn_implementation=train_cfg.attn_implementation)
+    if init_from:  # fp32 master weights whatever dtype the folder holds
+        model = AutoModelForCausalLM.from_pretrained(init_from, config=model_config, dtype=torch.float32,
+                                                     attn_implementation=train_cfg.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_config(model_config, attn_implementation=train_cfg.attn_implementation)
     if train_cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
     return model

@@ -157,7 +157,10 @@ class Trainer:
         self.train_loader = self.data.train_loader(self.tokenizer, self.dist, self.t.grad_accum_steps)
 
     def build_engine(self) -> None:
-        model = build_model(self.t, self.model_config, self.tokenizer)
+        init_from = self.t.init_from if self.resume_from is None else None  # a checkpoint, when there is one, wins
+        if self.t.init_from:
+            logger.info("initial weights from %s", init_from or f"the checkpoint {self.resume_from} (resuming)")
+        model = build_model(self.t, self.model_config, self.tokenizer, init_from)
         self.engine, self.scheduler, self.ep_info = build_engine(self.t, model, self.data.config.micro_batch_size,
                                                                  self.dist.world_size)
         self.device = self.engine.device
