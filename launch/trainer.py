@@ -37,7 +37,13 @@ from seedlm.launch.checkpoint import (
 )
 from seedlm.launch.config import ConfigError, RunConfig, check_run_config
 from seedlm.launch.distributed import PeerFailure, all_ranks_true, barrier, init_distributed
-from seedlm.launch.engine import build_engine, build_model, optimizer_step, save_hf_folder_fn
+from seedlm.launch.engine import (
+    build_engine,
+    build_model,
+    optimizer_step,
+    save_hf_folder_fn,
+    single_process_train_config,
+)
 from seedlm.launch.metrics import MetricsLogger, measure_peak_flops, memory_stats, plot_loss_curve
 from seedlm.launch.training_data import training_data
 
@@ -102,11 +108,14 @@ class Progress:
 
 class Trainer:
     def __init__(self, run: RunConfig, stop: StopSignal | None = None):
-        self.run, self.t = run, run.train
+        self.run = run
         self.stop = stop or StopSignal()
         self.dist = init_distributed()
         logging.basicConfig(level=logging.INFO if self.dist.is_main else logging.WARNING,
                             format=f"%(asctime)s [rank {self.dist.rank}] %(levelname)s %(message)s", force=True)
+        self.t, note = single_process_train_config(run.train, self.dist.world_size)  # run.train stays as asked
+        if note:
+            logger.info(note)
         if self.t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
             torch.set_num_threads(self.t.cpu_threads)
         self.output_dir = Path(self.t.output_dir)
