@@ -1,15 +1,16 @@
 """Linear + cross-entropy over chunks of tokens: the LM head and its loss without a [tokens, vocab] tensor.
 
 The plain head computes logits = hidden @ W^T for every token, upcasts them to fp32, and cross-entropy keeps
-the fp32 log-softmax for backward: two [N, V] fp32 tensors, about 2.5 GB per 4096 tokens at a 151k vocabulary.
-Here the forward walks over chunks of tokens and keeps, per token, only the log-sum-exp of its logits; the
-backward recomputes each chunk's logits and turns them into the chunk's gradients. Saved for backward: the
-hidden states and the weight (both alive anyway), the targets and one fp32 number per token.
+the fp32 log-softmax [N, V] for backward: 4 * V bytes per token, 2.5 GB per 4096 tokens at a 151k vocabulary
+(and the logits, its gradient and the upcast copy come and go beside it).
+Here the forward walks over chunks of tokens and keeps only each token's loss summed; the backward recomputes
+each chunk's logits and turns them into the chunk's gradients. Saved for backward: the hidden states and the
+weight (both alive anyway) and the targets (9 bytes per token: int64 target and a bool mask).
 
 Why recompute rather than compute the gradients in the forward (Liger's way): that holds a full fp32
 grad_W [V, H] from the forward until the backward, as large as the weight itself (2.5 GB at V = 151k,
 H = 4096) and on every rank even when ZeRO-3 shards the weight; recomputing costs one more [N, H] x [H, V]
-matmul per step (four instead of three for the head) and keeps only [N] floats.
+matmul per step (four instead of three for the head) and keeps nothing per token beyond the targets.
 
 Imports only torch (exported with the checkpoint as remote code).
 """
@@ -29,43 +30,45 @@ class LinearCrossEntropySum(torch.autograd.Function):
     """Sum over tokens of cross_entropy(hidden @ weight^T, targets), skipping targets == ignore_index.
 
     hidden [N, H] and weight [V, H] in any float dtype (the matmul runs in their dtype, as nn.Linear does;
-    the softmax in fp32), targets [N] int64. Returns a 0-d fp32 tensor. Gradients flow to hidden and weight
-    (a tied embedding weight included); the weight's gradient is accumulated in fp32 over the chunks.
+    the softmax in fp32, as transformers' loss upcasts), targets [N] int64. Returns a 0-d fp32 tensor.
+    Gradients flow to hidden and weight (a tied embedding weight included); the weight's gradient is summed
+    over the chunks in fp32 at least.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
         valid = targets != ignore_index  # [N]
         safe_targets = torch.where(valid, targets, 0)  # any index: its loss is masked out below
-        logsumexp = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [N]
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits = (hidden[rows] @ weight.T).float()  # [C, V]
-            logsumexp[rows] = torch.logsumexp(logits, dim=-1)
-            target_logits = logits.gather(1, safe_targets[rows, None]).squeeze(1)  # [C]
-            loss += ((logsumexp[rows] - target_logits) * valid[rows]).sum()
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, logsumexp)
+            logprobs = torch.log_softmax((hidden[rows] @ weight.T).float(), dim=-1)  # [C, V]
+            target_logprobs = logprobs.gather(1, safe_targets[rows, None]).squeeze(1)  # [C]
+            loss -= (target_logprobs * valid[rows]).sum()
+        ctx.save_for_backward(hidden, weight, safe_targets, valid)
         ctx.chunk_size = chunk_size
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        hidden, weight, safe_targets, valid, logsumexp = ctx.saved_tensors
+        hidden, weight, safe_targets, valid = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        sum_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device) if need_weight else None
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored tokens, times the incoming gradient
-            grad_logits = torch.exp((hidden[rows] @ weight.T).float() - logsumexp[rows, None])  # [C, V]
+            grad_logits = torch.softmax((hidden[rows] @ weight.T).float(), dim=-1)  # [C, V]
             grad_logits.scatter_add_(1, safe_targets[rows, None], grad_logits.new_full((grad_logits.shape[0], 1), -1.0))
             grad_logits *= (valid[rows] * grad_loss)[:, None]
             grad_logits = grad_logits.to(hidden.dtype)  # back to the matmul dtype, as logits.float()'s backward does
             if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if need_weight:
-                grad_weight += (grad_logits.T @ hidden[rows]).float()
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if need_weight and grad_weight.dtype == hidden.dtype:
+                grad_weight.addmm_(grad_logits.T, hidden[rows])  # summed inside the matmul
+            elif need_weight:
+                grad_weight += grad_logits.T @ hidden[rows]  # a bf16 / fp16 chunk's gradient, summed in fp32
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
