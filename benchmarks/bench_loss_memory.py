@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
-import resource
 import statistics
 import sys
 import time
@@ -87,20 +85,25 @@ def saved_bytes_beyond_inputs(loss_fn, h, w, labels) -> int:
     return sum(n for ptr, n in storages.items() if ptr not in inputs)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_and_peak_bytes() -> tuple[int, int]:
+    """This process's resident set size now and its high-water mark (VmRSS, VmHWM of /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
 
 
 def cpu_peak_in_fresh_process(name, tokens, hidden, vocab, dtype, threads, queue):
-    """Runs in a spawned process: peak RSS of one forward + backward above the RSS before it."""
+    """Runs in a spawned process: peak RSS of one forward + backward above the RSS before it. (Not getrusage's
+    ru_maxrss: it survives the exec that starts this process, so it can hold the parent's peak.)"""
     if threads:
         torch.set_num_threads(threads)
     LOSSES[name](*make_inputs(256, 16, 64, dtype, "cpu")).backward()  # load kernels and thread pools first
     h, w, labels = make_inputs(tokens, hidden, vocab, dtype, "cpu")
-    before = rss_bytes()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the high-water mark to the current RSS
+    before, _ = rss_and_peak_bytes()
     LOSSES[name](h, w, labels).backward()
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    queue.put(rss_and_peak_bytes()[1] - before)
 
 
 def peak_bytes(name, args, vocab) -> int:
