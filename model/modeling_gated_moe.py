@@ -16,6 +16,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_gated_moe import GatedMoeConfig
+from .fused_loss import linear_cross_entropy
 from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP, causal_attention_mask
 from .moe import MoeModelMixin, RouterOutput, SparseMoeBlock, load_balancing_loss
 
@@ -187,10 +188,11 @@ class GatedMoeModel(GatedMoePreTrainedModel):
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
-def causal_lm_output(config, loss_function, logits, labels, outputs, output_router_logits, **loss_kwargs):
+def causal_lm_output(config, loss_function, logits, labels, outputs, output_router_logits, lm_loss=None, **loss_kwargs):
     """The causal-LM output of either family: LM loss (labels shifted inside, or `shift_labels` taken as they
     are) plus the weighted router losses (means over MoE layers), the stacked expert counts and mean router
-    probabilities, optional router logits."""
+    probabilities, optional router logits. `lm_loss` is the LM loss already computed without logits (then
+    `logits` is None)."""
     routings = outputs.router_outputs
     aux_loss = z_loss = expert_counts = router_probs = None
     if routings:
@@ -198,13 +200,13 @@ def causal_lm_output(config, loss_function, logits, labels, outputs, output_rout
         router_probs = torch.stack([r.probs_mean for r in routings])  # [L_moe, E]
         aux_loss = load_balancing_loss(expert_counts, router_probs)
         z_loss = torch.stack([r.z_loss for r in routings]).mean()
-    loss = None
+    loss = lm_loss
     if labels is None:
         labels = loss_kwargs.get("shift_labels")  # aligned targets alone also ask for the loss
-    if labels is not None:
+    if loss is None and labels is not None:
         loss = loss_function(logits, labels, config.vocab_size, **loss_kwargs)
-        if aux_loss is not None:
-            loss = loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+    if loss is not None and aux_loss is not None:
+        loss = loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
     if output_router_logits is None:
         output_router_logits = config.output_router_logits
     return GatedMoeCausalLMOutput(
@@ -223,7 +225,16 @@ def causal_lm_output(config, loss_function, logits, labels, outputs, output_rout
 
 class CausalLMHeadMixin:
     """The causal-LM head of both families: `self.model` (the backbone) and `self.lm_head`; the loss adds the
-    weighted router losses (see causal_lm_output)."""
+    weighted router losses (see causal_lm_output).
+
+    When logits are made: a training step's forward (the model in train mode, autograd recording, and
+    `labels` or `shift_labels` given) computes the LM loss with fused_loss.linear_cross_entropy, chunk by
+    chunk over the tokens, so the fp32 [tokens, vocab] logits and log-softmax are never all alive, and
+    returns `logits=None` (the trainer reads only the loss). Every other forward (eval mode, no_grad,
+    no labels: generation and evaluation) returns the logits as transformers models do, and so does any
+    forward given `return_logits=True`; `return_logits=False` asks for the fused loss in any mode. Both paths
+    give the same loss and gradients (tests/test_fused_loss.py).
+    """
 
     def forward(
         self,
@@ -239,12 +250,15 @@ class CausalLMHeadMixin:
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,  # the name of `cache` before transformers 5.24
+        return_logits: bool | None = None,
         **kwargs,
     ) -> GatedMoeCausalLMOutput:
         """labels [B, T] are the input ids (the shift happens inside); -100 marks positions not to predict.
         `shift_labels` [B, T] in kwargs are targets already aligned with the logits (the loss at position t
         is against shift_labels[t], no shift), e.g. the synthetic state-tracking tasks; `num_items_in_batch`
-        normalises the loss over a whole gradient-accumulation batch. These go to the loss, not the layers."""
+        normalises the loss over a whole gradient-accumulation batch. These go to the loss, not the layers.
+        `return_logits`: None = the class docstring's rule, True = always logits, False = the fused loss
+        without logits whenever there are labels."""
         loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS if k in kwargs}
         outputs = self.model(
             input_ids=input_ids,
@@ -259,10 +273,18 @@ class CausalLMHeadMixin:
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])  # [B, T_keep, vocab]
+        hidden_states = hidden_states[:, keep, :]  # [B, T_keep, hidden]
+        has_targets = labels is not None or loss_kwargs.get("shift_labels") is not None
+        if return_logits is None:
+            return_logits = not (self.training and torch.is_grad_enabled())
+        logits = lm_loss = None
+        if has_targets and not return_logits:
+            lm_loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, **loss_kwargs)
+        else:
+            logits = self.lm_head(hidden_states)  # [B, T_keep, vocab]
 
         return causal_lm_output(
-            self.config, self.loss_function, logits, labels, outputs, output_router_logits, **loss_kwargs
+            self.config, self.loss_function, logits, labels, outputs, output_router_logits, lm_loss, **loss_kwargs
         )
 
 

@@ -1,0 +1,208 @@
+"""Memory and time of the LM head + loss, plain vs fused, fp32 by default.
+
+- plain: logits = hidden @ W^T, then transformers' ForCausalLMLoss (what the model did before the fused loss,
+  and still does with `return_logits=True`);
+- fused: model/fused_loss.py linear_cross_entropy, chunk by chunk over the tokens, recomputing in backward.
+
+For each vocabulary size, at --tokens tokens and --hidden hidden size:
+- saved bytes per token for backward: the distinct storages autograd saves (saved_tensors_hooks), beyond the
+  hidden states and the weight, which are alive anyway (a number that does not depend on load);
+- peak: the most memory one forward + backward held above its inputs (CUDA: max_memory_allocated; CPU: the
+  peak RSS of a fresh process that runs one step, above its RSS just before the step), the gradients included;
+- step time of forward + backward: min / median / max over --rounds after one warmup, and the ratio
+  fused / plain of the medians.
+
+    python benchmarks/bench_loss_memory.py --threads 2
+    python benchmarks/bench_loss_memory.py --smoke          # a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seedlm.model.fused_loss import linear_cross_entropy  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (the head's matmuls grow with it)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true", help="one small vocabulary, 512 tokens, one round")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.vocab, args.tokens, args.rounds = [4096], 512, 1
+    return args
+
+
+def plain_loss(hidden, weight, labels):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss(hidden @ weight.T, labels, vocab_size=weight.shape[0])
+
+
+def fused_loss(hidden, weight, labels):
+    return linear_cross_entropy(hidden, weight, labels)
+
+
+LOSSES = {"plain": plain_loss, "fused": fused_loss}
+
+
+def make_inputs(tokens, hidden, vocab, dtype, device, seed=0):
+    """hidden [1, tokens, hidden] and weight [vocab, hidden] needing gradients, labels [1, tokens]."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(1, tokens, hidden, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (1, tokens), generator=g).to(device)
+    return h, w, labels
+
+
+def saved_bytes_beyond_inputs(loss_fn, h, w, labels) -> int:
+    """Bytes of the distinct storages saved for backward, less those of hidden and weight."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(h, w, labels)
+    inputs = {h.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
+    return sum(n for ptr, n in storages.items() if ptr not in inputs)
+
+
+def rss_and_peak_bytes() -> tuple[int, int]:
+    """This process's resident set size now and its high-water mark (VmRSS, VmHWM of /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def cpu_peak_in_fresh_process(name, tokens, hidden, vocab, dtype, threads, queue):
+    """Runs in a spawned process: peak RSS of one forward + backward above the RSS before it. (Not getrusage's
+    ru_maxrss: it survives the exec that starts this process, so it can hold the parent's peak.)"""
+    if threads:
+        torch.set_num_threads(threads)
+    LOSSES[name](*make_inputs(256, 16, 64, dtype, "cpu")).backward()  # load kernels and thread pools first
+    h, w, labels = make_inputs(tokens, hidden, vocab, dtype, "cpu")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the high-water mark to the current RSS
+    before, _ = rss_and_peak_bytes()
+    LOSSES[name](h, w, labels).backward()
+    queue.put(rss_and_peak_bytes()[1] - before)
+
+
+def peak_bytes(name, args, vocab) -> int:
+    dtype = DTYPES[args.dtype]
+    if args.device.startswith("cuda"):
+        h, w, labels = make_inputs(args.tokens, args.hidden, vocab, dtype, args.device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        LOSSES[name](h, w, labels).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak RSS is this step's alone
+    queue = ctx.Queue()
+    proc = ctx.Process(
+        target=cpu_peak_in_fresh_process, args=(name, args.tokens, args.hidden, vocab, dtype, args.threads, queue)
+    )
+    proc.start()
+    peak = queue.get()
+    proc.join()
+    return peak
+
+
+def step_times(loss_fn, args, vocab) -> list[float]:
+    h, w, labels = make_inputs(args.tokens, args.hidden, vocab, DTYPES[args.dtype], args.device)
+    times = []
+    for i in range(args.rounds + 1):  # the first round warms up
+        h.grad = w.grad = None
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss_fn(h, w, labels).backward()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def check_equal(args, vocab) -> None:
+    """Both heads give the same loss and gradients before anything is measured."""
+    results = []
+    for loss_fn in LOSSES.values():
+        h, w, labels = make_inputs(min(args.tokens, 512), args.hidden, vocab, DTYPES[args.dtype], args.device)
+        loss = loss_fn(h, w, labels)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(
+            got.float(), expected.float(), rtol=2e-2 if args.dtype == "bf16" else 1e-4, atol=1e-5
+        )
+
+
+def measure(args) -> list[dict]:
+    rows = []
+    for vocab in args.vocab:
+        check_equal(args, vocab)
+        row = {"vocab": vocab}
+        for name, loss_fn in LOSSES.items():
+            h, w, labels = make_inputs(args.tokens, args.hidden, vocab, DTYPES[args.dtype], args.device)
+            row[f"{name}_saved_per_token"] = saved_bytes_beyond_inputs(loss_fn, h, w, labels) / args.tokens
+            del h, w, labels
+            row[f"{name}_peak"] = peak_bytes(name, args, vocab)
+            row[f"{name}_times"] = step_times(loss_fn, args, vocab)
+        rows.append(row)
+    return rows
+
+
+def table(args, rows) -> str:
+    def ms(times):
+        return f"{1000 * min(times):.0f} / {1000 * statistics.median(times):.0f} / {1000 * max(times):.0f}"
+
+    lines = [
+        f"LM head + loss, forward + backward, {args.dtype}, {args.tokens} tokens, hidden {args.hidden}, "
+        f"{args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds",
+        "",
+        "| vocab | saved B/token plain | saved B/token fused | peak MB plain | peak MB fused "
+        "| step ms plain (min/med/max) | step ms fused (min/med/max) | time fused/plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ratio = statistics.median(r["fused_times"]) / statistics.median(r["plain_times"])
+        lines.append(
+            f"| {r['vocab']} | {r['plain_saved_per_token']:.0f} | {r['fused_saved_per_token']:.0f} "
+            f"| {r['plain_peak'] / 2**20:.0f} | {r['fused_peak'] / 2**20:.0f} "
+            f"| {ms(r['plain_times'])} | {ms(r['fused_times'])} | {ratio:.2f} |"
+        )
+    lines.append("")
+    lines.append("saved B/token: bytes saved for backward per token beyond the hidden states and the weight.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(table(args, measure(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

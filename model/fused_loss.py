@@ -1,0 +1,106 @@
+"""Linear + cross-entropy over chunks of tokens: the LM head and its loss without a [tokens, vocab] tensor.
+
+The plain head computes logits = hidden @ W^T for every token, upcasts them to fp32, and cross-entropy keeps
+the fp32 log-softmax [N, V] for backward: 4 * V bytes per token, 2.5 GB per 4096 tokens at a 151k vocabulary
+(and the logits, its gradient and the upcast copy come and go beside it).
+Here the forward walks over chunks of tokens and keeps only each token's loss summed; the backward recomputes
+each chunk's logits and turns them into the chunk's gradients. Saved for backward: the hidden states and the
+weight (both alive anyway) and the targets (9 bytes per token: int64 target and a bool mask).
+
+Why recompute rather than compute the gradients in the forward (Liger's way): that holds a full fp32
+grad_W [V, H] from the forward until the backward, as large as the weight itself (2.5 GB at V = 151k,
+H = 4096) and on every rank even when ZeRO-3 shards the weight; recomputing costs one more [N, H] x [H, V]
+matmul per step (four instead of three for the head) and keeps nothing per token beyond the targets.
+
+Imports only torch (exported with the checkpoint as remote code).
+"""
+
+import math
+
+import torch
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk: a chunk's fp32 logits about as large as the fp32 hidden states of all tokens, and
+    at least 256 tokens so that the matmuls stay large enough to run fast."""
+    return max(256, math.ceil(num_tokens * hidden_size / vocab_size))
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """Sum over tokens of cross_entropy(hidden @ weight^T, targets), skipping targets == ignore_index.
+
+    hidden [N, H] and weight [V, H] in any float dtype (the matmul runs in their dtype, as nn.Linear does;
+    the softmax in fp32, as transformers' loss upcasts), targets [N] int64. Returns a 0-d fp32 tensor.
+    Gradients flow to hidden and weight (a tied embedding weight included); the weight's gradient is summed
+    over the chunks in fp32 at least.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+        valid = targets != ignore_index  # [N]
+        safe_targets = torch.where(valid, targets, 0)  # any index: its loss is masked out below
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logprobs = torch.log_softmax((hidden[rows] @ weight.T).float(), dim=-1)  # [C, V]
+            target_logprobs = logprobs.gather(1, safe_targets[rows, None]).squeeze(1)  # [C]
+            loss -= (target_logprobs * valid[rows]).sum()
+        ctx.save_for_backward(hidden, weight, safe_targets, valid)
+        ctx.chunk_size = chunk_size
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, safe_targets, valid = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        sum_dtype = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device) if need_weight else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored tokens, times the incoming gradient
+            grad_logits = torch.softmax((hidden[rows] @ weight.T).float(), dim=-1)  # [C, V]
+            grad_logits.scatter_add_(1, safe_targets[rows, None], grad_logits.new_full((grad_logits.shape[0], 1), -1.0))
+            grad_logits *= (valid[rows] * grad_loss)[:, None]
+            grad_logits = grad_logits.to(hidden.dtype)  # back to the matmul dtype, as logits.float()'s backward does
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if need_weight and grad_weight.dtype == hidden.dtype:
+                grad_weight.addmm_(grad_logits.T, hidden[rows])  # summed inside the matmul
+            elif need_weight:
+                grad_weight += grad_logits.T @ hidden[rows]  # a bf16 / fp16 chunk's gradient, summed in fp32
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """The loss transformers' ForCausalLMLoss gives for logits = hidden @ weight^T, without the logits.
+
+    hidden [B, T, H]; labels [B, T] are the input ids (the loss at position t is against labels[t + 1]), or
+    shift_labels [B, T] targets already aligned (against shift_labels[t]). The mean over tokens whose target
+    is not ignore_index, or the sum divided by num_items_in_batch when given (a whole gradient-accumulation
+    batch), exactly as transformers reduces."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    targets = shift_labels.reshape(-1).to(hidden.device)  # [N]
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"{targets.shape[0]} targets for {hidden.shape[0]} hidden states: labels must be [B, T]")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], weight.shape[1])
+    loss_sum = LinearCrossEntropySum.apply(hidden, weight, targets, ignore_index, chunk_size)
+    if num_items_in_batch is None:
+        return loss_sum / (targets != ignore_index).sum()  # no target at all: 0/0 = nan, as cross_entropy's mean
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch
