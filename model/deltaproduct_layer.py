@@ -11,6 +11,7 @@ Imports only torch and sibling files (exported with the checkpoint).
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .delta_product_kernels import chunk_delta_product, recurrent_delta_product
 from .layers import RMSNorm, upcast
@@ -91,20 +92,11 @@ class DeltaProductAttention(nn.Module):
             x = x * token_mask[..., None].to(x.dtype)
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*K], [B, T, n*H*K], [B, T, n*H*V]
-        if self.q_conv1d is not None:
-            history = cache.conv_states(self.layer_idx) if cache is not None else (None, None, None)
-            q, q_hist = self.q_conv1d(q, doc_ids, history[0])
-            k, k_hist = self.k_conv1d(k, doc_ids, history[1])
-            v, v_hist = self.v_conv1d(v, doc_ids, history[2])
-            if cache is not None:
-                cache.set_conv_states(self.layer_idx, (q_hist, k_hist, v_hist))
+        if cache is not None:
+            q, k, v = self._conv_and_normalize(q, k, v, doc_ids, cache)
         else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-
-        # the n_h keys of token t go to interleaved positions t*n_h ... t*n_h + n_h - 1
-        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)  # [B, T, H, K]
-        k = F.normalize(k.view(B, T, n, H, K), p=2, dim=-1).reshape(B, T * n, H, K)
-        v = v.view(B, T, n, H, V).reshape(B, T * n, H, V)
+            # recomputed in backward: keeps only the projections' outputs instead of every conv tap and norm
+            q, k, v = _recomputed(self._conv_and_normalize, q, k, v, doc_ids, None)
         beta = torch.sigmoid(upcast(self.b_proj(x))).view(B, T, n, H)  # [B, T, n, H]
         if self.allow_neg_eigval:
             beta = beta * 2.0
@@ -138,7 +130,40 @@ class DeltaProductAttention(nn.Module):
         if cache is not None:
             cache.set_recurrent_state(self.layer_idx, final_state)
 
-        o = self.o_norm(o)  # [B, T, H, V], RMSNorm per head
-        if self.g_proj is not None:
-            o = o * F.silu(self.g_proj(hidden_states).view(B, T, H, V))
+        gate = self.g_proj(hidden_states).view(B, T, H, V) if self.g_proj is not None else None
+        o = _recomputed(self._gated_norm, o, gate)  # keeps o and the gate, not the norm's intermediates
         return self.o_proj(o.reshape(B, T, H * V))
+
+    def _conv_and_normalize(self, q, k, v, doc_ids, cache):
+        """Projections' outputs -> short convs (or SiLU) -> L2-normalised q [B, T, H, K], interleaved keys
+        k [B, T*n, H, K] and values v [B, T*n, H, V]; the n_h keys of token t at positions t*n ... t*n+n-1."""
+        B, T, _ = q.shape
+        H, K, V, n = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_householder
+        if self.q_conv1d is not None:
+            history = cache.conv_states(self.layer_idx) if cache is not None else (None, None, None)
+            q, q_hist = self.q_conv1d(q, doc_ids, history[0])
+            k, k_hist = self.k_conv1d(k, doc_ids, history[1])
+            v, v_hist = self.v_conv1d(v, doc_ids, history[2])
+            if cache is not None:
+                cache.set_conv_states(self.layer_idx, (q_hist, k_hist, v_hist))
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)
+        k = F.normalize(k.view(B, T, n, H, K), p=2, dim=-1).reshape(B, T * n, H, K)
+        v = v.view(B, T, n, H, V).reshape(B, T * n, H, V)
+        return q, k, v
+
+    def _gated_norm(self, o, gate):
+        """RMSNorm per head of the kernel output o [B, T, H, V], times SiLU(gate) when there is an output gate."""
+        o = self.o_norm(o)
+        return o * F.silu(gate) if gate is not None else o
+
+
+def _recomputed(fn, *args):
+    """fn(*args), its intermediates recomputed in backward instead of kept (when a gradient is wanted).
+
+    Used for the layer's cheap elementwise stretches around the kernel: they would otherwise keep several
+    copies of q, k, v and o per token for backward."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
