@@ -31,13 +31,15 @@ from seedlm.model.configuration_deltaproduct import DeltaProductConfig  # noqa: 
 from seedlm.model.modeling_deltaproduct import DeltaProductModel  # noqa: E402
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs its forward."""
-    storages = {}
+def saved_bytes(fn, exclude=()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while fn() runs its forward, leaving out
+    the storages of `exclude` (weights, resident anyway)."""
+    storages, skip = {}, {p.untyped_storage().data_ptr() for p in exclude}
 
     def pack(t):
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -77,14 +79,15 @@ def block_config(hidden, heads, head_dim, mlp, n, attention: bool) -> DeltaProdu
     )
 
 
-def block_bytes_per_token(T, hidden, heads, head_dim, mlp, n, attention: bool) -> float:
-    """Saved bytes per token of one model block: the model's forward with one layer, minus embedding and
-    final norm (measured on their own and subtracted)."""
+def block_bytes_per_token(T, hidden, heads, head_dim, mlp, n, attention: bool, weights=True) -> float:
+    """Saved bytes per token of one model block: the model's forward with one layer, minus the final norm
+    (measured on its own and subtracted). weights=False leaves out the weights the block keeps."""
     torch.manual_seed(0)
     model = DeltaProductModel(block_config(hidden, heads, head_dim, mlp, n, attention)).train()
     x = torch.randn(1, T, hidden, requires_grad=True)
-    whole = saved_bytes(lambda: model(inputs_embeds=x).last_hidden_state)
-    final_norm = saved_bytes(lambda: model.norm(x))
+    exclude = () if weights else list(model.parameters())
+    whole = saved_bytes(lambda: model(inputs_embeds=x).last_hidden_state, exclude)
+    final_norm = saved_bytes(lambda: model.norm(x), exclude)
     return (whole - final_norm) / T
 
 
@@ -125,18 +128,22 @@ def main(argv=None):
     n, kib = a.householder, lambda b: f"{b / 1024:.1f}"
     print(f"fp32, B=1, {a.heads} heads x {a.head_dim}, hidden {a.hidden}, MLP {a.mlp}, n_h={n}, "
           f"chunk_size={a.chunk_size}, {a.threads} threads. Saved bytes for backward, KiB per token.\n")
-    print("| T | kernel, recompute | kernel, old | DeltaProduct block | gated-attention block | DP / attention |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| T | kernel, recompute | kernel, old | DeltaProduct block | gated-attention block | DP / attention "
+          "| the same without weights |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     blocks = {}
     for T in a.seq_lens:
         new = kernel_bytes_per_token(T, n, a.heads, a.head_dim, a.chunk_size, recompute=True)
         old = kernel_bytes_per_token(T, n, a.heads, a.head_dim, a.chunk_size, recompute=False)
         dp = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=False)
         attn = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=True)
-        blocks[T] = dp
-        print(f"| {T} | {kib(new)} | {kib(old)} | {kib(dp)} | {kib(attn)} | {dp / attn:.2f}x |")
+        dp_act = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=False, weights=False)
+        attn_act = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=True, weights=False)
+        blocks[T] = dp_act
+        print(f"| {T} | {kib(new)} | {kib(old)} | {kib(dp)} | {kib(attn)} | {dp / attn:.2f}x "
+              f"| {kib(dp_act)} / {kib(attn_act)} = {dp_act / attn_act:.2f}x |")
     lo, hi = min(a.seq_lens), max(a.seq_lens)
-    print(f"\nDeltaProduct block, total bytes at T={hi} / at T={lo}: "
+    print(f"\nDeltaProduct block without weights, total bytes at T={hi} / at T={lo}: "
           f"{blocks[hi] * hi / (blocks[lo] * lo):.2f} for x{hi / lo:g} tokens.\n")
 
     print("Kernel forward + backward (s), min / median / max of", a.rounds, "rounds after one warmup:\n")

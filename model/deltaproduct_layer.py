@@ -86,17 +86,12 @@ class DeltaProductAttention(nn.Module):
         enters the convolutions nor moves the state; doc_ids [B, T] and cu_seqlens (over the flattened
         B*T tokens) mark packed documents; cache: a DeltaProductCache or None. Returns [B, T, hidden]."""
         B, T, _ = hidden_states.shape
-        H, K, V, n = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_householder
+        H, V, n = self.num_heads, self.head_v_dim, self.num_householder
         x = hidden_states
         if token_mask is not None:
             x = x * token_mask[..., None].to(x.dtype)
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*K], [B, T, n*H*K], [B, T, n*H*V]
-        if cache is not None:
-            q, k, v = self._conv_and_normalize(q, k, v, doc_ids, cache)
-        else:
-            # recomputed in backward: keeps only the projections' outputs instead of every conv tap and norm
-            q, k, v = _recomputed(self._conv_and_normalize, q, k, v, doc_ids, None)
         beta = torch.sigmoid(upcast(self.b_proj(x))).view(B, T, n, H)  # [B, T, n, H]
         if self.allow_neg_eigval:
             beta = beta * 2.0
@@ -109,6 +104,24 @@ class DeltaProductAttention(nn.Module):
             g = g * keep[..., None] if g is not None else None
         beta = beta.reshape(B, T * n, H).to(q.dtype)
 
+        if cache is not None:
+            o = self._mix_tokens(q, k, v, beta, g, doc_ids, cu_seqlens, cache)
+        else:
+            # recomputed in backward: the block keeps the projections' outputs, not the convs' taps, the
+            # normalised q and k or the kernel's inputs (the kernel itself keeps only those and a few states)
+            o = _recomputed(self._mix_tokens, q, k, v, beta, g, doc_ids, cu_seqlens, None)
+
+        gate = self.g_proj(hidden_states).view(B, T, H, V) if self.g_proj is not None else None
+        o = _recomputed(self._gated_norm, o, gate)  # keeps o and the gate, not the norm's intermediates
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def _mix_tokens(self, q, k, v, beta, g, doc_ids, cu_seqlens, cache):
+        """The projections' outputs q [B, T, H*K], k [B, T, n*H*K], v [B, T, n*H*V], beta [B, T*n, H] and
+        g [B, T, H] or None -> short convs, q/k norms and the kernel -> o [B, T, H, V]. Reads and updates
+        the cache's conv histories and state when there is one."""
+        B, T, _ = q.shape
+        H, K, V, n = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_householder
+        q, k, v = self._conv_and_normalize(q, k, v, doc_ids, cache)
         initial_state = cache.recurrent_state(self.layer_idx) if cache is not None else None
         want_state = cache is not None
         if cu_seqlens is not None:  # packed documents: one row of B*T tokens, state reset per document
@@ -129,10 +142,7 @@ class DeltaProductAttention(nn.Module):
             )
         if cache is not None:
             cache.set_recurrent_state(self.layer_idx, final_state)
-
-        gate = self.g_proj(hidden_states).view(B, T, H, V) if self.g_proj is not None else None
-        o = _recomputed(self._gated_norm, o, gate)  # keeps o and the gate, not the norm's intermediates
-        return self.o_proj(o.reshape(B, T, H * V))
+        return o
 
     def _conv_and_normalize(self, q, k, v, doc_ids, cache):
         """Projections' outputs -> short convs (or SiLU) -> L2-normalised q [B, T, H, K], interleaved keys
