@@ -225,24 +225,121 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
 # Measured on a 2-core EPYC (benchmarks/bench_delta_product.py); a GPU takes all chunks at once.
 _CPU_BLOCK_ELEMENTS = 1 << 20
 
+# Backward recomputes each block of chunks from its saved entry state (_RecomputedScan) instead of keeping
+# every intermediate of the forward. False restores autograd through the whole forward (the old path,
+# kept for benchmarks/bench_delta_product_memory.py and the equality tests).
+_RECOMPUTE_IN_BACKWARD = True
 
-def _blocked_scan(chunks, n, S0, resets, captures):
-    """_chunk_scan over blocks of chunks, the state carried from block to block."""
+
+def _block_size(chunks) -> int:
+    """Chunks per block: all of them on a GPU, as many as fit in cache on CPU."""
     NC, B, H, C, K = chunks[1].shape
     V = chunks[2].shape[-1]
     per_chunk = B * H * C * (C + 2 * (K + V))  # rough size of one chunk's intermediates
-    block = NC if chunks[0].is_cuda else max(1, min(NC, _CPU_BLOCK_ELEMENTS // per_chunk))
-    # split, not slicing: one backward node that concatenates the gradients
-    pieces = zip(*(x.split(block, dim=0) if x is not None else [None] * -(-NC // block) for x in chunks))
+    return NC if chunks[0].is_cuda else max(1, min(NC, _CPU_BLOCK_ELEMENTS // per_chunk))
+
+
+def _split_blocks(chunks, block):
+    """Per block, the tuple of chunk tensors (None stays None). split, not slicing: one backward node."""
+    NC = chunks[0].shape[0]
+    return list(zip(*(x.split(block, dim=0) if x is not None else [None] * -(-NC // block) for x in chunks)))
+
+
+def _local(mapping, lo, hi):
+    """{chunk: x} restricted to chunks lo..hi-1, renumbered from the block start."""
+    return {c - lo: x for c, x in mapping.items() if lo <= c < hi}
+
+
+def _blocked_scan(chunks, n, S0, resets, captures):
+    """_chunk_scan over blocks of chunks, the state carried from block to block."""
+    block = _block_size(chunks)
     outs, finals, S = [], {}, S0
-    for i, piece in enumerate(pieces):
+    for i, piece in enumerate(_split_blocks(chunks, block)):
         lo, hi = i * block, (i + 1) * block
-        local_resets = {c - lo: x for c, x in resets.items() if lo <= c < hi}
-        local_captures = {c - lo: x for c, x in captures.items() if lo <= c < hi}
-        o, f, S = _chunk_scan(*piece, n, S, local_resets, local_captures)
+        o, f, S = _chunk_scan(*piece, n, S, _local(resets, lo, hi), _local(captures, lo, hi))
         outs.append(o)
         finals.update(f)
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0], finals
+
+
+class _RecomputedScan(torch.autograd.Function):
+    """_blocked_scan that saves only its inputs and the state entering each block of chunks.
+
+    Backward walks the blocks in reverse: it re-runs one block's forward with autograd from its saved entry
+    state, takes that block's gradients with torch.autograd.grad, and hands the gradient of the entry state
+    to the previous block. The math is the forward's own, so gradients equal autograd through the whole
+    forward; the price is one more forward, and one block's intermediates alive at a time in backward.
+
+    Inputs: the chunk tensors q, k, v, beta, g (g may be None), S0 and the reset states (document starts,
+    in the order of reset_chunks). Outputs: o, then the states after each chunk of capture_chunks.
+    """
+
+    @staticmethod
+    def forward(ctx, n, reset_chunks, capture_chunks, q, k, v, beta, g, S0, *reset_states):
+        chunks = (q, k, v, beta, g)
+        block = _block_size(chunks)
+        resets = dict(zip(reset_chunks, reset_states))
+        captures = {c: i for i, c in enumerate(capture_chunks)}
+        outs, finals, entry_states, S = [], {}, [], S0
+        for i, piece in enumerate(_split_blocks(chunks, block)):
+            lo, hi = i * block, (i + 1) * block
+            entry_states.append(S)
+            o, f, S = _chunk_scan(*piece, n, S, _local(resets, lo, hi), _local(captures, lo, hi))
+            outs.append(o)
+            finals.update(f)
+        ctx.n, ctx.block, ctx.reset_chunks, ctx.capture_chunks = n, block, reset_chunks, capture_chunks
+        ctx.has_g = g is not None
+        # g=None cannot be saved; an empty tensor stands in for it
+        ctx.save_for_backward(q, k, v, beta, g if g is not None else q.new_empty(0), torch.stack(entry_states),
+                              *reset_states)
+        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        return (o, *(finals[i] for i in range(len(capture_chunks))))
+
+    @staticmethod
+    def backward(ctx, d_o, *d_captured):
+        q, k, v, beta, g, entry_states, *reset_states = ctx.saved_tensors
+        g = g if ctx.has_g else None
+        n, block = ctx.n, ctx.block
+        pieces = _split_blocks((q, k, v, beta, g), block)
+        d_o_pieces = d_o.split(block, dim=0)
+        grads = [[None] * len(pieces) for _ in range(5)]  # per input, per block
+        d_resets = [None] * len(reset_states)
+        dS = torch.zeros_like(entry_states[0])  # nothing reads the state after the last chunk
+        for i in reversed(range(len(pieces))):
+            lo, hi = i * block, (i + 1) * block
+            piece = [x.detach().requires_grad_(True) if x is not None else None for x in pieces[i]]
+            S_in = entry_states[i].detach().requires_grad_(True)
+            resets = {c - lo: j for j, c in enumerate(ctx.reset_chunks) if lo <= c < hi}
+            local_resets = {c: reset_states[j].detach().requires_grad_(True) for c, j in resets.items()}
+            captures = {c - lo: j for j, c in enumerate(ctx.capture_chunks) if lo <= c < hi}
+            with torch.enable_grad():
+                o, finals, S_out = _chunk_scan(*piece, n, S_in, local_resets, captures)
+            outputs = [o, S_out] + [finals[j] for j in finals]
+            grad_outputs = [d_o_pieces[i], dS] + [d_captured[j] for j in finals]
+            leaves = [x for x in piece if x is not None] + [S_in] + list(local_resets.values())
+            leaf_grads = torch.autograd.grad(outputs, leaves, grad_outputs, allow_unused=True)
+            leaf_grads = iter(leaf_grads)
+            for j, x in enumerate(piece):
+                if x is not None:
+                    grad = next(leaf_grads)
+                    grads[j][i] = torch.zeros_like(x) if grad is None else grad
+            dS = next(leaf_grads)
+            dS = torch.zeros_like(S_in) if dS is None else dS  # a reset in this block cuts the carried state
+            for j in resets.values():
+                d_resets[j] = next(leaf_grads)
+        d_inputs = [torch.cat(gs, dim=0) if gs[0] is not None else None for gs in grads]
+        return (None, None, None, *d_inputs, dS, *d_resets)
+
+
+def _scan(chunks, n, S0, resets, captures):
+    """_blocked_scan, through _RecomputedScan when a gradient is wanted (see _RECOMPUTE_IN_BACKWARD)."""
+    tensors = [x for x in chunks if x is not None] + [S0] + list(resets.values())
+    if not (_RECOMPUTE_IN_BACKWARD and torch.is_grad_enabled() and any(x.requires_grad for x in tensors)):
+        return _blocked_scan(chunks, n, S0, resets, captures)
+    reset_chunks, capture_chunks = sorted(resets), sorted(captures)
+    o, *states = _RecomputedScan.apply(n, reset_chunks, capture_chunks, *chunks, S0,
+                                       *(resets[c] for c in reset_chunks))
+    return o, {captures[c]: S for c, S in zip(capture_chunks, states)}
 
 
 def _to_chunks(qf, kf, vf, bf, gf, Ct, n):
@@ -364,7 +461,7 @@ def chunk_delta_product(
         chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
         NC = chunks[0].shape[0]
         S0 = h0 if h0 is not None else q.new_zeros(B, H, K, V, dtype=dt)
-        o, finals = _blocked_scan(chunks, n, S0, resets={}, captures={NC - 1: "all"})
+        o, finals = _scan(chunks, n, S0, resets={}, captures={NC - 1: "all"})
         o = _from_chunks(o, Ct)[:, :T]  # [B, T, H, V]
         S = finals["all"]
     else:
@@ -379,7 +476,7 @@ def chunk_delta_product(
             if span is not None:
                 resets[span[0]] = h0[i : i + 1] if h0 is not None else zeros
                 captures[span[1]] = i
-        o, finals = _blocked_scan(chunks, n, zeros, resets, captures)
+        o, finals = _scan(chunks, n, zeros, resets, captures)
         o = _from_chunks(o, Ct).index_select(1, dest)  # [1, T, H, V]
         # an empty document passes its initial state through
         S = torch.cat(

@@ -11,6 +11,7 @@ Imports only torch and sibling files (exported with the checkpoint).
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .delta_product_kernels import chunk_delta_product, recurrent_delta_product
 from .layers import RMSNorm, upcast
@@ -85,26 +86,12 @@ class DeltaProductAttention(nn.Module):
         enters the convolutions nor moves the state; doc_ids [B, T] and cu_seqlens (over the flattened
         B*T tokens) mark packed documents; cache: a DeltaProductCache or None. Returns [B, T, hidden]."""
         B, T, _ = hidden_states.shape
-        H, K, V, n = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_householder
+        H, V, n = self.num_heads, self.head_v_dim, self.num_householder
         x = hidden_states
         if token_mask is not None:
             x = x * token_mask[..., None].to(x.dtype)
 
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*K], [B, T, n*H*K], [B, T, n*H*V]
-        if self.q_conv1d is not None:
-            history = cache.conv_states(self.layer_idx) if cache is not None else (None, None, None)
-            q, q_hist = self.q_conv1d(q, doc_ids, history[0])
-            k, k_hist = self.k_conv1d(k, doc_ids, history[1])
-            v, v_hist = self.v_conv1d(v, doc_ids, history[2])
-            if cache is not None:
-                cache.set_conv_states(self.layer_idx, (q_hist, k_hist, v_hist))
-        else:
-            q, k, v = F.silu(q), F.silu(k), F.silu(v)
-
-        # the n_h keys of token t go to interleaved positions t*n_h ... t*n_h + n_h - 1
-        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)  # [B, T, H, K]
-        k = F.normalize(k.view(B, T, n, H, K), p=2, dim=-1).reshape(B, T * n, H, K)
-        v = v.view(B, T, n, H, V).reshape(B, T * n, H, V)
         beta = torch.sigmoid(upcast(self.b_proj(x))).view(B, T, n, H)  # [B, T, n, H]
         if self.allow_neg_eigval:
             beta = beta * 2.0
@@ -117,6 +104,24 @@ class DeltaProductAttention(nn.Module):
             g = g * keep[..., None] if g is not None else None
         beta = beta.reshape(B, T * n, H).to(q.dtype)
 
+        if cache is not None:
+            o = self._mix_tokens(q, k, v, beta, g, doc_ids, cu_seqlens, cache)
+        else:
+            # recomputed in backward: the block keeps the projections' outputs, not the convs' taps, the
+            # normalised q and k or the kernel's inputs (the kernel itself keeps only those and a few states)
+            o = _recomputed(self._mix_tokens, q, k, v, beta, g, doc_ids, cu_seqlens, None)
+
+        gate = self.g_proj(hidden_states).view(B, T, H, V) if self.g_proj is not None else None
+        o = _recomputed(self._gated_norm, o, gate)  # keeps o and the gate, not the norm's intermediates
+        return self.o_proj(o.reshape(B, T, H * V))
+
+    def _mix_tokens(self, q, k, v, beta, g, doc_ids, cu_seqlens, cache):
+        """The projections' outputs q [B, T, H*K], k [B, T, n*H*K], v [B, T, n*H*V], beta [B, T*n, H] and
+        g [B, T, H] or None -> short convs, q/k norms and the kernel -> o [B, T, H, V]. Reads and updates
+        the cache's conv histories and state when there is one."""
+        B, T, _ = q.shape
+        H, K, V, n = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_householder
+        q, k, v = self._conv_and_normalize(q, k, v, doc_ids, cache)
         initial_state = cache.recurrent_state(self.layer_idx) if cache is not None else None
         want_state = cache is not None
         if cu_seqlens is not None:  # packed documents: one row of B*T tokens, state reset per document
@@ -137,8 +142,38 @@ class DeltaProductAttention(nn.Module):
             )
         if cache is not None:
             cache.set_recurrent_state(self.layer_idx, final_state)
+        return o
 
-        o = self.o_norm(o)  # [B, T, H, V], RMSNorm per head
-        if self.g_proj is not None:
-            o = o * F.silu(self.g_proj(hidden_states).view(B, T, H, V))
-        return self.o_proj(o.reshape(B, T, H * V))
+    def _conv_and_normalize(self, q, k, v, doc_ids, cache):
+        """Projections' outputs -> short convs (or SiLU) -> L2-normalised q [B, T, H, K], interleaved keys
+        k [B, T*n, H, K] and values v [B, T*n, H, V]; the n_h keys of token t at positions t*n ... t*n+n-1."""
+        B, T, _ = q.shape
+        H, K, V, n = self.num_heads, self.head_k_dim, self.head_v_dim, self.num_householder
+        if self.q_conv1d is not None:
+            history = cache.conv_states(self.layer_idx) if cache is not None else (None, None, None)
+            q, q_hist = self.q_conv1d(q, doc_ids, history[0])
+            k, k_hist = self.k_conv1d(k, doc_ids, history[1])
+            v, v_hist = self.v_conv1d(v, doc_ids, history[2])
+            if cache is not None:
+                cache.set_conv_states(self.layer_idx, (q_hist, k_hist, v_hist))
+        else:
+            q, k, v = F.silu(q), F.silu(k), F.silu(v)
+        q = F.normalize(q.view(B, T, H, K), p=2, dim=-1)
+        k = F.normalize(k.view(B, T, n, H, K), p=2, dim=-1).reshape(B, T * n, H, K)
+        v = v.view(B, T, n, H, V).reshape(B, T * n, H, V)
+        return q, k, v
+
+    def _gated_norm(self, o, gate):
+        """RMSNorm per head of the kernel output o [B, T, H, V], times SiLU(gate) when there is an output gate."""
+        o = self.o_norm(o)
+        return o * F.silu(gate) if gate is not None else o
+
+
+def _recomputed(fn, *args):
+    """fn(*args), its intermediates recomputed in backward instead of kept (when a gradient is wanted).
+
+    Used for the layer's cheap elementwise stretches around the kernel: they would otherwise keep several
+    copies of q, k, v and o per token for backward."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
