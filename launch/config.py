@@ -89,7 +89,12 @@ class TrainConfig:
     peak_tflops: float | None = None  # per-device peak for MFU; None measures a matmul at start
     tensorboard: bool = True
     wandb_project: str | None = None
-    activation_checkpointing: bool = False
+    # none | full (every decoder layer recomputes its forward in backward) | selective (every
+    # activation_checkpointing_every-th layer: 0, N, 2N, ...; the others keep their activations). Selective is
+    # by layer, not by op: the DeltaProduct layer already recomputes its convs, norms, kernel and output gate
+    # in backward. The old booleans still work: true = full, false = none.
+    activation_checkpointing: str | bool = "none"
+    activation_checkpointing_every: int = 2  # selective: checkpoint one decoder layer in this many (>= 2)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     cpu_threads: int | None = None  # torch intra-op threads per process; None keeps torch's default
     progress_bar: bool = True
@@ -114,6 +119,7 @@ CHOICES = {
     "train.dtype": ("fp32", "bf16"),
     "train.zero_stage": (0, 1, 2, 3),
     "train.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
     "tokenizer.model_type": ("bpe", "unigram"),
 }
 POSITIVE = ("train.max_steps", "train.grad_accum_steps", "train.save_interval", "train.keep_last",
@@ -253,6 +259,8 @@ def load_run_config(config: str | Path | None, overrides: list[str] = ()) -> Run
 
 
 def validate(run: RunConfig) -> None:
+    if isinstance(run.train.activation_checkpointing, bool):  # the old boolean form, from YAML files and CLIs
+        run.train.activation_checkpointing = "full" if run.train.activation_checkpointing else "none"
     values = {"train": run.train, "tokenizer": run.tokenizer}
     for path, allowed in CHOICES.items():
         section, name = path.split(".")
@@ -267,6 +275,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.activation_checkpointing_every < 2:
+        raise ConfigError(f"train.activation_checkpointing_every must be >= 2, got {t.activation_checkpointing_every}"
+                          "; one layer in one is train.activation_checkpointing=full")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or null for torch's default), got {t.cpu_threads}")
     if len(t.betas) != 2:

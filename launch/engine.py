@@ -102,9 +102,20 @@ def build_model(train_cfg, model_config, tokenizer, init_from: str | None = None
                                                      attn_implementation=train_cfg.attn_implementation)
     else:
         model = AutoModelForCausalLM.from_config(model_config, attn_implementation=train_cfg.attn_implementation)
-    if train_cfg.activation_checkpointing:
-        model.activation_checkpointing_enable()
+    apply_activation_checkpointing(model, train_cfg)
     return model
+
+
+def apply_activation_checkpointing(model, train_cfg) -> None:
+    """train.activation_checkpointing on the model's decoder layers: none, full (every layer recomputes its
+    forward in backward) or selective (layers 0, N, 2N, ... with N = activation_checkpointing_every; the
+    others keep their activations)."""
+    mode = train_cfg.activation_checkpointing
+    if mode == "none":
+        return
+    every = train_cfg.activation_checkpointing_every if mode == "selective" else 1
+    # transformers counts only the GradientCheckpointingLayer blocks, i.e. the decoder layers
+    model.activation_checkpointing_enable(every_n_layers=every)
 
 
 def build_engine(train_cfg, model, micro_batch_size: int, world_size: int):
