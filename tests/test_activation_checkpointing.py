@@ -1,6 +1,11 @@
 """train.activation_checkpointing = none | full | selective: the same gradients, fewer bytes kept for backward
 (full < selective < none), config mistakes refused with a message, and the old booleans still accepted."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -115,3 +120,15 @@ def test_config_mistakes_are_refused_with_the_allowed_values(override, message):
     with pytest.raises(ConfigError) as err:
         load_run_config(None, ["train.activation_checkpointing=selective", override])
     assert str(err.value) == message
+
+
+def test_the_benchmark_smoke_prints_its_table():
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_activation_checkpointing.py"), "--smoke"],
+                            cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| gated_moe |")
+            or line.startswith("| deltaproduct |")]
+    assert [row.split(" | ")[:2] for row in rows] == [["| " + f, m] for f in ("gated_moe", "deltaproduct")
+                                                      for m in MODES]
