@@ -96,15 +96,15 @@ def main(argv=None):
     tokens = a.batch * a.seq_len
     ids = torch.randint(0, a.vocab, (a.batch, a.seq_len), generator=torch.Generator().manual_seed(0))
     print(f"fp32, hidden {a.hidden}, {a.layers} layers, T={a.seq_len}, batch {a.batch}, vocab {a.vocab}, "
-          f"selective = layers 0, {a.every}, ... (every {a.every}), {a.threads} threads. Saved bytes for backward without weights, "
-          f"KiB per token; forward + backward (s), min / median / max of {a.rounds} rounds after one warmup.\n")
+          f"selective = layers 0, {a.every}, ... (every {a.every}), {a.threads} threads. Saved bytes for backward "
+          f"without weights, KiB per token; forward + backward (s), min / median / max of {a.rounds} rounds after one warmup.\n")
     print("| family | activation_checkpointing | saved KiB / token | vs none | forward + backward (s) | vs none |")
     print("|---|---|---:|---:|---:|---:|")
     for family in ("gated_moe", "deltaproduct"):
         base_bytes = base_time = None
         for mode in MODES:
             model = build(family, mode, a)
-            saved = saved_bytes(lambda: model(ids, labels=ids).loss, model.parameters()) / tokens
+            saved = saved_bytes(lambda model=model: model(ids, labels=ids).loss, model.parameters()) / tokens
             times = step_times(model, ids, a.rounds)
             median = statistics.median(times)
             base_bytes, base_time = base_bytes or saved, base_time or median

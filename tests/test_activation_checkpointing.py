@@ -88,7 +88,7 @@ def test_saved_bytes_order_full_then_selective_then_none(family):
     saved = {}
     for mode in MODES:
         model = checkpointed(family, mode, hidden=64)
-        saved[mode] = saved_bytes(lambda: model(ids, labels=ids).loss)
+        saved[mode] = saved_bytes(lambda model=model: model(ids, labels=ids).loss)
     assert saved["full"] < saved["selective"] < saved["none"], saved
 
 
