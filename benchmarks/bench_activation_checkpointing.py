@@ -97,7 +97,8 @@ def main(argv=None):
     ids = torch.randint(0, a.vocab, (a.batch, a.seq_len), generator=torch.Generator().manual_seed(0))
     print(f"fp32, hidden {a.hidden}, {a.layers} layers, T={a.seq_len}, batch {a.batch}, vocab {a.vocab}, "
           f"selective = layers 0, {a.every}, ... (every {a.every}), {a.threads} threads. Saved bytes for backward "
-          f"without weights, KiB per token; forward + backward (s), min / median / max of {a.rounds} rounds after one warmup.\n")
+          f"without weights, KiB per token; forward + backward (s), min / median / max of {a.rounds} rounds after "
+          "one warmup.\n")
     print("| family | activation_checkpointing | saved KiB / token | vs none | forward + backward (s) | vs none |")
     print("|---|---|---:|---:|---:|---:|")
     for family in ("gated_moe", "deltaproduct"):
