@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seedlm.launch.config import TrainConfig  # noqa: E402
 from seedlm.launch.engine import apply_activation_checkpointing  # noqa: E402
+from seedlm.launch.metrics import saved_bytes_for_backward  # noqa: E402
 from seedlm.model import DeltaProductConfig, DeltaProductForCausalLM, GatedMoeConfig, GatedMoeForCausalLM  # noqa: E402
 
 MODES = ("none", "full", "selective")
@@ -44,23 +45,6 @@ def build(family: str, mode: str, a):
     apply_activation_checkpointing(model, TrainConfig(activation_checkpointing=mode,
                                                       activation_checkpointing_every=a.every))
     return model.train()
-
-
-def saved_bytes(fn, exclude) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs its forward, leaving out
-    the storages of `exclude`."""
-    storages, skip = {}, {p.untyped_storage().data_ptr() for p in exclude}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 def step_times(model, ids, rounds) -> list[float]:
@@ -105,7 +89,8 @@ def main(argv=None):
         base_bytes = base_time = None
         for mode in MODES:
             model = build(family, mode, a)
-            saved = saved_bytes(lambda model=model: model(ids, labels=ids).loss, model.parameters()) / tokens
+            forward = lambda model=model: model(ids, labels=ids).loss  # noqa: E731
+            saved = saved_bytes_for_backward(forward, model.parameters()) / tokens
             times = step_times(model, ids, a.rounds)
             median = statistics.median(times)
             base_bytes, base_time = base_bytes or saved, base_time or median

@@ -26,26 +26,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seedlm.launch.metrics import saved_bytes_for_backward  # noqa: E402
 from seedlm.model import delta_product_kernels as kernels  # noqa: E402
 from seedlm.model.configuration_deltaproduct import DeltaProductConfig  # noqa: E402
 from seedlm.model.modeling_deltaproduct import DeltaProductModel  # noqa: E402
-
-
-def saved_bytes(fn, exclude=()) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs its forward, leaving out
-    the storages of `exclude` (weights, resident anyway)."""
-    storages, skip = {}, {p.untyped_storage().data_ptr() for p in exclude}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 def kernel_inputs(T, n, H, K, V, seed=0):
@@ -69,7 +53,7 @@ def run_kernel(inputs, n, chunk_size, recompute):
 
 def kernel_bytes_per_token(T, n, H, K, chunk_size, recompute) -> float:
     inputs = kernel_inputs(T, n, H, K, K)
-    return saved_bytes(lambda: run_kernel(inputs, n, chunk_size, recompute)) / T
+    return saved_bytes_for_backward(lambda: run_kernel(inputs, n, chunk_size, recompute)) / T
 
 
 def block_config(hidden, heads, head_dim, mlp, n, attention: bool) -> DeltaProductConfig:
@@ -86,8 +70,8 @@ def block_bytes_per_token(T, hidden, heads, head_dim, mlp, n, attention: bool, w
     model = DeltaProductModel(block_config(hidden, heads, head_dim, mlp, n, attention)).train()
     x = torch.randn(1, T, hidden, requires_grad=True)
     exclude = () if weights else list(model.parameters())
-    whole = saved_bytes(lambda: model(inputs_embeds=x).last_hidden_state, exclude)
-    final_norm = saved_bytes(lambda: model.norm(x), exclude)
+    whole = saved_bytes_for_backward(lambda: model(inputs_embeds=x).last_hidden_state, exclude)
+    final_norm = saved_bytes_for_backward(lambda: model.norm(x), exclude)
     return (whole - final_norm) / T
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from seedlm.launch.metrics import saved_bytes_for_backward  # noqa: E402
 from seedlm.model.fused_loss import linear_cross_entropy  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,16 +74,7 @@ def make_inputs(tokens, hidden, vocab, dtype, device, seed=0):
 
 def saved_bytes_beyond_inputs(loss_fn, h, w, labels) -> int:
     """Bytes of the distinct storages saved for backward, less those of hidden and weight."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_fn(h, w, labels)
-    inputs = {h.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
-    return sum(n for ptr, n in storages.items() if ptr not in inputs)
+    return saved_bytes_for_backward(lambda: loss_fn(h, w, labels), exclude=(h, w))
 
 
 def rss_and_peak_bytes() -> tuple[int, int]:

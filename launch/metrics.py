@@ -16,6 +16,23 @@ from pathlib import Path
 import torch
 
 
+def saved_bytes_for_backward(fn, exclude=()) -> int:
+    """Bytes autograd keeps for backward while fn() runs its forward: the distinct storages of the saved tensors,
+    leaving out those of `exclude` (weights or inputs, resident anyway). A memory measure that load does not
+    change (the per-token numbers in the README and the memory tests come from it)."""
+    storages, skip = {}, {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """Achieved matmul FLOP/s on this device: the denominator of MFU when no peak is configured."""
     a = torch.randn(size, size, device=device, dtype=dtype)

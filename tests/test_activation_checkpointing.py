@@ -11,6 +11,7 @@ import torch
 
 from seedlm.launch.config import ConfigError, TrainConfig, load_run_config
 from seedlm.launch.engine import apply_activation_checkpointing
+from seedlm.launch.metrics import saved_bytes_for_backward
 from seedlm.model import DeltaProductConfig, DeltaProductForCausalLM, GatedMoeConfig, GatedMoeForCausalLM
 
 MODES = ("none", "full", "selective")
@@ -41,20 +42,6 @@ def checkpointed(family: str, mode: str, every: int = 2, **sizes):
     apply_activation_checkpointing(model, TrainConfig(activation_checkpointing=mode,
                                                       activation_checkpointing_every=every))
     return model
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs its forward."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("family", ["gated_moe", "deltaproduct"])
@@ -88,7 +75,7 @@ def test_saved_bytes_order_full_then_selective_then_none(family):
     saved = {}
     for mode in MODES:
         model = checkpointed(family, mode, hidden=64)
-        saved[mode] = saved_bytes(lambda model=model: model(ids, labels=ids).loss)
+        saved[mode] = saved_bytes_for_backward(lambda model=model: model(ids, labels=ids).loss)
     assert saved["full"] < saved["selective"] < saved["none"], saved
 
 

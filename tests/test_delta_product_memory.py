@@ -8,24 +8,12 @@ the old path (autograd through the whole forward) stays reachable with _RECOMPUT
 import pytest
 import torch
 
+from seedlm.launch.metrics import saved_bytes_for_backward
 from seedlm.model import delta_product_kernels as kernels
 from seedlm.model import deltaproduct_layer
 from seedlm.model.configuration_deltaproduct import DeltaProductConfig
 from seedlm.model.modeling_deltaproduct import DeltaProductModel
 from tests.test_delta_product_kernels import F64, _run_with_grads, make_inputs
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def _chunk(*args, **kw):
@@ -80,7 +68,7 @@ def test_gradient_without_final_state(monkeypatch):
 def _kernel_saved_bytes(T, recompute, monkeypatch, n=2, H=2, K=16, C=16):
     monkeypatch.setattr(kernels, "_RECOMPUTE_IN_BACKWARD", recompute)
     inputs = [x.float().requires_grad_(True) for x in make_inputs(B=1, T=T, H=H, K=K, V=K, n=n, seed=41)[:5]]
-    return saved_bytes(lambda: kernels.chunk_delta_product(*inputs, num_householder=n, chunk_size=C))
+    return saved_bytes_for_backward(lambda: kernels.chunk_delta_product(*inputs, num_householder=n, chunk_size=C))
 
 
 def test_kernel_keeps_inputs_and_block_states_only(monkeypatch):
@@ -122,10 +110,10 @@ def test_layer_recompute_keeps_gradients_and_saves_less(monkeypatch, packed):
         loss().backward()
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
-    new_grads, new_bytes = grads(), saved_bytes(loss)
+    new_grads, new_bytes = grads(), saved_bytes_for_backward(loss)
     monkeypatch.setattr(deltaproduct_layer, "_recomputed", lambda fn, *args: fn(*args))
     monkeypatch.setattr(kernels, "_RECOMPUTE_IN_BACKWARD", False)
-    old_grads, old_bytes = grads(), saved_bytes(loss)
+    old_grads, old_bytes = grads(), saved_bytes_for_backward(loss)
     assert new_grads.keys() == old_grads.keys() and any("conv1d" in name for name in new_grads)
     for name in old_grads:
         torch.testing.assert_close(new_grads[name], old_grads[name], rtol=0, atol=1e-12, msg=name)

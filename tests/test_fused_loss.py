@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+from seedlm.launch.metrics import saved_bytes_for_backward
 from seedlm.model.fused_loss import linear_cross_entropy
 from tests.test_deltaproduct_model import make_model as make_deltaproduct
 from tests.test_gated_moe import make_model as make_gated_moe
@@ -98,27 +99,13 @@ def test_targets_that_do_not_match_the_hidden_states_are_refused():
         linear_cross_entropy(h[:, :10], w, labels)
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for backward while fn() runs."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_saved_bytes_stay_per_token_small():
     tokens, vocab, hidden = 2048, 32000, 256
     h = torch.randn(1, tokens, hidden, requires_grad=True)
     w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
     labels = torch.randint(0, vocab, (1, tokens))
-    plain = saved_bytes(lambda: ForCausalLMLoss(h @ w.T, labels, vocab_size=vocab))
-    fused = saved_bytes(lambda: linear_cross_entropy(h, w, labels))
+    plain = saved_bytes_for_backward(lambda: ForCausalLMLoss(h @ w.T, labels, vocab_size=vocab))
+    fused = saved_bytes_for_backward(lambda: linear_cross_entropy(h, w, labels))
     # beyond the hidden states and the weight (both alive anyway): per token an int64 target and a bool mask;
     # the plain head keeps the fp32 log-softmax (saved by log_softmax and nll_loss alike),
     # 4 * vocab bytes per token
