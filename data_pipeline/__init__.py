@@ -25,6 +25,14 @@ one. It must be restored with the same world size, num_workers and data settings
 names what changed). Labels are -100 at the first position of every segment (see `packing`). All
 user mistakes about the data raise `DataError` with a message naming what is wrong and what to do.
 
+Prepared data (`data.prepared`, see `prepared`): `seedlm data prepare` tokenises the sources once into
+memory-mapped shards; `build_dataloader` then reads rows in a global order that is the same for every world size,
+worker count and gradient accumulation, and its state (global rows consumed) resumes under any of them:
+
+    prepare(cfg, "runs/tok", "data/prepared", num_proc=8)                  # or: seedlm data prepare CONFIG DIR
+    cfg.prepared = [{"path": "data/prepared", "weight": 1.0}]              # data.prepared=data/prepared
+    train = build_dataloader(cfg, tok, rank, world_size, grad_accum_steps=4)
+
 Generated tasks (a run's `data.synthetic`) have the same loader interface: `SyntheticLoader` yields batches
 whose targets are aligned with the inputs, over records from a generator the caller passes (see `synthetic`).
 """
@@ -32,6 +40,7 @@ whose targets are aligned with the inputs, over records from a generator the cal
 from .config import DataConfig, DataError, SourceConfig, load_data_config
 from .loader import PackedDataLoader, build_dataloader, open_sources
 from .packing import make_batch, split_segments
+from .prepared import PreparedLoader, prepare
 from .sources import is_heldout, iter_texts, open_source
 from .synthetic import SyntheticConfig, SyntheticLoader
 from .tokenizer import check_vocab_fits, load_tokenizer, train_tokenizer
@@ -40,6 +49,7 @@ __all__ = [
     "DataConfig",
     "DataError",
     "PackedDataLoader",
+    "PreparedLoader",
     "SourceConfig",
     "SyntheticConfig",
     "SyntheticLoader",
@@ -52,6 +62,7 @@ __all__ = [
     "make_batch",
     "open_source",
     "open_sources",
+    "prepare",
     "split_segments",
     "train_tokenizer",
 ]

@@ -145,6 +145,9 @@ class DataConfig:
     seed: int = 0
     strict: bool = False
     num_epochs: int | None = None
+    # token shards from `seedlm data prepare` to train on instead of `sources` (prepared.py): a folder, or a
+    # mixture [{path: DIR, weight: w}, ...]; normalised to the list form
+    prepared: Any = None
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig.from_dict(s) for s in self.sources]
@@ -157,6 +160,11 @@ class DataConfig:
             raise DataError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise DataError(f"data.num_epochs must be None (repeat forever) or >= 1, got {self.num_epochs}")
+        if self.prepared is not None:
+            self.prepared = _prepared_sets(self.prepared)
+            if self.num_epochs is not None:
+                raise DataError("data.num_epochs does not apply to data.prepared (its rows repeat in new permutations; "
+                                "train.max_steps ends the run): leave num_epochs out")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -173,6 +181,25 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _prepared_sets(value: Any) -> list[dict[str, Any]]:
+    """data.prepared as [{path, weight}]: from a folder, a list of folders, or a list of {path, weight}."""
+    example = "data.prepared=DIR or data.prepared=[{path: DIR_A, weight: 0.7}, {path: DIR_B, weight: 0.3}]"
+    items = value if isinstance(value, list) else [value]
+    sets = []
+    for item in items:
+        if isinstance(item, (str, os.PathLike)):
+            item = {"path": item}
+        if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "weight"}:
+            raise DataError(f"data.prepared entry {item!r} is not a folder or a {{path, weight}} mapping; write {example}")
+        weight = item.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or not weight > 0:
+            raise DataError(f"data.prepared entry {item['path']}: weight must be a number > 0, got {weight!r}")
+        sets.append({"path": str(item["path"]), "weight": float(weight)})
+    if not sets:
+        raise DataError(f"data.prepared is empty; write {example}")
+    return sets
 
 
 def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:

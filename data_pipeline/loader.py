@@ -402,13 +402,20 @@ def open_sources(config: DataConfig, split: str = "train") -> list[Source]:
 
 
 def build_dataloader(
-    config: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1, split: str = "train"
+    config: DataConfig, tokenizer: Any, rank: int = 0, world_size: int = 1, split: str = "train",
+    grad_accum_steps: int = 1,
 ) -> PackedDataLoader:
-    """The packed, sharded, resumable loader of one rank; `split="validation"` gives the held-out data, one pass."""
+    """The packed, sharded, resumable loader of one rank; `split="validation"` gives the held-out data, one pass.
+    With data.prepared, the loader over prepared shards in the global order (`prepared`), which needs
+    grad_accum_steps to know which rows of a global batch are this rank's micro-batches."""
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; packing needs one to separate documents")
+    if config.prepared:
+        from .prepared import build_prepared_loader
+
+        return build_prepared_loader(config, tokenizer, rank, world_size, split, grad_accum_steps)
     sources = open_sources(config, split)  # every user mistake about the data fails here, before compute
     dataset = PackedDataset(sources, config, tokenizer, rank, world_size, split)
     meta = {

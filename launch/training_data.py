@@ -37,7 +37,11 @@ class TextData:
         self.config = DataConfig.from_dict(run.data)
 
     def check(self, run, output_dir: Path) -> None:
-        """Text runs have nothing beyond DataConfig's and the run config's own checks."""
+        """Prepared data (data.prepared): whole sets, the tokenizer they were made with, validation if evaluated."""
+        if self.config.prepared:
+            from seedlm.data_pipeline.prepared import check_prepared_run
+
+            check_prepared_run(self.config, run.tokenizer.path, needs_validation=run.train.eval_interval > 0)
 
     def prepare_tokenizer(self, output_dir: Path, dist: DistInfo):
         """An existing tokenizer folder, or one trained (on rank 0) from the run's training sources."""
@@ -58,7 +62,7 @@ class TextData:
     def train_loader(self, tokenizer, dist: DistInfo, grad_accum_steps: int):
         from seedlm.data_pipeline import build_dataloader
 
-        return build_dataloader(self.config, tokenizer, dist.rank, dist.world_size)
+        return build_dataloader(self.config, tokenizer, dist.rank, dist.world_size, grad_accum_steps=grad_accum_steps)
 
     def validation_loader(self, tokenizer, dist: DistInfo):
         from seedlm.data_pipeline import build_dataloader

@@ -1,7 +1,8 @@
-"""`seedlm data`: look at what the model will be fed.
+"""`seedlm data`: look at what the model will be fed, or tokenise it once ahead of training.
 
     seedlm data view --tokenizer runs/tok                       # packed rows of the embedded default corpus
     seedlm data view --tokenizer tok --source jsonl:data/*.jsonl --seq-len 256 --rows 2 --split validation
+    seedlm data prepare quickstart data/stdlib tokenizer.path=runs/tok --num-proc 8   # then data.prepared=...
 
 Each row is printed segment by segment (a segment is where position_ids count up from 0); a segment
 is either a new document (it starts with <s>) or the continuation of one cut at the previous row's end.
@@ -10,7 +11,9 @@ is either a new document (it starts with <s>) or the continuation of one cut at 
 from __future__ import annotations
 
 import argparse
+import os
 
+from seedlm.data_pipeline.prepared import DEFAULT_SHARD_TOKENS
 from seedlm.launch.commands.tokenizer import add_source_arguments, sources_from_args
 
 
@@ -34,9 +37,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     view.add_argument("--max-chars", type=int, default=400, help="cut each printed segment to this many characters")
 
 
+    prepare = sub.add_parser(
+        "prepare",
+        help="tokenise a run config's sources once into memory-mapped token shards (train with data.prepared=DIR)",
+        description="Tokenise the train (and validation) split of a run config's data sources with its tokenizer\n"
+        "into OUT_DIR: uint16/uint32 token shards, document indexes and manifest.json. Rerun with the same\n"
+        "arguments to continue an interrupted run; a finished OUT_DIR is left as it is.",
+        formatter_class=parser.formatter_class,
+    )
+    prepare.add_argument("config", help="run preset name (configs/NAME.yaml) or a YAML file: its data sources "
+                                        "and tokenizer.path are used")
+    prepare.add_argument("out_dir", metavar="OUT_DIR", help="folder for the prepared set (new or empty, or an "
+                                                            "interrupted prepare's to continue)")
+    prepare.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                         help="dotted overrides of the run config, e.g. tokenizer.path=runs/tok data.sources=[...]")
+    prepare.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenising processes")
+    prepare.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (a shard "
+                         "ends at the first document boundary past it)")
+    prepare.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def run(args: argparse.Namespace) -> int:
     from seedlm.data_pipeline import DataConfig, DataError
 
+    if args.data_command == "prepare":
+        return _prepare(args)
     try:
         cfg = DataConfig(
             sources=sources_from_args(args),
@@ -85,4 +110,38 @@ def _view(cfg, args: argparse.Namespace) -> int:
         shown += 1
         if shown == args.rows:
             break
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import sys
+
+    from seedlm.data_pipeline import DataConfig, prepare
+    from seedlm.launch.config import load_run_config
+    from seedlm.launch.errors import USER_ERRORS
+
+    try:
+        run_config = load_run_config(args.config, args.overrides)
+        if "synthetic" in run_config.data:
+            print("seedlm data prepare: this run's data is generated (data.synthetic), there is nothing to prepare",
+                  file=sys.stderr)
+            return 2
+        if not run_config.tokenizer.path:
+            print(f"seedlm data prepare: the run {args.config} trains its own tokenizer (tokenizer.path is not set); "
+                  "prepared tokens need the tokenizer first: train one (seedlm tokenizer train --out DIR, or use a "
+                  "run's <output_dir>/tokenizer) and add tokenizer.path=DIR", file=sys.stderr)
+            return 2
+        config = DataConfig.from_dict(run_config.data)
+        manifest = prepare(config, run_config.tokenizer.path, args.out_dir, num_proc=args.num_proc,
+                           shard_tokens=args.shard_tokens, show_progress=not args.no_progress)
+    except USER_ERRORS as err:
+        print(f"seedlm data prepare: {err}", file=sys.stderr)
+        return 2
+    splits = manifest["splits"]
+    held_out = splits["validation"].get("skipped") or f"{splits['validation']['tokens']:,} tokens"
+    skipped = {k: v for k, v in manifest["bad_records"].items() if v}
+    print(f"prepared {args.out_dir}: {manifest['tokens']:,} tokens in {manifest['documents']:,} documents, "
+          f"{len(splits['train']['shards'])} shard(s) of {manifest['dtype']}; validation: {held_out}; bad records "
+          f"skipped: {skipped or 'none'}. Train on it with data.prepared={args.out_dir} "
+          f"tokenizer.path={run_config.tokenizer.path}")
     return 0
