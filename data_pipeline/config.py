@@ -192,7 +192,8 @@ def _prepared_sets(value: Any) -> list[dict[str, Any]]:
         if isinstance(item, (str, os.PathLike)):
             item = {"path": item}
         if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "weight"}:
-            raise DataError(f"data.prepared entry {item!r} is not a folder or a {{path, weight}} mapping; write {example}")
+            raise DataError(f"data.prepared entry {item!r} is not a folder or a {{path, weight}} mapping; "
+                            f"write {example}")
         weight = item.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or not weight > 0:
             raise DataError(f"data.prepared entry {item['path']}: weight must be a number > 0, got {weight!r}")

@@ -59,7 +59,7 @@ STATE_FORMAT = "seedlm.prepared_state.v1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 DEFAULT_SHARD_TOKENS = 64 * 2**20
-_BLOCK_DOCS = 256  # records per tokenisation task
+_BLOCK_DOCS, _BLOCK_CHARS = 256, 1_000_000  # a tokenisation task: this many records or characters, what comes first
 _MIX_CHUNK = 65536  # mixture draws come from a counter-based RNG in chunks of this size
 _SHARD_FILE = re.compile(r"^\d{5}\.(bin|idx\.npy)$")
 
@@ -215,12 +215,13 @@ def _records(sources: list, cursor: list[int]) -> Iterator[tuple[str | None, lis
 
 
 def _blocks(records: Iterator) -> Iterator[list]:
-    block = []
+    block, chars = [], 0
     for rec in records:
         block.append(rec)
-        if len(block) == _BLOCK_DOCS:
+        chars += len(rec[0] or "")
+        if len(block) == _BLOCK_DOCS or chars >= _BLOCK_CHARS:
             yield block
-            block = []
+            block, chars = [], 0
     if block:
         yield block
 
@@ -307,7 +308,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise DataError(f"data.prepared={str(path)!r}: no {MANIFEST} there; make the set with "
                         f"`seedlm data prepare CONFIG {path} tokenizer.path=TOKENIZER`") from None
     except ValueError as err:
-        raise DataError(f"data.prepared={str(path)!r}: {MANIFEST} is not valid JSON ({err}); prepare it again") from None
+        raise DataError(f"data.prepared={str(path)!r}: {MANIFEST} is not valid JSON ({err}); prepare it "
+                        "again") from None
     if manifest.get("format") != FORMAT:
         raise DataError(f"data.prepared={str(path)!r}: {MANIFEST} has format {manifest.get('format')!r}, this "
                         f"version reads {FORMAT!r}; prepare it again")

@@ -263,3 +263,12 @@ def test_data_prepare_command_and_a_run_on_prepared_data(tiny, tmp_path, capsys)
     no_tok = [a for a in args if not a.startswith("tokenizer.path")] + ["tokenizer.vocab_size=512"]
     assert seedlm(["train", "gated_moe_tiny", *no_tok, f"output_dir={tmp_path / 'run2'}"]) == 2
     assert f"set tokenizer.path={tok_dir}" in capsys.readouterr().err
+
+
+def test_benchmark_smoke(tiny, capsys):
+    from benchmarks.bench_prepared_data import main
+
+    _, tok_dir, _, _ = tiny
+    assert main(["--smoke", "--tokenizer", str(tok_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| 2 processes |" in out and "| world 4, 0 workers |" in out and "read / step" in out
