@@ -100,7 +100,7 @@ def measure(args) -> dict:
                 out = os.path.join(tmp, f"round{r}_p{n}")
                 rate, manifest = prepare_tokens_per_sec(corpus, tok_dir, out, n, args)
                 prepare_rate[n].append(rate)
-        for r in range(args.rounds):
+        for _ in range(args.rounds):
             for w in args.world_sizes:
                 for k in args.workers:
                     read.setdefault((w, k), []).append(read_tokens_per_sec(out, tok, w, k, args))
