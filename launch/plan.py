@@ -10,19 +10,21 @@ Model states, as DeepSpeed 0.19.8 holds them with our torch AdamW (w = 2 bytes i
 spread over the data-parallel ranks: non-expert / world + experts / world (an expert slice is sharded over its
 world / EP expert-data-parallel ranks).
 
-    stage  parameters          gradients                                 optimizer states
-    0      w * full            w * full (+ 4 * full in bf16)              8 * full (+ 4 * full fp32 master in bf16)
-    1      w * full            w * full (+ 4 * shard in bf16)             12 * shard
-    2      w * full            w * shard + bucket (+ 4 * shard in bf16)   12 * shard
-    3      w * (shard + L)     w * (shard + L) + bucket (+ 4 * shard)     12 * shard
+    stage  parameters          gradients                              optimizer states
+    0      w * full            w * full (+ 4 * full in bf16)           8 * full (+ 4 * full fp32 master in bf16)
+    1      w * full            w * full + 4 * shard                    12 * shard
+    2      w * full            w * shard + bucket + 4 * shard          12 * shard
+    3      w * (shard + L)     w * (shard + L) + bucket + 4 * shard    12 * shard
 
   - optimizer states: AdamW's two fp32 moments (8 bytes) and an fp32 master copy (4 bytes): ZeRO 1-3 keep that
     copy of their partition in fp32 training too (`single_partition_of_fp32_groups` in stage_1_and_2.py and
     `fp32_partitioned_groups_flat` in stage3.py are clones); without ZeRO, fp32 training updates the weights
     themselves, and bf16 training goes through DeepSpeed's fp16/bf16 optimizer wrapper (fp32 master and fp32
     gradients of every parameter, as `estimate_zero2_model_states_mem_needs` counts for ZeRO-0 data parallel).
-  - the bf16 step upcasts each rank's gradient partition to fp32 for the master weights (4 * shard), the
-    "4_grads_32bit" of DeepSpeed's estimators; so ZeRO-2 bf16 comes to their 2 * P + 18 * P / ranks plus the bucket.
+  - 4 * shard: the step flattens each rank's gradient partition into one new fp32 tensor for the master weights
+    (`flat_grad_partition.to(...)` in stage_1_and_2.py, `self.flatten(...).to(...)` in stage3.py), in fp32 training
+    too: the "4_grads_32bit" of DeepSpeed's estimators, so ZeRO-2 bf16 comes to their 2 * P + 18 * P / ranks plus
+    the bucket.
   - bucket: ZeRO 2-3 reduce gradients through a contiguous bucket of reduce_bucket_size elements
     (DeepSpeed's default 5e8, or fewer when the rank has fewer parameters).
   - L: ZeRO-3 gathers one module's parameters (and in backward their gradients) at a time; the largest module,
@@ -116,7 +118,7 @@ def model_state_bytes(count: ParameterCount, world: int, zero_stage: int, ep: in
         zero_stage = 0
     if zero_stage == 0:
         return {"parameters": w * full, "gradients": (w + 4 * bf16) * full, "optimizer": (8 + 4 * bf16) * full}
-    fp32_step_copy = 4 * shard if bf16 else 0  # the step upcasts the gradient partition for the fp32 master
+    fp32_step_copy = 4 * shard  # the step flattens the gradient partition into one fp32 tensor
     if zero_stage == 1:
         gradients = w * full + fp32_step_copy
     else:
@@ -353,10 +355,9 @@ def what_to_change(plan: Plan, count: ParameterCount, acts: dict, model_config) 
         # ZeRO-3 model states shrink about as 1 / ranks: the ranks that would bring them under what is left
         room = plan.usable_memory - terms["activations"] - terms["loss"]
         if room > 0:
-            bf16 = plan.dtype == "bf16"
-            per_rank_total = count.total * ((2 if bf16 else 4) * 2 + 12)
-            ranks = math.ceil(per_rank_total / max(1.0, room - (2 if bf16 else 4) * (count.largest_module
-                                                                                   + REDUCE_BUCKET_ELEMENTS)))
+            w = 2 if plan.dtype == "bf16" else 4
+            fixed = w * (2 * count.largest_module + min(REDUCE_BUCKET_ELEMENTS, count.total))
+            ranks = math.ceil(count.total * (2 * w + 16) / max(1.0, room - fixed))  # model_state_bytes, stage 3
             lines.append(f"- more ranks: model states are {gib(states)} GiB per GPU; under ZeRO-3 about "
                          f"{max(ranks, plan.world_size + 1)} GPUs would hold them (--nodes / --gpus-per-node)")
         if smallest.zero_stage < 3:

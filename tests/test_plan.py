@@ -200,13 +200,12 @@ def peak_rss_per_rank(args: list[str], cwd: Path) -> list[int]:
     return peaks
 
 
-@pytest.mark.slow
-def test_plan_matches_the_peak_memory_of_two_rank_runs(tmp_path):
-    """ZeRO-2, fp32, 2 gloo ranks: a 34M-parameter gated MoE against a ~1M-parameter baseline run the same way.
-    The plan's per-rank bytes (model states, activations, loss) of the big model minus those of the baseline are
-    compared with each rank's peak RSS minus the baseline's."""
+def planned_and_measured(tmp_path, zero_stage: int, ep: int) -> tuple[float, list[int]]:
+    """The plan's per-rank bytes (model states, activations, loss) of a 34M-parameter gated MoE minus those of a
+    ~1M-parameter baseline, and each rank's peak RSS of the two runs' difference (2 gloo ranks, fp32, 2 steps)."""
     corpus, tok = write_tiny_corpus_and_tokenizer(tmp_path)
-    common = {"train.max_steps": 2, "train.save_interval": 100, "train.eval_interval": 0, "zero_stage": 2}
+    common = {"train.max_steps": 2, "train.save_interval": 100, "train.eval_interval": 0, "zero_stage": zero_stage,
+              "expert_parallel_size": ep}
     big = {"model_overrides.hidden_size": 512, "model_overrides.num_hidden_layers": 4,
            "model_overrides.num_attention_heads": 8, "model_overrides.head_dim": 64,
            "model_overrides.moe_intermediate_size": 512, "model_overrides.shared_expert_intermediate_size": 512}
@@ -215,9 +214,23 @@ def test_plan_matches_the_peak_memory_of_two_rank_runs(tmp_path):
         overrides = tiny_run_overrides(corpus, tok, output_dir=tmp_path / name, **common, **fields)
         measured[name] = peak_rss_per_rank(["gated_moe_tiny", *overrides], REPO)
         plan = build_plan(load_run_config("gated_moe_tiny", overrides), nodes=1, gpus_per_node=2)
-        row = next(r for r in plan.rows if (r.zero_stage, r.expert_parallel_size) == (2, 1))
+        row = next(r for r in plan.rows if (r.zero_stage, r.expert_parallel_size) == (zero_stage, ep))
         planned[name] = row.bytes["total"]
-    predicted = planned["big"] - planned["baseline"]
+    return planned["big"] - planned["baseline"], [big - base for big, base in zip(measured["big"],
+                                                                                    measured["baseline"])]
+
+
+@pytest.mark.slow
+def test_plan_matches_the_peak_memory_of_two_rank_runs(tmp_path):
+    """ZeRO-2, fp32, 2 gloo ranks: plan +565 MiB per rank, measured +596 and +570 MiB (ratios 0.95, 0.99).
+
+    The same measurement for other choices, not asserted (peak RSS counts what a rank ever touched, not what is
+    alive at the step): ZeRO-2 EP 2 plan 472 MiB, measured 523 / 551 (0.90, 0.86); ZeRO-1 EP 2 plan 412, measured
+    520 / 550 (0.79, 0.75); ZeRO-3 plan 550, measured 899 / 906 (0.61): every rank still builds the whole model in
+    fp32 before DeepSpeed partitions or slices it (issue 14 item 1), a start-up peak the plan does not model, and
+    freed host memory (the full experts before slicing) stays in the process."""
+    predicted, grown = planned_and_measured(tmp_path, zero_stage=2, ep=1)
     for rank in range(2):
-        grown = measured["big"][rank] - measured["baseline"][rank]
-        assert abs(predicted / grown - 1) < 0.15, (rank, predicted, grown, measured, planned)
+        print(f"rank {rank}: plan {predicted / 2**20:.0f} MiB, measured {grown[rank] / 2**20:.0f} MiB, "
+              f"ratio {predicted / grown[rank]:.3f}")
+        assert abs(predicted / grown[rank] - 1) < 0.15, (rank, predicted, grown)
