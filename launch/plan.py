@@ -74,6 +74,10 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.1f}"
 
 
+def count_text(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 @dataclass
 class ParameterCount:
     """Parameters of the causal LM (tied weights once), the routed experts' share, and the largest module."""
@@ -183,7 +187,7 @@ def layer_bytes(config, layer: int, a: int, batch: int) -> float:
 
 
 def checkpointed_layers(num_layers: int, mode: str, every: int) -> set[int]:
-    """The decoder layers train.activation_checkpointing recomputes (launch/engine.py apply_activation_checkpointing)."""
+    """The decoder layers train.activation_checkpointing recomputes (engine.py apply_activation_checkpointing)."""
     if mode == "none":
         return set()
     return set(range(0, num_layers, every if mode == "selective" else 1))
@@ -388,8 +392,8 @@ def format_plan(plan: Plan) -> str:
     p = plan.parameters
     ckpt = plan.checkpoint
     lines = [
-        f"model {plan.model}: {p['total'] / 1e9:.3f}B parameters ({p['expert'] / 1e9:.3f}B in routed experts, "
-        f"{p['active'] / 1e9:.3f}B active per token); largest module {p['largest_module'] / 1e6:.1f}M",
+        f"model {plan.model}: {count_text(p['total'])} parameters ({count_text(p['expert'])} in routed experts, "
+        f"{count_text(p['active'])} active per token); largest module {count_text(p['largest_module'])}",
         f"cluster: {plan.nodes} node(s) x {plan.gpus_per_node} GPU(s) = {plan.world_size} ranks, "
         f"{gib(plan.gpu_memory)} GiB each, {gib(plan.usable_memory)} GiB usable ({MEMORY_MARGIN:.0%} margin)",
         f"training: {plan.dtype}, micro-batch {plan.micro_batch_size} x {plan.seq_len} tokens, grad_accum "
@@ -403,10 +407,14 @@ def format_plan(plan: Plan) -> str:
     ]
     header = ["", "ZeRO", "EP", "params", "grads", "optimizer", "activations", "loss", "total", "fits"]
     table = [header]
+    unsupported = [r for r in plan.rows if not r.supported]
     for r in plan.rows:
         mark = ">>" if r.best else ("*" if r.configured else "")
-        if not r.supported:
-            table.append([mark, str(r.zero_stage), str(r.expert_parallel_size), *["-"] * 6, "not supported"])
+        if not r.supported:  # one line for all of them: ZeRO-3 with EP 2, 4, ...
+            if r is unsupported[0]:
+                sizes = [u.expert_parallel_size for u in unsupported]
+                ep = f"{sizes[0]}-{sizes[-1]}" if len(sizes) > 1 else str(sizes[0])
+                table.append([mark, str(r.zero_stage), ep, *["-"] * 6, "not supported (ZeRO-3 with EP)"])
             continue
         b = r.bytes
         fits = "yes" if r.fits else "no"
@@ -415,8 +423,8 @@ def format_plan(plan: Plan) -> str:
                       fits + (f" ({r.note})" if r.note else "")])
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table]
-    lines.append("(>> marks the best fitting choice: least communication, i.e. the smallest EP size, ZeRO 0-2 "
-                 "before 3, then the most memory left; * marks the run config's own choice)")
+    lines.append("(>>: best fit, the least communication: smallest EP, ZeRO 0-2 before 3, then most memory left)")
+    lines.append("(*: the run config's own zero_stage and expert_parallel_size)")
     if plan.advice:
         lines += ["", plan.advice]
     return "\n".join(lines)

@@ -17,7 +17,6 @@ from seedlm.launch.config import TrainConfig, load_run_config, model_config_from
 from seedlm.launch.engine import apply_activation_checkpointing
 from seedlm.launch.metrics import saved_bytes_for_backward
 from seedlm.launch.plan import (
-    PlanError,
     activation_bytes_per_token,
     build_plan,
     count_parameters,
@@ -63,7 +62,7 @@ def test_activation_model_is_within_15_percent_of_the_measured_bytes(shape, mode
     apply_activation_checkpointing(model, TrainConfig(activation_checkpointing=mode))
     for batch, seq_len in ((1, 192), (2, 64)):
         ids = torch.randint(0, 128, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-        measured = saved_bytes_for_backward(lambda: model(ids, labels=ids).loss, model.parameters())
+        measured = saved_bytes_for_backward(lambda ids=ids: model(ids, labels=ids).loss, model.parameters())
         predicted = batch * seq_len * activation_bytes_per_token(config, mode, 2, a=4, batch=batch)["saved"]
         assert abs(predicted / measured - 1) < 0.15, (shape, mode, batch, predicted, measured)
 
@@ -110,10 +109,10 @@ def plan_cli(capsys, *args) -> tuple[int, str, str]:
 def test_the_table_shows_every_zero_stage_and_expert_parallel_size(capsys):
     code, out, err = plan_cli(capsys, "gated_moe_tiny", "--nodes", "1", "--gpus-per-node", "4", "--gpu-memory", "1GiB")
     assert code == 0, err
-    rows = [line.split() for line in out.splitlines() if re.match(r"^(>>|\*)?\s+\d\s+\d+\s", line)]
-    assert [(r[-9], r[-8]) if r[-1] != "supported" else (r[-10], r[-9]) for r in rows] == [
-        (str(z), str(ep)) for z in range(4) for ep in (1, 2, 4)]
-    assert sum("not supported" in line for line in out.splitlines()) == 2  # ZeRO-3 with EP 2 and 4
+    rows = [line.split()[-9:] for line in out.splitlines() if re.match(r"^(>>|\*)?\s+\d\s+\d+\s", line)]
+    assert [tuple(r[:2]) for r in rows] == [(str(z), str(ep)) for z in range(4) for ep in (1, 2, 4)][:-2]
+    assert rows[-1][-1] in ("yes", "no") and float(rows[-1][-2]) > 0
+    assert [line.split()[:3] for line in out.splitlines() if "not supported" in line] == [["3", "2-4", "-"]]
     assert sum(line.startswith(">>") for line in out.splitlines()) == 1
     assert "GFLOPs per token" in out and "checkpoint on disk" in out
 
@@ -127,7 +126,8 @@ def test_json_holds_the_same_plan(capsys):
     row = plan["rows"][0]
     assert row["bytes"]["total"] == sum(v for k, v in row["bytes"].items() if k != "total")
     assert sum(r["best"] for r in plan["rows"]) == 1
-    assert plan["parameters"]["total"] == model_config_from_run(load_run_config("gated_moe_tiny")).parameter_counts().total
+    model_config = model_config_from_run(load_run_config("gated_moe_tiny"))
+    assert plan["parameters"]["total"] == model_config.parameter_counts().total
 
 
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("141 GiB", 141 * 2**30),
@@ -177,7 +177,7 @@ def test_a_plan_that_cannot_fit_names_the_term_and_what_to_change(capsys):
 
 def test_the_64_gpu_preset_fits_as_the_readme_says(capsys):
     code, out, _ = plan_cli(capsys, "gated_moe_15a2b_64gpu", "--nodes", "8", "--gpus-per-node", "8",
-                            "--gpu-memory", "80GB")
+                            "--gpu-memory", "80GiB")
     assert code == 0
     configured = [line for line in out.splitlines() if line.startswith(" *") or line.startswith(">>")]
     assert configured and all(line.rstrip().endswith("yes") for line in configured)

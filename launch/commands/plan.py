@@ -11,7 +11,7 @@ built on the meta device: nothing is allocated, a 15B model plans in seconds. CO
 `seedlm train` (checked the same way). Memory: DeepSpeed 0.19.8's model states with AdamW and a {MEMORY_MARGIN:.0%}
 margin per GPU; activations from a per-layer model of what each layer keeps for backward (launch/plan.py).
 
-  seedlm plan configs/gated_moe_15a2b_64gpu.yaml --nodes 8 --gpus-per-node 8 --gpu-memory 80GB
+  seedlm plan configs/gated_moe_15a2b_64gpu.yaml --nodes 8 --gpus-per-node 8 --gpu-memory 80GiB
   seedlm plan gated_moe_tiny micro_batch_size=16 train.activation_checkpointing=full --json"""
 
 
