@@ -266,8 +266,20 @@ class Plan:
 
 
 def valid_expert_parallel_sizes(world: int, num_experts: int) -> list[int]:
-    return [ep for ep in range(1, world + 1) if world % ep == 0 and num_experts % max(ep, 1) == 0
-            and (ep == 1 or num_experts)]
+    """EP sizes that divide both the ranks and the experts (validate_expert_parallel); a dense model has only 1."""
+    return [1] + [ep for ep in range(2, world + 1) if num_experts and world % ep == 0 and num_experts % ep == 0]
+
+
+def batch_shape(data: dict) -> tuple[int, int]:
+    """(micro_batch_size, seq_len) as the trainer reads them: data_pipeline's defaults, or a synthetic task's
+    train_length."""
+    from seedlm.data_pipeline import DataConfig
+    from seedlm.data_pipeline.synthetic import synthetic_data_config
+    from seedlm.launch.training_data import synthetic_config
+
+    task = synthetic_config(data)
+    config = synthetic_data_config(data, task) if task is not None else DataConfig.from_dict(data)
+    return config.micro_batch_size, config.seq_len
 
 
 def build_plan(run, nodes: int = 1, gpus_per_node: int = 1, gpu_memory: int | str = "80GiB",
@@ -286,7 +298,7 @@ def build_plan(run, nodes: int = 1, gpus_per_node: int = 1, gpu_memory: int | st
     world = nodes * gpus_per_node
     model_config = model_config_from_run(run)
     t, data = run.train, run.data
-    micro_batch, seq_len = int(data.get("micro_batch_size", 8)), int(data.get("seq_len", 512))
+    micro_batch, seq_len = batch_shape(data)
     count = count_parameters(model_config)
     try:  # the configured EP size must run on this cluster (any ZeRO stage: the table shows each)
         validate_expert_parallel(t.expert_parallel_size, world, count.num_experts)

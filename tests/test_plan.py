@@ -130,6 +130,22 @@ def test_json_holds_the_same_plan(capsys):
     assert plan["parameters"]["total"] == model_config.parameter_counts().total
 
 
+def test_a_hybrid_deltaproduct_moe_plans_each_expert_parallel_size_its_experts_allow(capsys):
+    code, out, _ = plan_cli(capsys, "deltaproduct_tiny", "--gpus-per-node", "6", "--json",
+                            "model=deltaproduct_hybrid_moe", "seq_len=2048", "train.dtype=bf16")
+    plan = json.loads(out)
+    assert code == 0 and plan["parameters"]["expert"] > 0
+    assert sorted({r["expert_parallel_size"] for r in plan["rows"]}) == [1, 2]  # divide 6 ranks and 32 experts
+    model_config = model_config_from_run(load_run_config("deltaproduct_tiny", ["model=deltaproduct_hybrid_moe"]))
+    assert plan["flops_per_token"] == model_config.flops_per_token(2048)
+
+
+def test_an_unknown_option_is_still_refused(capsys):
+    with pytest.raises(SystemExit) as err:
+        seedlm(["plan", "gated_moe_tiny", "--gpus-per-node", "2", "--nodez", "2"])
+    assert err.value.code == 2 and "unrecognized arguments: --nodez 2" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, expected", [("80GiB", 80 * 2**30), ("80GB", 80 * 10**9), ("141 GiB", 141 * 2**30),
                                             ("512MiB", 512 * 2**20), ("1.5TB", 1.5e12)])
 def test_memory_sizes_are_parsed_with_their_unit(text, expected):
