@@ -15,6 +15,7 @@ import sys
 # (subcommand, module under launch.commands, one-line help)
 COMMANDS = [
     ("train", "train", "train a model: seedlm train CONFIG [dotted.key=value ...]"),
+    ("plan", "plan", "per-GPU memory, checkpoint size and step time of a run config on a cluster, and what fits"),
     ("export", "export", "export a run's checkpoint as a Hugging Face folder"),
     ("push", "push", "upload an exported folder to the Hugging Face Hub"),
     ("eval", "eval", "evaluate a model folder or a run's latest checkpoint on YAML or synthetic tasks"),
@@ -60,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may also follow the options (`seedlm plan CONFIG --nodes 8 seq_len=4096`), which
+    # argparse alone does not allow once the positionals have been matched
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
