@@ -139,20 +139,20 @@ def measure(args) -> dict:
     rows = []
     for n in args.householder:
         cells = {T: make_inputs(T, n, H, K, K) for T in args.seq_lens}
-        row = {T: {"n_h": n, "T": T, "chunk": [], "recurrence": [], "transformers": [],
+        by_T = {T: {"n_h": n, "T": T, "chunk": [], "recurrence": [], "transformers": [],
                    "flops": chunk_delta_product_flops(T, n, H, K, K, args.chunk_size)} for T in args.seq_lens}
         fns = [chunk(n)] + ([tf] if n == 1 and tf_ref is not None else [])
         short = make_inputs(32, n, H, K, K)  # the recurrence's warmup: a full-length one costs seconds
         for _ in range(args.rounds):  # every T in turn within a round: linearity compares times seconds apart
             for T, (inputs, do) in cells.items():
                 t_c, *t_tf = median_times(fns, inputs, do, args.repeats)
-                row[T]["chunk"].append(t_c)
-                row[T]["transformers"] += t_tf
+                by_T[T]["chunk"].append(t_c)
+                by_T[T]["transformers"] += t_tf
                 if T <= args.recurrence_max_len:
-                    row[T]["recurrence"] += median_times([recurrent_fn(n)], inputs, do, args.recurrence_repeats,
+                    by_T[T]["recurrence"] += median_times([recurrent_fn(n)], inputs, do, args.recurrence_repeats,
                                                          warmup=short)
             print(f"  done a round of n_h={n}", file=sys.stderr)
-        rows += row.values()
+        rows += by_T.values()
     return {"args": vars(args), "checks": checks, "rows": rows, "torch": torch.__version__}
 
 
