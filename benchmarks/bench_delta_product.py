@@ -6,8 +6,9 @@ Side by side in one run:
   it always scales q by K**-0.5 (our default scale) and we pass use_qk_l2norm_in_kernel=False with
   keys already L2-normalised, as our layer does. Outputs are checked equal before anything is timed.
 
-Prints a markdown table (median of --repeats timed runs after one warmup) and the linearity ratio
-time(T=4096) / time(T=1024) of the chunk kernel.
+Prints a markdown table and the linearity ratio time(T=4096) / time(T=1024) of the chunk kernel. Each of
+--rounds rounds times every T in turn (median of --repeats runs after one warmup), so each ratio is taken
+within a round and reported as min / median / max over the rounds (benchmarks/rounds.py).
 
     python benchmarks/bench_delta_product.py --threads 2
     python benchmarks/bench_delta_product.py --smoke          # a few seconds, for CI
@@ -32,7 +33,8 @@ kernels = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernels)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.floors import chunk_delta_product_flops, floor_cells, matmul_peak_flops  # noqa: E402
+from benchmarks.floors import chunk_delta_product_flops, matmul_peak_flops  # noqa: E402
+from benchmarks.rounds import Spread, add_rounds_argument, goal, ratio_spread, resolve_rounds  # noqa: E402
 
 
 def load_transformers_reference():
@@ -86,13 +88,16 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64, help="K = V")
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5,
-                   help="timed runs per cell (median) after one warmup; chunk and transformers take turns")
-    p.add_argument("--recurrence-repeats", type=int, default=3, help="timed runs for the (slow) recurrence")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per cell and round (median) after one warmup; chunk and transformers take turns")
+    p.add_argument("--recurrence-repeats", type=int, default=1,
+                   help="timed runs per round for the (slow) recurrence")
     p.add_argument("--recurrence-max-len", type=int, default=2048,
                    help="skip the recurrence above this T (it is seconds per call there)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat: a few seconds, for CI")
+    add_rounds_argument(p)
     args = p.parse_args(argv)
+    resolve_rounds(args)
     if args.smoke:
         args.seq_lens, args.householder, args.heads, args.head_dim = [64, 256], [1, 2], 2, 16
         args.repeats = args.recurrence_repeats = 1
@@ -133,69 +138,73 @@ def measure(args) -> dict:
 
     rows = []
     for n in args.householder:
-        for T in args.seq_lens:
-            inputs, do = make_inputs(T, n, H, K, K)
-            fns = [chunk(n)] + ([tf] if n == 1 and tf_ref is not None else [])
-            t_c, *t_tf = median_times(fns, inputs, do, args.repeats)
-            t_r = None
-            if T <= args.recurrence_max_len:  # warm up on a short input: a full-length warmup costs seconds
-                short = make_inputs(32, n, H, K, K)
-                t_r = median_times([recurrent_fn(n)], inputs, do, args.recurrence_repeats, warmup=short)[0]
-            flops = chunk_delta_product_flops(T, n, H, K, K, args.chunk_size)
-            rows.append({"n_h": n, "T": T, "chunk": t_c, "recurrence": t_r, "transformers": (t_tf or [None])[0],
-                         "flops": flops})
-            print(f"  done n_h={n} T={T}", file=sys.stderr)
+        cells = {T: make_inputs(T, n, H, K, K) for T in args.seq_lens}
+        by_T = {T: {"n_h": n, "T": T, "chunk": [], "recurrence": [], "transformers": [],
+                   "flops": chunk_delta_product_flops(T, n, H, K, K, args.chunk_size)} for T in args.seq_lens}
+        fns = [chunk(n)] + ([tf] if n == 1 and tf_ref is not None else [])
+        short = make_inputs(32, n, H, K, K)  # the recurrence's warmup: a full-length one costs seconds
+        for _ in range(args.rounds):  # every T in turn within a round: linearity compares times seconds apart
+            for T, (inputs, do) in cells.items():
+                t_c, *t_tf = median_times(fns, inputs, do, args.repeats)
+                by_T[T]["chunk"].append(t_c)
+                by_T[T]["transformers"] += t_tf
+                if T <= args.recurrence_max_len:
+                    by_T[T]["recurrence"] += median_times([recurrent_fn(n)], inputs, do, args.recurrence_repeats,
+                                                         warmup=short)
+            print(f"  done a round of n_h={n}", file=sys.stderr)
+        rows += by_T.values()
     return {"args": vars(args), "checks": checks, "rows": rows, "torch": torch.__version__}
 
 
 def report(result: dict, peak_flops: float) -> str:
     """Markdown: the setup, the checks, one row per (n_h, T) with the floor, linearity and the goals."""
     a, rows = result["args"], result["rows"]
-    ms = lambda t: f"{t * 1e3:.1f}" if t is not None else "skipped"
-    ratio = lambda x, y: f"{x / y:.1f}x" if x is not None and y is not None else "-"
+    ms = lambda times: f"{statistics.median(times) * 1e3:.1f}" if times else "skipped"
+    speedup = lambda slow, fast: ratio_spread(slow, fast).format("{:.1f}", "x") if slow else "-"
     lines = [
         f"Forward + backward, CPU fp32, {a['threads']} threads; B=1, H={a['heads']}, K=V={a['head_dim']}, "
-        f"chunk_size={a['chunk_size']}, forget gate on, beta in [0, 2]; median of {a['repeats']} (recurrence: "
-        f"{a['recurrence_repeats']}) after one warmup, chunk and transformers interleaved. Outputs checked "
-        "before timing: " + "; ".join(result["checks"]) + ". Floor: the chunk algorithm's matmul FLOPs "
-        "(benchmarks/floors.py) at the matmul peak.",
+        f"chunk_size={a['chunk_size']}, forget gate on, beta in [0, 2]; {a['rounds']} rounds, each timing every T "
+        f"in turn: median of {a['repeats']} (recurrence: {a['recurrence_repeats']}) after one warmup, chunk and "
+        "transformers interleaved. Times: the median over the rounds; ratios: min / median / max over the rounds, "
+        "each taken within a round. Outputs checked before timing: " + "; ".join(result["checks"]) + ". Floor: "
+        "the chunk algorithm's matmul FLOPs (benchmarks/floors.py) at the matmul peak.",
         "",
         "| n_h | T | chunk (ms) | recurrence (ms) | chunk speedup vs recurrence | transformers chunk (ms) "
         "| chunk speedup vs transformers | floor (ms) | chunk % of peak |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        floor_ms, fraction = floor_cells(r["flops"], r["chunk"], peak_flops)
+        floor = r["flops"] / peak_flops
+        peak_share = Spread.of(100 * floor / t for t in r["chunk"]).format("{:.0f}", "%")
         tf_ms = ms(r["transformers"]) if r["n_h"] == 1 else "-"
         lines.append(f"| {r['n_h']} | {r['T']} | {ms(r['chunk'])} | {ms(r['recurrence'])} | "
-                     f"{ratio(r['recurrence'], r['chunk'])} | {tf_ms} | {ratio(r['transformers'], r['chunk'])} | "
-                     f"{floor_ms} | {fraction} |")
+                     f"{speedup(r['recurrence'], r['chunk'])} | {tf_ms} | {speedup(r['transformers'], r['chunk'])} "
+                     f"| {1e3 * floor:.1f} | {peak_share} |")
     lines.append("")
-    if any(r["recurrence"] is None for r in rows):
+    if any(not r["recurrence"] for r in rows):
         lines += [f"Recurrence skipped for T > {a['recurrence_max_len']} (seconds per call; linear in T anyway).", ""]
 
-    # linearity and the goals from the issue
+    # linearity and the goals from the issue, each ratio per round
     chunk_times = {(r["n_h"], r["T"]): r["chunk"] for r in rows}
-    tf_times = {r["T"]: r["transformers"] for r in rows if r["transformers"] is not None}
+    tf_times = {r["T"]: r["transformers"] for r in rows if r["transformers"]}
     lo, hi = (1024, 4096) if {1024, 4096} <= set(a["seq_lens"]) else (min(a["seq_lens"]), max(a["seq_lens"]))
-    linear = [f"n_h={n} {chunk_times[n, hi] / chunk_times[n, lo]:.2f}" for n in a["householder"]]
+    linearity = {n: [h / low for h, low in zip(chunk_times[n, hi], chunk_times[n, lo])] for n in a["householder"]}
+    linear = [f"n_h={n} {Spread.of(ratios).format()}" for n, ratios in linearity.items()]
     if len(tf_times) > 1:
-        linear.append(f"transformers {tf_times[hi] / tf_times[lo]:.2f}")
-    lines.append(f"Linearity, time(T={hi}) / time(T={lo}) for x{hi / lo:g} tokens: " + ", ".join(linear) + ".")
+        linear.append(f"transformers {ratio_spread(tf_times[hi], tf_times[lo]).format()}")
+    lines.append(f"Linearity, time(T={hi}) / time(T={lo}) for x{hi / lo:g} tokens, min / median / max over the "
+                 "rounds: " + ", ".join(linear) + ".")
     goals = []
     recurrence_2_1024 = next((r["recurrence"] for r in rows if (r["n_h"], r["T"]) == (2, 1024)), None)
     if recurrence_2_1024:
-        speedup = recurrence_2_1024 / chunk_times[2, 1024]
-        goals.append(f"chunk >= 10x recurrence at T=1024, n_h=2: {speedup:.1f}x, "
-                     f"{'met' if speedup >= 10 else 'MISSED'}")
-    if tf_times:
-        worst = min(tf_times[T] / chunk_times[1, T] for T in tf_times)
-        goals.append(f"chunk >= 1.0x transformers at n_h=1: {worst:.2f}x at the worst T, "
-                     f"{'met' if worst >= 1 else 'MISSED'}")
-    worst_lin = max(chunk_times[n, hi] / chunk_times[n, lo] for n in a["householder"])
-    goals.append(f"time({hi}) / time({lo}) <= 4.5: {worst_lin:.2f} at the worst n_h, "
-                 f"{'met' if worst_lin <= 4.5 else 'MISSED'}")
-    lines.append("Goals: " + "; ".join(goals) + ".")
+        goals.append(goal("chunk speedup vs recurrence at T=1024, n_h=2",
+                          ratio_spread(recurrence_2_1024, chunk_times[2, 1024]), ">=", 10, "{:.1f}", "x"))
+    if tf_times:  # per round, the worst T
+        worst = [min(tf_times[T][i] / chunk_times[1, T][i] for T in tf_times) for i in range(a["rounds"])]
+        goals.append(goal("chunk speedup vs transformers at n_h=1, worst T", Spread.of(worst), ">=", 1.0, unit="x"))
+    worst_lin = [max(ratios[i] for ratios in linearity.values()) for i in range(a["rounds"])]
+    goals.append(goal(f"time({hi}) / time({lo}), worst n_h", Spread.of(worst_lin), "<=", 4.5))
+    lines.append("Goals (min / median / max over the rounds): " + "; ".join(goals) + ".")
     return "\n".join(lines)
 
 

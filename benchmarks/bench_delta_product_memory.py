@@ -8,7 +8,8 @@ not depend on load, so one forward suffices. Compared, fp32, B=1:
   the whole chunk computation, ``kernels._RECOMPUTE_IN_BACKWARD = False``);
 - a DeltaProduct block (n_h = 2, the model's own DeltaProductBlock) against a gated-attention block of
   the same width (the same class with the layer in ``attn_layers``), both with the dense SwiGLU MLP;
-- forward + backward time of the kernel, recompute vs old path, min / median / max of --rounds rounds.
+- forward + backward time of the kernel, recompute vs old path in turn in each of --rounds rounds: min /
+  median / max of each, and of the ratio recompute / old taken within each round (benchmarks/rounds.py).
 
     python benchmarks/bench_delta_product_memory.py --threads 2
     python benchmarks/bench_delta_product_memory.py --smoke     # small sizes, a few seconds
@@ -17,7 +18,6 @@ not depend on load, so one forward suffices. Compared, fp32, B=1:
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.rounds import Spread, add_rounds_argument, interleaved_rounds, ratio_spread, resolve_rounds  # noqa: E402
 from seedlm.launch.metrics import saved_bytes_for_backward  # noqa: E402
 from seedlm.model import delta_product_kernels as kernels  # noqa: E402
 from seedlm.model.configuration_deltaproduct import DeltaProductConfig  # noqa: E402
@@ -75,17 +76,22 @@ def block_bytes_per_token(T, hidden, heads, head_dim, mlp, n, attention: bool, w
     return (whole - final_norm) / T
 
 
-def time_kernel(T, n, H, K, chunk_size, recompute, rounds) -> list[float]:
+def time_kernel(T, n, H, K, chunk_size, rounds) -> dict[str, list[float]]:
+    """{recompute, old: forward + backward seconds per round}, the two in turn, after one warmup of each."""
     inputs = kernel_inputs(T, n, H, K, K)
     do = torch.randn(1, T, H, K)
-    times = []
-    for _ in range(rounds + 1):  # the first round warms up
+
+    def seconds(recompute: bool) -> float:
         for x in inputs:
             x.grad = None
         t0 = time.perf_counter()
         run_kernel(inputs, n, chunk_size, recompute).backward(do)
-        times.append(time.perf_counter() - t0)
-    return times[1:]
+        return time.perf_counter() - t0
+
+    paths = {"recompute": lambda: seconds(True), "old": lambda: seconds(False)}
+    for path in paths.values():
+        path()
+    return interleaved_rounds(paths, rounds)
 
 
 def parse_args(argv=None):
@@ -98,46 +104,66 @@ def parse_args(argv=None):
     p.add_argument("--mlp", type=int, default=2816)
     p.add_argument("--householder", type=int, default=2)
     p.add_argument("--chunk-size", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3, help="timed forward + backward rounds after one warmup")
-    p.add_argument("--smoke", action="store_true", help="small sizes, one round")
+    p.add_argument("--smoke", action="store_true", help="small sizes")
+    add_rounds_argument(p)
     args = p.parse_args(argv)
+    resolve_rounds(args)
     if args.smoke:
-        args.seq_lens, args.hidden, args.heads, args.head_dim, args.mlp, args.rounds = [128, 256], 128, 2, 32, 256, 1
+        args.seq_lens, args.hidden, args.heads, args.head_dim, args.mlp = [128, 256], 128, 2, 32, 256
     return args
 
 
-def main(argv=None):
-    a = parse_args(argv)
+def measure(a) -> dict:
+    """Per T: saved bytes per token of the kernel (both paths) and of both blocks (once each), then kernel times
+    per round."""
     torch.set_num_threads(a.threads)
-    n, kib = a.householder, lambda b: f"{b / 1024:.1f}"
-    print(f"fp32, B=1, {a.heads} heads x {a.head_dim}, hidden {a.hidden}, MLP {a.mlp}, n_h={n}, "
-          f"chunk_size={a.chunk_size}, {a.threads} threads. Saved bytes for backward, KiB per token.\n")
-    print("| T | kernel, recompute | kernel, old | DeltaProduct block | gated-attention block | DP / attention "
-          "| the same without weights |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    blocks = {}
+    n, rows = a.householder, []
+    kernel = lambda T, recompute: kernel_bytes_per_token(T, n, a.heads, a.head_dim, a.chunk_size, recompute)
+    block = lambda T, attention, weights=True: block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n,
+                                                                     attention=attention, weights=weights)
     for T in a.seq_lens:
-        new = kernel_bytes_per_token(T, n, a.heads, a.head_dim, a.chunk_size, recompute=True)
-        old = kernel_bytes_per_token(T, n, a.heads, a.head_dim, a.chunk_size, recompute=False)
-        dp = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=False)
-        attn = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=True)
-        dp_act = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=False, weights=False)
-        attn_act = block_bytes_per_token(T, a.hidden, a.heads, a.head_dim, a.mlp, n, attention=True, weights=False)
-        blocks[T] = dp_act
-        print(f"| {T} | {kib(new)} | {kib(old)} | {kib(dp)} | {kib(attn)} | {dp / attn:.2f}x "
-              f"| {kib(dp_act)} / {kib(attn_act)} = {dp_act / attn_act:.2f}x |")
-    lo, hi = min(a.seq_lens), max(a.seq_lens)
-    print(f"\nDeltaProduct block without weights, total bytes at T={hi} / at T={lo}: "
-          f"{blocks[hi] * hi / (blocks[lo] * lo):.2f} for x{hi / lo:g} tokens.\n")
+        rows.append({"T": T, "kernel_recompute": kernel(T, True), "kernel_old": kernel(T, False),
+                     "dp": block(T, False), "attn": block(T, True), "dp_act": block(T, False, weights=False),
+                     "attn_act": block(T, True, weights=False)})
+    for row in rows:
+        row["times"] = time_kernel(row["T"], n, a.heads, a.head_dim, a.chunk_size, a.rounds)
+    return {"args": vars(a), "rows": rows}
 
-    print("Kernel forward + backward (s), min / median / max of", a.rounds, "rounds after one warmup:\n")
-    print("| T | recompute | old | median ratio |")
-    print("|---:|---:|---:|---:|")
-    for T in a.seq_lens:
-        new = time_kernel(T, n, a.heads, a.head_dim, a.chunk_size, True, a.rounds)
-        old = time_kernel(T, n, a.heads, a.head_dim, a.chunk_size, False, a.rounds)
-        fmt = lambda ts: f"{min(ts):.3f} / {statistics.median(ts):.3f} / {max(ts):.3f}"
-        print(f"| {T} | {fmt(new)} | {fmt(old)} | {statistics.median(new) / statistics.median(old):.2f}x |")
+
+def report(result: dict, peak_flops: float | None = None) -> str:
+    """Markdown: saved KiB per token per T, the block's growth with T, kernel times over the rounds (peak_flops:
+    not used)."""
+    a, rows = result["args"], result["rows"]
+    kib = lambda b: f"{b / 1024:.1f}"
+    lines = [
+        f"fp32, B=1, {a['heads']} heads x {a['head_dim']}, hidden {a['hidden']}, MLP {a['mlp']}, "
+        f"n_h={a['householder']}, chunk_size={a['chunk_size']}, {a['threads']} threads. Saved bytes for backward, "
+        "KiB per token (they do not depend on load: measured once).",
+        "",
+        "| T | kernel, recompute | kernel, old | DeltaProduct block | gated-attention block | DP / attention "
+        "| the same without weights |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['T']} | {kib(r['kernel_recompute'])} | {kib(r['kernel_old'])} | {kib(r['dp'])} "
+                     f"| {kib(r['attn'])} | {r['dp'] / r['attn']:.2f}x | {kib(r['dp_act'])} / {kib(r['attn_act'])} "
+                     f"= {r['dp_act'] / r['attn_act']:.2f}x |")
+    lo, hi = rows[0], rows[-1]
+    lines += ["", f"DeltaProduct block without weights, total bytes at T={hi['T']} / at T={lo['T']}: "
+                  f"{hi['dp_act'] * hi['T'] / (lo['dp_act'] * lo['T']):.2f} for x{hi['T'] / lo['T']:g} tokens.", "",
+              f"Kernel forward + backward (s), min / median / max of {a['rounds']} rounds after one warmup, recompute "
+              "and old in turn in each round; the ratio taken within each round:", "",
+              "| T | recompute | old | recompute / old |", "|---:|---:|---:|---:|"]
+    for r in rows:
+        times = r["times"]
+        lines.append(f"| {r['T']} | {Spread.of(times['recompute']).format('{:.3f}')} | "
+                     f"{Spread.of(times['old']).format('{:.3f}')} | "
+                     f"{ratio_spread(times['recompute'], times['old']).format('{:.2f}', 'x')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    print(report(measure(parse_args(argv))))
 
 
 if __name__ == "__main__":

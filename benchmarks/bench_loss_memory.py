@@ -9,8 +9,9 @@ For each vocabulary size, at --tokens tokens and --hidden hidden size:
   hidden states and the weight, which are alive anyway (a number that does not depend on load);
 - peak: the most memory one forward + backward held above its inputs (CUDA: max_memory_allocated; CPU: the
   peak RSS of a fresh process that runs one step, above its RSS just before the step), the gradients included;
-- step time of forward + backward: min / median / max over --rounds after one warmup, and the ratio
-  fused / plain of the medians.
+- step time of forward + backward over --rounds rounds after one warmup, plain and fused in turn in each
+  round: min / median / max of each, and of the ratio fused / plain taken within each round
+  (benchmarks/rounds.py). Bytes do not depend on load: measured once.
 
     python benchmarks/bench_loss_memory.py --threads 2
     python benchmarks/bench_loss_memory.py --smoke          # a few seconds
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.rounds import Spread, add_rounds_argument, interleaved_rounds, ratio_spread, resolve_rounds  # noqa: E402
 from seedlm.launch.metrics import saved_bytes_for_backward  # noqa: E402
 from seedlm.model.fused_loss import linear_cross_entropy  # noqa: E402
 
@@ -40,13 +41,14 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=256, help="hidden size (the head's matmuls grow with it)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--smoke", action="store_true", help="one small vocabulary, 512 tokens, one round")
+    p.add_argument("--smoke", action="store_true", help="one small vocabulary, 512 tokens")
+    add_rounds_argument(p)
     args = p.parse_args(argv)
+    resolve_rounds(args)
     if args.smoke:
-        args.vocab, args.tokens, args.rounds = [4096], 512, 1
+        args.vocab, args.tokens = [4096], 512
     return args
 
 
@@ -119,20 +121,25 @@ def peak_bytes(name, args, vocab) -> int:
     return peak
 
 
-def step_times(loss_fn, args, vocab) -> list[float]:
-    h, w, labels = make_inputs(args.tokens, args.hidden, vocab, DTYPES[args.dtype], args.device)
-    times = []
-    for i in range(args.rounds + 1):  # the first round warms up
-        h.grad = w.grad = None
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss_fn(h, w, labels).backward()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    return times
+def step_seconds(loss_fn, h, w, labels, device) -> float:
+    """One forward + backward of the head + loss."""
+    h.grad = w.grad = None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss_fn(h, w, labels).backward()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_times(args, vocab) -> dict[str, list[float]]:
+    """{plain, fused: seconds per round}, the two in turn in each round, after one warmup step of each."""
+    inputs = {name: make_inputs(args.tokens, args.hidden, vocab, DTYPES[args.dtype], args.device) for name in LOSSES}
+    steps = {name: lambda name=name: step_seconds(LOSSES[name], *inputs[name], args.device) for name in LOSSES}
+    for step in steps.values():
+        step()
+    return interleaved_rounds(steps, args.rounds)
 
 
 def check_equal(args, vocab) -> None:
@@ -149,7 +156,11 @@ def check_equal(args, vocab) -> None:
         )
 
 
-def measure(args) -> list[dict]:
+def measure(args) -> dict:
+    """Per vocabulary: both heads checked equal, then saved bytes per token and peak bytes (once each) and step
+    times (per round)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for vocab in args.vocab:
         check_equal(args, vocab)
@@ -159,29 +170,32 @@ def measure(args) -> list[dict]:
             row[f"{name}_saved_per_token"] = saved_bytes_beyond_inputs(loss_fn, h, w, labels) / args.tokens
             del h, w, labels
             row[f"{name}_peak"] = peak_bytes(name, args, vocab)
-            row[f"{name}_times"] = step_times(loss_fn, args, vocab)
+        for name, times in step_times(args, vocab).items():
+            row[f"{name}_times"] = times
         rows.append(row)
-    return rows
+    return {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows}
 
 
-def table(args, rows) -> str:
-    def ms(times):
-        return f"{1000 * min(times):.0f} / {1000 * statistics.median(times):.0f} / {1000 * max(times):.0f}"
-
+def report(result: dict, peak_flops: float | None = None) -> str:
+    """Markdown: bytes per vocabulary, step times and the time ratio over the rounds (peak_flops: not used)."""
+    a, rows = result["args"], result["rows"]
+    ms = lambda times: Spread.of(times).map(lambda t: 1000 * t).format("{:.0f}")
     lines = [
-        f"LM head + loss, forward + backward, {args.dtype}, {args.tokens} tokens, hidden {args.hidden}, "
-        f"{args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds",
+        f"LM head + loss, forward + backward, {a['dtype']}, {a['tokens']} tokens, hidden {a['hidden']}, "
+        f"{a['device']}, {result['threads']} threads; step times min / median / max of {a['rounds']} rounds "
+        "after one warmup, plain and fused in turn in each round, and the ratio fused / plain taken within each "
+        "round. Bytes do not depend on load: measured once.",
         "",
         "| vocab | saved B/token plain | saved B/token fused | peak MB plain | peak MB fused "
-        "| step ms plain (min/med/max) | step ms fused (min/med/max) | time fused/plain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| step ms plain | step ms fused | time fused / plain |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        ratio = statistics.median(r["fused_times"]) / statistics.median(r["plain_times"])
         lines.append(
             f"| {r['vocab']} | {r['plain_saved_per_token']:.0f} | {r['fused_saved_per_token']:.0f} "
             f"| {r['plain_peak'] / 2**20:.0f} | {r['fused_peak'] / 2**20:.0f} "
-            f"| {ms(r['plain_times'])} | {ms(r['fused_times'])} | {ratio:.2f} |"
+            f"| {ms(r['plain_times'])} | {ms(r['fused_times'])} "
+            f"| {ratio_spread(r['fused_times'], r['plain_times']).format('{:.2f}', 'x')} |"
         )
     lines.append("")
     lines.append("saved B/token: bytes saved for backward per token beyond the hidden states and the weight.")
@@ -189,10 +203,7 @@ def table(args, rows) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(table(args, measure(args)))
+    print(report(measure(parse_args(argv))))
     return 0
 
 

@@ -66,12 +66,6 @@ def causal_attention_flops(T: int, H: int, head_dim: int, B: int = 1) -> float:
     return 3.0 * 2 * B * H * T * T * head_dim
 
 
-def floor_cells(flops: float, seconds: float, peak_flops: float) -> tuple[str, str]:
-    """(floor in ms, fraction of the peak reached) as table cells."""
-    floor = flops / peak_flops
-    return f"{1e3 * floor:.1f}", f"{100 * floor / seconds:.0f}%"
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

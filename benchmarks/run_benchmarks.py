@@ -1,23 +1,31 @@
 """Every CPU benchmark beside its baseline in one run, tables rewritten into the README (`seedlm bench`).
 
-`seedlm bench [--only NAME ...] [--smoke] [--readme PATH]` runs this script from a source checkout with the
-same options, so the README's tables name that command; `python benchmarks/run_benchmarks.py` is the same run.
+`seedlm bench [--only NAME ...] [--smoke] [--rounds N] [--readme PATH]` takes its options from this file
+(`add_arguments`) and runs `run` in a source checkout, so the README's tables name that command;
+`python benchmarks/run_benchmarks.py` is the same run.
 
-Each benchmark is a script under `benchmarks/` exposing `parse_args(argv)`, `measure(args) -> dict` and
-`report(result, peak_flops) -> str` (markdown); this script runs them in turn, after measuring the
-machine's fp32 matmul peak once (the floors' denominator), prints every table and replaces the text
-between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in the README with it. Nothing outside those
-markers is touched, so hand-written prose around the tables stays as it is.
+Each benchmark is a script under `benchmarks/` exposing `parse_args(argv)` (with `--smoke` and `--rounds`),
+`measure(args) -> dict` and `report(result, peak_flops) -> str` (markdown); this script runs them in turn,
+after measuring the machine's fp32 matmul peak once (the floors' denominator), prints every table and
+replaces the text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in the README with it. Nothing
+outside those markers is touched, so hand-written prose around the tables stays as it is. Each benchmark
+times its baseline and its own path in turn over the rounds and reports every ratio as min / median / max
+over them (benchmarks/rounds.py); results from different CPUs differ (an AMD EPYC and an Intel Xeon of
+the same size differ ~2x in % of peak), so a block says on which machine it was measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `benchmarks.*` and this checkout's seedlm
+if __name__ == "__main__":  # run as a script: `benchmarks.*` and this checkout's seedlm
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.rounds import ROUNDS, SMOKE_ROUNDS, add_rounds_argument, resolve_rounds  # noqa: E402
 
 # (name, module under benchmarks/, what it compares against what)
 BENCHMARKS = [
@@ -27,6 +35,11 @@ BENCHMARKS = [
     ("data_pipeline", "bench_data_pipeline", "data pipeline throughput vs a training step's consumption"),
     ("trainer", "bench_trainer", "seedlm train vs a bare PyTorch loop; per-rank memory of ZeRO 0-3"),
     ("scaling", "bench_scaling", "1 vs 2 ranks, expert parallel 1 vs 2; kernel time against sequence length"),
+    ("loss_memory", "bench_loss_memory", "LM head + loss, fused vs plain: bytes saved for backward, time"),
+    ("delta_product_memory", "bench_delta_product_memory",
+     "DeltaProduct kernel and block vs attention: bytes saved for backward, time"),
+    ("activation_checkpointing", "bench_activation_checkpointing",
+     "activation checkpointing none / full / selective: saved bytes, step time"),
 ]
 NAMES = [name for name, _, _ in BENCHMARKS]
 PLOT = Path("benchmarks") / "results" / "scaling_seq_len.png"  # relative to the README's folder
@@ -70,18 +83,38 @@ def read_exact(path: Path) -> str:
     return path.read_bytes().decode("utf-8")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="benchmarks:\n" + "\n".join(f"  {name:14s} {what}" for name, _, what in BENCHMARKS))
-    parser.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
-                        help=f"run only these benchmarks (of: {', '.join(NAMES)}); None: all of them")
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Line breaks kept in the description and the list of benchmarks; each option's default shown."""
+
+
+def benchmark_name(text: str) -> str:
+    """argparse type of --only: one of NAMES, or a message naming the closest one and all of them."""
+    if text in NAMES:
+        return text
+    close = difflib.get_close_matches(text, NAMES, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise argparse.ArgumentTypeError(f"no benchmark {text!r}{hint}; the benchmarks: {', '.join(NAMES)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `seedlm bench` and of this script (one definition for both)."""
+    width = max(len(name) for name in NAMES)
+    parser.epilog = "benchmarks:\n" + "\n".join(f"  {name:{width}s}  {what}" for name, _, what in BENCHMARKS)
+    parser.add_argument("--only", nargs="+", type=benchmark_name, metavar="NAME",
+                        help="run only these benchmarks (listed below); None: all of them")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes (a few minutes in all, mostly process start-ups): prints the tables, "
                              "writes nothing unless --readme")
+    add_rounds_argument(parser)
     parser.add_argument("--readme", type=Path, default=None, metavar="PATH",
                         help="README whose bench blocks are rewritten; None: the checkout's README.md, "
                              "or with --smoke no README")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmarks/run_benchmarks.py", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -91,14 +124,19 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--only " + " ".join(args.only))
     if args.smoke:
         parts.append("--smoke")
+    if args.rounds != (SMOKE_ROUNDS if args.smoke else ROUNDS):
+        parts.append(f"--rounds {args.rounds}")
     return " ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen benchmarks (args from add_arguments), print each block and rewrite it in the README."""
     import importlib
     import time
 
-    args = parse_args(argv)
+    if str(REPO) not in sys.path:  # the benchmarks import `benchmarks.*` and this checkout's seedlm
+        sys.path.insert(0, str(REPO))
+    rounds = resolve_rounds(args)
     names = [n for n in NAMES if not args.only or n in args.only]
     readme = args.readme if args.readme is not None else (None if args.smoke else REPO / "README.md")
     try:
@@ -124,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         machine = machine_summary(peak, size)  # the load average as this benchmark starts
         module = importlib.import_module(f"benchmarks.{module_name}")
-        bench_args = module.parse_args(["--smoke"] if args.smoke else [])
+        bench_args = module.parse_args(["--smoke"] * args.smoke + ["--rounds", str(rounds)])
         result = module.measure(bench_args)
         if name == "scaling":
             plot_path = readme.parent / PLOT if readme is not None else None
@@ -148,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     print(f"[seedlm bench] all {len(names)} done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The benchmarks' smoke modes run and print their tables, and `seedlm bench` rewrites only the README's marked
-blocks (never a time assertion: speed lives in benchmarks/)."""
+"""The benchmarks' smoke modes run and print their tables with the spread over rounds, and `seedlm bench` rewrites
+only the README's marked blocks (never a time assertion: speed lives in benchmarks/; the spread and goal helpers
+are tested in test_bench_rounds.py)."""
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,9 @@ TABLES = {
     "data_pipeline": "| pipeline (tokenise + pack) | tokens/s |",
     "trainer": "| ZeRO stage | parameters |",
     "scaling": "| run | tokens/s | tokens/s per rank |",
+    "loss_memory": "| vocab | saved B/token plain | saved B/token fused |",
+    "delta_product_memory": "| T | kernel, recompute | kernel, old |",
+    "activation_checkpointing": "| family | activation_checkpointing | saved KiB / token |",
 }
 
 
@@ -75,9 +80,26 @@ def test_the_readme_has_every_block():
     check_blocks((REPO / "README.md").read_text(), NAMES, "README.md")
 
 
+def test_every_benchmark_has_a_table_to_look_for():
+    assert set(TABLES) == set(NAMES)
+
+
+def test_seedlm_bench_help_lists_every_option_and_benchmark():
+    result = seedlm_bench("--help")
+    assert result.returncode == 0, result.stderr
+    for option in ("--only", "--smoke", "--rounds", "--readme"):
+        assert option in result.stdout
+    assert "min / median / max" in " ".join(result.stdout.split())
+    for name in NAMES:
+        assert f"\n  {name} " in result.stdout, name
+
+
 def test_user_mistakes_stop_before_anything_is_measured(tmp_path):
     result = seedlm_bench("--only", "gated_moee")
-    assert result.returncode == 2 and "invalid choice: 'gated_moee'" in result.stderr
+    assert result.returncode == 2
+    assert "argument --only: no benchmark 'gated_moee' (did you mean 'gated_moe'?); the benchmarks: " in result.stderr
+    result = seedlm_bench("--rounds", "1")
+    assert result.returncode == 2 and "argument --rounds: 1: at least 2 rounds are needed" in result.stderr
     result = seedlm_bench("--readme", str(tmp_path / "missing.md"))
     assert result.returncode == 2 and "missing.md: no such file" in result.stderr
     readme = tmp_path / "README.md"
@@ -126,8 +148,21 @@ def test_seedlm_bench_smoke_prints_tables_and_writes_nothing():
     result = seedlm_bench("--smoke", "--only", "gated_moe")
     assert result.returncode == 0, result.stderr[-3000:]
     assert TABLES["gated_moe"] in result.stdout and "| floor (ms) |" in result.stdout
+    assert "2 rounds of 2 steps per model" in result.stdout  # smoke: the same code, 2 rounds
+    goals = next(line for line in result.stdout.splitlines() if line.startswith("Goals"))
+    assert re.search(r"ours vs transformers >= 1\.00x: [\d.]+ / [\d.]+ / [\d.]+x, (met|unstable|missed);", goals)
     assert "[1/1] gated_moe: done" in result.stderr  # the progress display
     assert (REPO / "README.md").read_bytes() == before
+
+
+def test_seedlm_bench_runs_a_memory_benchmark_with_its_rounds():
+    result = seedlm_bench("--smoke", "--only", "delta_product_memory", "--rounds", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TABLES["delta_product_memory"] in result.stdout
+    assert "Measured by `seedlm bench --only delta_product_memory --smoke --rounds 3`" in result.stdout
+    assert "min / median / max of 3 rounds" in result.stdout
+    times = [line for line in result.stdout.splitlines() if re.match(r"\| \d+ \| [\d.]+ / [\d.]+ / [\d.]+ \|", line)]
+    assert len(times) == 2  # one row per T of the smoke sizes, each with its spread
 
 
 @pytest.mark.slow
@@ -150,12 +185,19 @@ def test_seedlm_bench_smoke_rewrites_only_the_marked_blocks_of_a_readme_copy(tmp
     assert "![kernel time against sequence length, log-log](benchmarks/results/scaling_seq_len.png)" in after
 
 
-@pytest.mark.parametrize("script", ["bench_gated_moe.py", "bench_delta_product.py"])
+@pytest.mark.parametrize("script", ["bench_gated_moe.py", "bench_delta_product.py", "bench_loss_memory.py"])
 def test_a_benchmark_script_runs_alone(script):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke"], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert TABLES[script.removeprefix("bench_").removesuffix(".py")] in result.stdout
+    assert "2 rounds" in result.stdout
+
+
+def test_a_benchmark_script_refuses_one_round():
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_delta_product.py"), "--rounds", "1"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "argument --rounds: 1: at least 2 rounds are needed" in result.stderr
 
 
 def test_cuda_check_says_it_needs_a_gpu_here():
