@@ -154,6 +154,13 @@ def recurrent_delta_product(
 # more flops.)
 
 
+def _times_token_rows(M, q_decay, n):
+    """M [.., C, C] times q_decay [.., Ct, C] repeated to the n_h rows of each token, without the repeated copy."""
+    if n == 1:
+        return M * q_decay
+    return (M.unflatten(-2, (-1, n)) * q_decay.unsqueeze(-2)).flatten(-3, -2)
+
+
 def _intra_chunk(q, k, v, beta, g, n):
     """Everything inside a chunk that does not depend on the state carried into it, for all chunks at once.
 
@@ -177,8 +184,7 @@ def _intra_chunk(q, k, v, beta, g, n):
         glast = gq[..., -1:]  # [NC, BH, 1]
         # differences of cumulative sums are <= 0 where unmasked; mask to -inf before exp so nothing overflows
         x["q_decay"] = (gq.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill(~sees, float("-inf")).exp()  # [Ct, C]
-        x["a_decay"] = x["q_decay"].repeat_interleave(n, dim=-2) if n > 1 else x["q_decay"]  # row i: token i // n
-        A = A * x["a_decay"]
+        A = _times_token_rows(A, x["q_decay"], n)  # row i of A decays like token i // n
         Aq = Aq * x["q_decay"]
         x["exp_gk"], x["exp_gq"] = gk.exp().unsqueeze(-1), gq.exp().unsqueeze(-1)  # [.., C, 1], [.., Ct, 1]
         x["exp_rest"] = (glast - gk).exp().unsqueeze(-1)  # [.., C, 1] decay from position j to the chunk end
@@ -270,9 +276,9 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
         if c in d_captured:
             dS = dS + merged(d_captured[c])
         dS1[c] = dS
-        dVn[c] = torch.baddbmm(dVn[c], kd[c], dS)
-        dS = torch.baddbmm(dS_from_o[c] + (dS * dec[c] if dec is not None else dS), W[c].transpose(-1, -2),
-                           dVn[c], alpha=-1.0)
+        dVn[c].baddbmm_(kd[c], dS)  # in place: dVn and dS_from_o are this function's own buffers
+        dS_carried = dS * dec[c] if dec is not None else dS
+        dS = dS_from_o[c].baddbmm_(W[c].transpose(-1, -2), dVn[c], alpha=-1.0).add_(dS_carried)
         if c in resets:  # the state entering this chunk was the reset state, not the carried one
             d_resets[c] = dS.view(B, H, K, V)
             dS = torch.zeros_like(dS)
@@ -287,7 +293,7 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
     dTm = dVn @ x["rv"].transpose(-1, -2) + dW @ x["rk"].transpose(-1, -2)
     dA = (-(Tmt @ dTm @ Tmt)).tril(-1)  # Tm = (I + L)^-1: dL = -Tm^T dTm Tm^T, L the strictly lower part of A
     if g is not None:
-        dE, dAq_raw = dA * x["a_decay"], dAq * x["q_decay"]
+        dE, dAq_raw = _times_token_rows(dA, x["q_decay"], n), dAq * x["q_decay"]
     else:
         dE, dAq_raw = dA, dAq.masked_fill(~x["sees"], 0.0)
     kb = x["kb"]
