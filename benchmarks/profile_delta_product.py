@@ -8,6 +8,13 @@ e.g. an older version to compare) under torch.profiler and prints, for each T:
   attributes to the matmuls (so that a slow small GEMM shows up next to a slow copy or exp);
 - the time spent outside any op (python overhead between ops).
 
+Under the profiler, glibc hands fresh pages to many of the ~1 MB intermediates; each page fault (~1 us in a
+VM) lands inside whichever op touched the memory first, so a cheap mul or bmm can look 10x slower than it is.
+The page-fault count is printed; to see the ops without it, keep freed memory in the process:
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=2000000000:glibc.malloc.trim_threshold=4000000000 \
+        python benchmarks/profile_delta_product.py
+
     python benchmarks/profile_delta_product.py --seq-lens 1024 4096 --householder 2
     python benchmarks/profile_delta_product.py --kernel /tmp/old_delta_product_kernels.py
 """
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -54,12 +62,12 @@ def forward_backward(kernels, inputs, do, n, chunk_size, backward=True):
         o.backward(do)
 
 
-def median_seconds(fn, repeats):
-    fn()  # warmup
+def median_seconds(repeats, fn, *fn_args):
+    fn(*fn_args)  # warmup
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        fn(*fn_args)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -98,15 +106,18 @@ def main(argv=None):
     for n in args.householder:
         for T in args.seq_lens:
             inputs, do = make_inputs(T, n, args.heads, args.head_dim, args.head_dim)
-            fwd = median_seconds(lambda: forward_backward(kernels, inputs, do, n, args.chunk_size, False),
-                                 args.repeats)
-            both = median_seconds(lambda: forward_backward(kernels, inputs, do, n, args.chunk_size), args.repeats)
+            run = (kernels, inputs, do, n, args.chunk_size)
+            fwd = median_seconds(args.repeats, forward_backward, *run, False)
+            both = median_seconds(args.repeats, forward_backward, *run, True)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
                 t0 = time.perf_counter()
                 forward_backward(kernels, inputs, do, n, args.chunk_size)
                 wall = time.perf_counter() - t0
+            # page faults: fresh memory from the OS costs ~1 us a page in a VM and shows up inside the ops
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             print(f"\n## n_h={n}, T={T}: forward {fwd * 1e3:.1f} ms, forward + backward {both * 1e3:.1f} ms "
-                  f"(profiled run {wall * 1e3:.1f} ms, profiler overhead included)\n")
+                  f"(profiled run {wall * 1e3:.1f} ms, profiler overhead included; {faults} page faults)\n")
             print(op_table(prof, wall, args.top))
 
 

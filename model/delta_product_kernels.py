@@ -259,7 +259,7 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
     in the shapes of the inputs.
     """
     NC, B, H, Ct, K = q.shape
-    C, V = k.shape[-2], v.shape[-1]
+    V = v.shape[-1]
     merged = lambda S: S.reshape(B * H, K, V)
     q, k, v, beta, g = _merge_heads(q, k, v, beta, g)
     dO = d_o.flatten(1, 2)  # [NC, BH, Ct, V]
