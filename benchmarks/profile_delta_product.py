@@ -17,6 +17,13 @@ The page-fault count is printed; to see the ops without it, keep freed memory in
 
     python benchmarks/profile_delta_product.py --seq-lens 1024 4096 --householder 2
     python benchmarks/profile_delta_product.py --kernel /tmp/old_delta_product_kernels.py
+
+--compare OLD_FILE skips the profiler and times this kernel against another copy side by side instead:
+--rounds rounds, the two taking turns within each round (best of 3 calls each), min / median / max per
+cell, % of the fp32 matmul peak (benchmarks/floors.py) and time(T_max) / time(T_min) per round.
+
+    git show main:model/delta_product_kernels.py > /tmp/old.py
+    python benchmarks/profile_delta_product.py --compare /tmp/old.py --householder 1 2 3 --rounds 5
 """
 
 from __future__ import annotations
@@ -25,12 +32,16 @@ import argparse
 import importlib.util
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.floors import chunk_delta_product_flops, cpu_model, matmul_peak_flops  # noqa: E402
 
 _KERNELS = Path(__file__).resolve().parents[1] / "model" / "delta_product_kernels.py"
 
@@ -87,6 +98,41 @@ def op_table(prof, wall_seconds, top):
     return "\n".join(lines)
 
 
+def seconds(fn, *fn_args):
+    t0 = time.perf_counter()
+    fn(*fn_args)
+    return time.perf_counter() - t0
+
+
+def compare(args, kernels):
+    """This kernel against args.compare side by side; prints one line per cell and the linearity per round."""
+    variants = {"this": kernels, "compared": load_kernels(args.compare)}
+    peak = matmul_peak_flops()
+    print(f"{cpu_model()}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s; compared: {args.compare}")
+    spread = lambda xs: f"{min(xs):.2f}/{statistics.median(xs):.2f}/{max(xs):.2f}"
+    lo, hi = min(args.seq_lens), max(args.seq_lens)
+    for n in args.householder:
+        data = {T: make_inputs(T, n, args.heads, args.head_dim, args.head_dim) for T in args.seq_lens}
+        times = {(name, T): [] for name in variants for T in args.seq_lens}
+        for kern in variants.values():  # warmup
+            forward_backward(kern, *data[lo], n, args.chunk_size)
+        for _ in range(args.rounds):
+            for T in args.seq_lens:
+                for name, kern in variants.items():
+                    best = min(seconds(forward_backward, kern, *data[T], n, args.chunk_size) for _ in range(3))
+                    times[name, T].append(best)
+        for T in args.seq_lens:
+            flops = chunk_delta_product_flops(T, n, args.heads, args.head_dim, args.head_dim, args.chunk_size)
+            cells = [f"{name} {spread([1e3 * t for t in times[name, T]])} ms "
+                     f"({100 * flops / peak / statistics.median(times[name, T]):.0f}% of peak at the median)"
+                     for name in variants]
+            print(f"n_h={n} T={T}: " + "; ".join(cells))
+        if lo != hi:
+            ratios = {name: [a / b for a, b in zip(times[name, hi], times[name, lo])] for name in variants}
+            print(f"  time({hi}) / time({lo}) per round, min/median/max: "
+                  + "; ".join(f"{name} {spread(r)}" for name, r in ratios.items()))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--kernel", type=Path, default=_KERNELS, help="kernel file to profile (default: this repo's)")
@@ -98,9 +144,13 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--top", type=int, default=25, help="ops listed per table")
+    p.add_argument("--compare", type=Path, help="another kernel file: time both side by side, no profiler")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of --compare")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     kernels = load_kernels(args.kernel)
+    if args.compare is not None:
+        return compare(args, kernels)
     print(f"kernel {args.kernel}; {torch.get_num_threads()} threads; H={args.heads}, K=V={args.head_dim}, "
           f"chunk_size={args.chunk_size}")
     for n in args.householder:
