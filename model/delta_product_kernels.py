@@ -363,10 +363,11 @@ def _blocked_scan(chunks, n, S0, resets, captures):
 class _RecomputedScan(torch.autograd.Function):
     """_blocked_scan that saves only its inputs and the state entering each block of chunks.
 
-    Backward walks the blocks in reverse: it re-runs one block's forward with autograd from its saved entry
-    state, takes that block's gradients with torch.autograd.grad, and hands the gradient of the entry state
-    to the previous block. The math is the forward's own, so gradients equal autograd through the whole
-    forward; the price is one more forward, and one block's intermediates alive at a time in backward.
+    Backward walks the blocks in reverse: _chunk_scan_backward recomputes one block's intermediates from its
+    saved entry state (no autograd graph) and writes out their gradients, and the gradient of the entry state
+    goes to the previous block. The price is one more forward without its output, and one block's
+    intermediates alive at a time in backward. Written out rather than autograd through the recomputed block:
+    autograd's graph of the many small elementwise steps cost about as much again as the matmuls.
 
     Inputs: the chunk tensors q, k, v, beta, g (g may be None), S0 and the reset states (document starts,
     in the order of reset_chunks). Outputs: o, then the states after each chunk of capture_chunks.
