@@ -90,18 +90,21 @@ def deepspeed_config(train_cfg, micro_batch_size: int) -> dict:
 
 
 def build_model(train_cfg, model_config, tokenizer, init_from: str | None = None):
-    """The whole model on every rank, in fp32: seeded initial weights, or those of the HF folder init_from."""
-    from transformers import AutoModelForCausalLM
+    """The model on the meta device (launch/materialize.py: build_engine gives each rank real storage for what
+    it owns), or, with init_from, the weights of that HF folder in fp32 on every rank."""
+    from seedlm.launch.materialize import build_meta_model
 
     model_config.pad_token_id = tokenizer.pad_token_id
     model_config.bos_token_id = tokenizer.bos_token_id
     model_config.eos_token_id = tokenizer.eos_token_id
-    torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
+    torch.manual_seed(train_cfg.seed)  # the same random stream on every rank for whatever draws from it later
     if init_from:  # fp32 master weights whatever dtype the folder holds
+        from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(init_from, config=model_config, dtype=torch.float32,
                                                      attn_implementation=train_cfg.attn_implementation)
     else:
-        model = AutoModelForCausalLM.from_config(model_config, attn_implementation=train_cfg.attn_implementation)
+        model = build_meta_model(model_config, train_cfg.attn_implementation)
     apply_activation_checkpointing(model, train_cfg)
     return model
 
@@ -118,8 +121,10 @@ def apply_activation_checkpointing(model, train_cfg) -> None:
     model.activation_checkpointing_enable(every_n_layers=every)
 
 
-def build_engine(train_cfg, model, micro_batch_size: int, world_size: int):
-    """Expert parallelism (a no-op at size 1), AdamW and the lr schedule inside a DeepSpeed engine.
+def build_engine(train_cfg, model, micro_batch_size: int, world_size: int, initialize: bool = True):
+    """Expert parallelism (a no-op at size 1), this rank's weights, AdamW and the lr schedule inside a DeepSpeed
+    engine. A meta-device model is materialised here, after EP chose this rank's experts and, under ZeRO-3,
+    partitioned layer by layer; initialize=False skips the seeded init (a checkpoint will overwrite it).
     Returns (engine, scheduler, ep_info)."""
     import deepspeed
 
@@ -129,11 +134,15 @@ def build_engine(train_cfg, model, micro_batch_size: int, world_size: int):
         expert_parallel_engine_context,
         optimizer_param_groups,
     )
+    from seedlm.launch.materialize import is_materialized, materialize
 
     t = train_cfg
+    ds_config = deepspeed_config(t, micro_batch_size)
     # EP swaps each MoE block's experts for this rank's slice; the engine must be built inside the context so
     # DeepSpeed reduces expert gradients over the expert-data-parallel group.
     ep_info = apply_expert_parallel(model, t.expert_parallel_size, zero_stage=t.zero_stage)
+    if not is_materialized(model):
+        materialize(model, t.seed, initialize=initialize, zero3_config=ds_config if t.zero_stage == 3 else None)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay, ep_info), lr=t.lr,
                                   betas=tuple(t.betas), eps=t.eps)
     with expert_parallel_engine_context(ep_info):
@@ -141,7 +150,7 @@ def build_engine(train_cfg, model, micro_batch_size: int, world_size: int):
             model=model,
             optimizer=optimizer,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t)),
-            config=deepspeed_config(t, micro_batch_size),
+            config=ds_config,
         )
     check_engine_expert_parallel(engine, ep_info)
     if t.zero_stage == 0 and world_size == 1:

@@ -158,19 +158,19 @@ class ExpertParallelExperts(Experts):
     def __init__(self, full: Experts, ep_group, ep_rank: int, ep_size: int, group_name: str):
         num_local = full.num_experts // ep_size
         _, two_i, hidden = full.gate_up_proj.shape
-        super().__init__(num_local, hidden, two_i // 2)
+        with torch.device(full.gate_up_proj.device):  # meta for a model built on the meta device (materialize.py)
+            super().__init__(num_local, hidden, two_i // 2)
         self.num_global_experts = full.num_experts
         self.ep_size = ep_size
         self.ep_rank = ep_rank
         self.ep_group = ep_group
         start = ep_rank * num_local
-        with torch.no_grad():  # slice of the full weights that every rank built with the same seed
-            self.gate_up_proj.data = full.gate_up_proj.data[start : start + num_local].clone()  # [E_local, 2I, H]
-            self.down_proj.data = full.down_proj.data[start : start + num_local].clone()  # [E_local, H, I]
-        self.gate_up_proj.requires_grad_(full.gate_up_proj.requires_grad)
-        self.down_proj.requires_grad_(full.down_proj.requires_grad)
-        for param in (self.gate_up_proj, self.down_proj):
-            mark_expert_param(param, group_name)
+        with torch.no_grad():  # this rank's slice: of a meta model (shapes only) or of weights every rank built
+            for name in EXPERT_PARAM_NAMES:  # gate_up_proj [E_local, 2I, H], down_proj [E_local, H, I]
+                whole = getattr(full, name)
+                local = nn.Parameter(whole[start : start + num_local].clone(), requires_grad=whole.requires_grad)
+                mark_expert_param(local, group_name)
+                setattr(self, name, local)
 
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
         # hidden_states [N, H]; top_k_index (global expert ids), top_k_weights [N, k] -> [N, H]

@@ -171,7 +171,8 @@ class Trainer:
             logger.info("initial weights from %s", init_from or f"the checkpoint {self.resume_from} (resuming)")
         model = build_model(self.t, self.model_config, self.tokenizer, init_from)
         self.engine, self.scheduler, self.ep_info = build_engine(self.t, model, self.data.config.micro_batch_size,
-                                                                 self.dist.world_size)
+                                                                 self.dist.world_size,
+                                                                 initialize=self.resume_from is None)
         self.device = self.engine.device
 
     def resume(self) -> None:

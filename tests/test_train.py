@@ -406,6 +406,7 @@ def test_zero0_run_equals_a_plain_pytorch_loop(corpus_and_tokenizer, tmp_path):
     from seedlm.data_pipeline import DataConfig, build_dataloader, load_tokenizer
     from seedlm.launch.engine import build_model, lr_lambda
     from seedlm.launch.expert_parallel import optimizer_param_groups
+    from seedlm.launch.materialize import materialize
 
     corpus, tok = corpus_and_tokenizer
     args = run_args(corpus, tok, tmp_path / "run", max_steps=5, zero_stage=0,
@@ -415,7 +416,7 @@ def test_zero0_run_equals_a_plain_pytorch_loop(corpus_and_tokenizer, tmp_path):
 
     run = load_run_config(args[0], args[1:])
     t, tokenizer = run.train, load_tokenizer(tok)
-    net = build_model(run.train, model_config_from_run(run), tokenizer).train()
+    net = materialize(build_model(run.train, model_config_from_run(run), tokenizer), t.seed).train()
     opt = torch.optim.AdamW(optimizer_param_groups(net, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
     batches = iter(build_dataloader(DataConfig.from_dict({**run.data, "tokenizer": str(tok)}), tokenizer))
