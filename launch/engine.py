@@ -71,9 +71,17 @@ def clip_gradients(module, max_norm: float) -> tuple[float, bool]:
     return float(norm), finite
 
 
-def deepspeed_config(train_cfg, micro_batch_size: int) -> dict:
+def deepspeed_config(train_cfg, micro_batch_size: int, unit_elements: int | None = None) -> dict:
+    """DeepSpeed's config for the run; unit_elements (the largest decoder layer's parameter count) sizes ZeRO-3's
+    buckets and live-parameter limits."""
     t = train_cfg
     zero = {"stage": t.zero_stage}
+    if t.zero_stage == 3 and unit_elements:
+        # DeepSpeed's defaults (a 5e8-element reduce bucket, 1e9 live / reuse-distance parameters) keep up to the
+        # whole model's gathered weights and gradients on a rank; bound them by the largest unit that
+        # materialize.py partitions (a decoder layer), as transformers' "auto" values bound them by hidden size.
+        zero.update(reduce_bucket_size=unit_elements, stage3_prefetch_bucket_size=unit_elements,
+                    stage3_max_live_parameters=2 * unit_elements, stage3_max_reuse_distance=2 * unit_elements)
     if t.offload_optimizer and t.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -134,10 +142,10 @@ def build_engine(train_cfg, model, micro_batch_size: int, world_size: int, initi
         expert_parallel_engine_context,
         optimizer_param_groups,
     )
-    from seedlm.launch.materialize import is_materialized, materialize
+    from seedlm.launch.materialize import is_materialized, largest_unit_elements, materialize
 
     t = train_cfg
-    ds_config = deepspeed_config(t, micro_batch_size)
+    ds_config = deepspeed_config(t, micro_batch_size, largest_unit_elements(model))
     # EP swaps each MoE block's experts for this rank's slice; the engine must be built inside the context so
     # DeepSpeed reduces expert gradients over the expert-data-parallel group.
     ep_info = apply_expert_parallel(model, t.expert_parallel_size, zero_stage=t.zero_stage)

@@ -107,9 +107,31 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Ten
         and row_bytes_ok
     ):
         offsets = group_sizes.cumsum(0).to(torch.int32)
-        return F.grouped_mm(x.contiguous(), weight_t, offs=offsets)
+        return _GroupedLinear.apply(x.contiguous(), weight, offsets)
     chunks = x.split(group_sizes.tolist(), dim=0)
     return torch.cat([chunk @ weight_t[e] for e, chunk in enumerate(chunks)], dim=0)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """grouped_mm(x, weight^T) that saves the weight itself for backward, not the transposed view autograd
+    would save: a view pins the weight's storage, so an engine that frees (re-shards) parameters between
+    forward and backward, as ZeRO-3 does, could not free it. Same gradients as autograd's (tests)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, offsets):
+        # x [N, in], weight [E, out, in], offsets [E] (end row of each group) -> [N, out]
+        ctx.save_for_backward(x, weight, offsets)
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, offsets = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.grouped_mm(grad_out, weight, offs=offsets)  # [N, out] x [E, out, in] -> [N, in]
+        if ctx.needs_input_grad[1]:  # per group: x_e^T grad_e, [E, in, out] -> [E, out, in]
+            grad_weight = F.grouped_mm(x.t(), grad_out, offs=offsets).transpose(-2, -1)
+        return grad_x, grad_weight, None
 
 
 class Experts(nn.Module):
