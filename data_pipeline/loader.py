@@ -581,6 +581,10 @@ def build_dataloader(
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; packing needs one to separate documents")
+    if config.prepare_local:
+        from .prepared import with_local_cache
+
+        config = with_local_cache(config, tokenizer)
     if config.prepared:
         from .prepared import build_prepared_loader
 
