@@ -148,6 +148,9 @@ class DataConfig:
     # token shards from `seedlm data prepare` to train on instead of `sources` (prepared.py): a folder, or a
     # mixture [{path: DIR, weight: w}, ...]; normalised to the list form
     prepared: Any = None
+    # local sources (stdlib, files) tokenised once into a cache keyed by sources and tokenizer, then read as
+    # prepared data (the topology-free order); off by default: set `data.prepare_local: true` (prepared.py)
+    prepare_local: bool = False
 
     def __post_init__(self) -> None:
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig.from_dict(s) for s in self.sources]
@@ -165,6 +168,10 @@ class DataConfig:
             if self.num_epochs is not None:
                 raise DataError("data.num_epochs does not apply to data.prepared (its rows repeat in new permutations; "
                                 "train.max_steps ends the run): leave num_epochs out")
+
+        if self.prepare_local and self.num_epochs is not None:
+            raise DataError("data.prepare_local reads prepared rows, which repeat in new permutations (no epochs): "
+                            "leave num_epochs out, or set prepare_local: false to stream the sources")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:

@@ -3,9 +3,9 @@
 Readers. Every (data-parallel rank, DataLoader worker) pair is one reader, `reader = rank *
 num_workers + worker_id` of `R = world_size * num_workers`. For each source a reader takes the shards
 `s % R == reader` when the source has at least R shards (as `datasets.distributed.split_dataset_by_node`
-does over shards); with fewer shards every reader reads all of them and keeps the documents whose
-global index `i % R == reader` (round-robin). Either way the readers' documents are disjoint and
-together cover the source once per epoch.
+does over shards); with fewer, every shard is cut into pieces (Parquet row groups, byte ranges of jsonl
+and text: `reader_pieces`) dealt round-robin. Either way no record is read by two readers, and the
+readers together cover the source once per epoch.
 
 Order. Per reader and source, each epoch visits the reader's shards in a seeded order; documents are
 taken in blocks of `shuffle_buffer` documents, each block tokenised in one batched call and shuffled
@@ -13,17 +13,24 @@ with a seed of (seed, source, reader, epoch, block). Several sources are mixed p
 seeded sampler with the normalised weights; each source repeats its own epochs (training), or stops
 after `num_epochs` passes, when the mixture goes on with the sources that are left.
 
-State. A reader's position is a few integers per source (epoch, shard, record index at the block's
+State. A reader's position is a few integers per source (epoch, piece, the record key at the block's
 start, block number, index in the block), the sampler's draw count, and the packer's pending
 document (the stream position before it was drawn, plus how many of its tokens are already packed).
-Restoring re-reads and re-tokenises the current block of each source, then continues exactly: a
-resumed run yields the same batches, token for token, as the uninterrupted one. torchdata's
-`StatefulDataLoader` carries each worker's state with every batch and knows which worker is next.
+Restoring seeks to the block's start (a row group, a byte offset) and re-reads and re-tokenises that
+block, then continues exactly: a resumed run yields the same batches, token for token, as the
+uninterrupted one. torchdata's `StatefulDataLoader` carries each worker's state with every batch and
+knows which worker is next.
+
+Another topology. Keys do not depend on who reads them, so every reader's state together says which
+records of which epochs were consumed (`portable_position`); the readers of another world size or
+worker count start at the earliest epoch and skip those records (`PackedDataLoader.load_state_dicts`).
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -38,8 +45,26 @@ from .sources import PROBLEMS, Source, open_source
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "seedlm.data_pipeline.v1"
+STATE_FORMAT = "seedlm.data_pipeline.v2"  # v2: positions are (piece, key)
 _DRAWS_PER_CHUNK = 1024  # mixture draws come from a counter-based RNG in chunks of this size
+
+
+_END = 2**62  # the key past a shard's last record, in intervals of consumed records
+
+
+def reader_pieces(source: Source, reader: int, num_readers: int) -> list[tuple[int, int, int | None]]:
+    """(shard, start key, stop key or None) of the pieces one reader owns. With at least as many shards as readers
+    a piece is a whole shard, dealt `shard % R == reader`; with fewer, each shard is cut (`Source.split_points`)
+    into R / gcd(shards, R) pieces, dealt round-robin, so that every byte is read by one reader."""
+    n = source.num_shards
+    if n >= num_readers:
+        return [(s, 0, None) for s in range(n) if s % num_readers == reader]
+    parts = num_readers // math.gcd(n, num_readers)
+    pieces = []
+    for shard in range(n):
+        points = source.split_points(shard, parts)
+        pieces += [(shard, a, b) for a, b in zip(points, points[1:] + [None])]
+    return pieces[reader::num_readers]
 
 
 class SourceReader:
@@ -54,95 +79,135 @@ class SourceReader:
         config: DataConfig,
         num_epochs: int | None,
         shuffle: bool,
-        tokenize: Callable[[list[str]], list[np.ndarray]],
+        tokenize: Callable[[list[str]], list[np.ndarray]] | None,
         bad_counts: dict[str, int],
     ):
         self.source, self.src_idx, self.reader, self.num_readers = source, src_idx, reader, num_readers
         self.seed, self.block_size, self.strict = config.seed, config.shuffle_buffer, config.strict
         self.num_epochs, self.shuffle, self.tokenize, self.bad_counts = num_epochs, shuffle, tokenize, bad_counts
-        n = source.num_shards
-        self.shard_mode = n >= num_readers
-        self.my_shards = [s for s in range(n) if s % num_readers == reader] if self.shard_mode else list(range(n))
-        self._order_cache: tuple[int, list[int]] | None = None
-        # Position of the current block's start, and the index of the next document in the block.
-        self.epoch = self.shard_pos = self.raw_idx = self.global_base = self.block_no = self.idx = 0
+        self.pieces = reader_pieces(source, reader, num_readers)
+        self._order_cache: tuple[int, list[tuple[int, int, int | None]]] | None = None
+        # Position of the current block's start (piece in the epoch's order, first key to read in it; 0 = the
+        # piece's start), and the index of the next document in the block.
+        self.epoch = self.piece_pos = self.key = self.block_no = self.idx = 0
         self.exhausted = False
         self.block: list[np.ndarray] | None = None  # tokenised documents of the current block
         self.order: np.ndarray | None = None  # [len(block)] shuffled order of the block
-        self.next_cursor: tuple[int, int, int] = (0, 0, 0)  # (shard_pos, raw_idx, global_base) after the block
+        self.next_cursor: tuple[int, int] = (0, 0)  # (piece_pos, key) after the block
         self._count = True  # False while re-reading a block whose bad records were already counted
+        # Records other readers consumed before the run moved to this topology: [epoch, shard, start, stop]
+        # intervals of keys, skipped in those epochs (`portable_position`).
+        self.skip: list[list[int]] = []
+        self._skip_index: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
 
     # -- state
     def state(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "shard_pos": self.shard_pos, "raw_idx": self.raw_idx, "global_base": self.global_base,
-            "block_no": self.block_no, "idx": self.idx, "exhausted": self.exhausted,
+            "epoch": self.epoch, "piece_pos": self.piece_pos, "key": self.key, "block_no": self.block_no,
+            "idx": self.idx, "exhausted": self.exhausted,
             # whether the current block's bad records were already counted (it was read, or is about to be re-read)
             "counted": self.block is not None or not self._count,
+            "skip": self.skip,
         }  # fmt: skip
 
     def load_state(self, st: dict[str, Any]) -> None:
-        self.epoch, self.shard_pos, self.raw_idx = st["epoch"], st["shard_pos"], st["raw_idx"]
-        self.global_base, self.block_no, self.idx, self.exhausted = (
-            st["global_base"],
-            st["block_no"],
-            st["idx"],
-            st["exhausted"],
-        )
+        self.epoch, self.piece_pos, self.key = st["epoch"], st["piece_pos"], st["key"]
+        self.block_no, self.idx, self.exhausted = st["block_no"], st["idx"], st["exhausted"]
         self.block = self.order = None
         self._count = not st["counted"]  # re-reading a block must not count its bad records twice
+        self._set_skip(st["skip"])
+
+    def _set_skip(self, skip: list[list[int]]) -> None:
+        self.skip = [s for s in skip if s[0] >= self.epoch]
+        self._skip_index = {}
+        for epoch, shard, a, b in sorted(self.skip):
+            starts, ends = self._skip_index.setdefault((epoch, shard), ([], []))
+            starts.append(a)
+            ends.append(b)
+
+    def _skipped_until(self, shard: int, key: int) -> int | None:
+        """The end of the consumed interval holding `key` in this epoch, or None when `key` was not consumed."""
+        index = self._skip_index.get((self.epoch, shard))
+        if index is None:
+            return None
+        i = bisect.bisect_right(index[0], key) - 1
+        return index[1][i] if i >= 0 and key < index[1][i] else None
 
     # -- reading
-    def _epoch_shards(self, epoch: int) -> list[int]:
+    def _epoch_pieces(self, epoch: int) -> list[tuple[int, int, int | None]]:
         if self._order_cache is None or self._order_cache[0] != epoch:
-            if not self.shuffle:
-                order = list(self.my_shards)
-            elif self.shard_mode:
-                perm = np.random.default_rng([self.seed, self.src_idx, epoch, self.reader]).permutation(
-                    len(self.my_shards)
-                )
-                order = [self.my_shards[i] for i in perm]
-            else:  # round-robin: the same order on every reader, so the global index means the same everywhere
-                order = [
-                    int(i)
-                    for i in np.random.default_rng([self.seed, self.src_idx, epoch]).permutation(len(self.my_shards))
-                ]
+            order = list(self.pieces)
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, self.src_idx, epoch, self.reader]).permutation(len(order))
+                order = [self.pieces[i] for i in perm]
             self._order_cache = (epoch, order)
         return self._order_cache[1]
 
-    def _load_block(self) -> None:
-        shards = self._epoch_shards(self.epoch)
+    def _read_block(self) -> tuple[list[str], list[tuple[int, int]]]:
+        """Texts and (shard, key) of the block starting at the current position: up to shuffle_buffer good
+        records; sets `next_cursor` to the position after it."""
+        pieces = self._epoch_pieces(self.epoch)
         texts: list[str] = []
-        shard_pos, raw, base = self.shard_pos, self.raw_idx, self.global_base
-        while shard_pos < len(shards) and len(texts) < self.block_size:
-            records = self.source.iter_records(shards[shard_pos], raw)
-            last, full = raw - 1, False
+        keys: list[tuple[int, int]] = []
+        piece_pos, key = self.piece_pos, self.key
+        while piece_pos < len(pieces) and len(texts) < self.block_size:
+            shard, start, stop = pieces[piece_pos]
+            key = max(key, start)
+            key = self._skipped_until(shard, key) or key  # a consumed head is not read at all
+            full = False
+            records = self.source.iter_records(shard, key, stop) if key < (stop or _END) else iter(())
             try:
                 for rec in records:
-                    last = rec.raw_idx
-                    if not self.shard_mode and (base + rec.raw_idx) % self.num_readers != self.reader:
+                    if self._skipped_until(shard, rec.raw_idx) is not None:
                         continue
                     if rec.problem is not None:
                         self._bad(rec.problem, rec.where)
                         continue
                     texts.append(rec.text)
+                    keys.append((shard, rec.raw_idx))
                     if len(texts) == self.block_size:
-                        full = True
+                        full, key = True, rec.raw_idx + 1
                         break
             finally:
-                records.close()  # release the file of a shard left mid-way
-            if full:
-                raw = last + 1
-            else:  # shard done; `last + 1` is its record count, the same on every reader
-                shard_pos, raw, base = shard_pos + 1, 0, base + last + 1
-        self._count = True
-        self.next_cursor = (shard_pos, raw, base)
-        self.block = self.tokenize(texts) if texts else []
+                if hasattr(records, "close"):
+                    records.close()  # release the file of a piece left mid-way
+            if not full:
+                piece_pos, key = piece_pos + 1, 0
+        self.next_cursor = (piece_pos, key)
+        return texts, keys
+
+    def _block_order(self, n: int) -> np.ndarray:
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.src_idx, self.reader, self.epoch, self.block_no])
-            self.order = rng.permutation(len(self.block))
-        else:
-            self.order = np.arange(len(self.block))
+            return rng.permutation(n)
+        return np.arange(n)
+
+    def _load_block(self) -> None:
+        texts, _ = self._read_block()
+        self._count = True
+        self.block = self.tokenize(texts) if texts else []
+        self.order = self._block_order(len(self.block))
+
+    def consumed(self, floor: int) -> list[list[int]]:
+        """[epoch, shard, start, stop] intervals of the keys this reader has consumed in epochs >= floor, its
+        current block's drawn documents included (re-read, not tokenised): what another topology must skip."""
+        out = [s for s in self.skip if s[0] >= floor]
+        for epoch in range(floor, self.epoch):
+            out += [[epoch, shard, a, b if b is not None else _END] for shard, a, b in self.pieces]
+        if self.exhausted:
+            return out
+        pieces = self._epoch_pieces(self.epoch)
+        out += [[self.epoch, shard, a, b if b is not None else _END] for shard, a, b in pieces[: self.piece_pos]]
+        if self.piece_pos < len(pieces):
+            shard, a, _ = pieces[self.piece_pos]
+            if self.key > a:
+                out.append([self.epoch, shard, a, self.key])
+        if self.idx:
+            self._count = False  # these bad records were counted by the reader that saved the state
+            _, keys = self._read_block()
+            order = self._block_order(len(keys))
+            out += [[self.epoch, shard, k, k + 1] for shard, k in (keys[i] for i in order[: self.idx])]
+        return out
 
     def _bad(self, problem: str, where: str) -> None:
         if self.strict:
@@ -168,7 +233,8 @@ class SourceReader:
                 doc = self.block[self.order[self.idx]]
                 self.idx += 1
                 return doc
-            if not self.block and self.shard_pos == 0 and self.raw_idx == 0 and self.num_epochs is None:
+            first_block = self.piece_pos == 0 and self.key == 0 and self.block_no == 0
+            if not self.block and first_block and self.num_epochs is None and not self.skip:
                 # A whole epoch without a document: repeating it would loop forever. (A finite pass just ends:
                 # a small held-out split may leave some readers empty.)
                 raise DataError(
@@ -176,14 +242,15 @@ class SourceReader:
                     f"{self.source.config.describe()} ({self.source.split} split, {self.source.num_shards} shards): "
                     "use fewer ranks/workers or more data"
                 )
-            shard_pos, raw, base = self.next_cursor
-            if shard_pos >= len(self._epoch_shards(self.epoch)):  # epoch done
+            piece_pos, key = self.next_cursor
+            if piece_pos >= len(self._epoch_pieces(self.epoch)):  # epoch done
                 self.epoch += 1
-                shard_pos, raw, base, self.block_no = 0, 0, 0, 0
+                piece_pos, key, self.block_no = 0, 0, 0
                 self.exhausted = self.num_epochs is not None and self.epoch >= self.num_epochs
+                self._set_skip(self.skip)  # the consumed records of past epochs no longer matter
             else:
                 self.block_no += 1
-            self.shard_pos, self.raw_idx, self.global_base, self.idx = shard_pos, raw, base, 0
+            self.piece_pos, self.key, self.idx = piece_pos, key, 0
             self.block = self.order = None
         return None
 
@@ -260,13 +327,17 @@ class PackedDataset(IterableDataset):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._state: dict[str, Any] | None = None  # after the last yielded batch
         self._resume: dict[str, Any] | None = None
+        self._portable: dict[str, Any] | None = None  # a position saved under another topology
 
     def state_dict(self) -> dict[str, Any] | None:
         return self._state if self._state is not None else self._resume
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        self._resume = state
+        self._resume, self._portable = state, None
         self._state = None
+
+    def load_portable(self, portable: dict[str, Any]) -> None:
+        self._resume, self._portable, self._state = None, portable, None
 
     def _reader(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -296,6 +367,8 @@ class PackedDataset(IterableDataset):
             return None if item is None else (item[0], before)
 
         resume, self._resume = self._resume, None
+        if self._portable is not None:
+            resume, self._portable = _start_from_portable(self._portable, reader, self.num_epochs), None
         if resume is not None:
             if resume["reader"] != reader:
                 raise DataError(f"data state of reader {resume['reader']} was given to reader {reader}")
@@ -357,6 +430,29 @@ class PackedDataLoader:
         check_meta(state["meta"], self.meta)
         self.loader.load_state_dict(state["loader"])
 
+    def load_state_dicts(self, states: list[dict[str, Any]]) -> None:
+        """Resume from the data states that EVERY rank of the saved run wrote (in rank order). Under the same
+        world size and num_workers this is `load_state_dict(states[rank])`, exact to the token; under another
+        one the readers continue from `portable_position`: no document is read twice or skipped (a document
+        cut by the save is counted as read: the rest of it is not trained on)."""
+        for st in states:
+            if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+                raise DataError(f"not a data-pipeline state (expected format {STATE_FORMAT!r}); a state saved by an "
+                                "older seedlm cannot move to another topology: resume with the world size and "
+                                "data.num_workers it was saved with")
+        saved = states[0]["meta"]
+        if (saved["world_size"], saved["num_workers"]) == (self.meta["world_size"], self.meta["num_workers"]):
+            self.load_state_dict(states[self.meta["rank"]])
+            return
+        problem = topology_change_problem(saved, self.meta)
+        if problem:
+            raise DataError(problem)
+        if len(states) != saved["world_size"]:
+            raise DataError(f"{len(states)} data states were given, but the run that saved them had world_size="
+                            f"{saved['world_size']}: pass every rank's state, in rank order")
+        self.dataset.load_portable(portable_position(states, self.dataset.sources, self.dataset.config,
+                                                     self.dataset.num_epochs, self.dataset.shuffle))
+
     def bad_record_counts(self) -> dict[str, int]:
         """Bad records skipped so far by this rank's readers, by problem (for the trainer to log)."""
         total = dict.fromkeys(PROBLEMS, 0)
@@ -375,6 +471,79 @@ def _find_key(obj: Any, key: str) -> list[Any]:
         for k, v in obj.items():
             found.extend([v] if k == key else _find_key(v, key))
     return found
+
+
+_TOPOLOGY_KEYS = ("rank", "world_size", "num_workers")
+
+
+def topology_change_problem(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why a streaming data state saved under one world size / num_workers cannot continue under this run's
+    (None: it can, through `PackedDataLoader.load_state_dicts`). `saved` and `current` are the loaders' `meta`."""
+    diff = sorted(k for k in set(saved) | set(current) if k not in _TOPOLOGY_KEYS and saved.get(k) != current.get(k))
+    if diff == ["num_shards"]:
+        return (f"the sources have {current['num_shards']} shards in this run, {saved['num_shards']} when the data "
+                "state was saved (a Hub dataset with fewer data files than readers is split by row group): the "
+                "position cannot be carried over; resume with the saved world size and data.num_workers")
+    if diff:
+        lines = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diff)
+        return f"the data settings changed since the state was saved ({lines}); resume with the same settings"
+    return None
+
+
+def can_change_topology(state: Any) -> bool:
+    """Whether a saved loader state (streaming or prepared) can resume under another world size or num_workers.
+    The trainer then gathers every rank's saved state and calls `load_state_dicts(states)` (streaming) or
+    `load_state_dict(states[0])` (prepared data: the state is global rows consumed, the same on every rank)."""
+    from .prepared import STATE_FORMAT as PREPARED_FORMAT
+
+    return isinstance(state, dict) and state.get("format") in (STATE_FORMAT, PREPARED_FORMAT)
+
+
+def portable_position(states: list[dict[str, Any]], sources: list[Source], config: DataConfig,
+                      num_epochs: int | None, shuffle: bool) -> dict[str, Any]:
+    """A topology-free position from every reader's state: per source, the earliest epoch any reader is in and
+    the [epoch, shard, start, stop] key intervals consumed from it on (each reader's current block is read once
+    more, not tokenised, to learn which of its documents were drawn)."""
+    readers = [ds for st in states for ds in _find_key(st["loader"], "dataset_state") if ds]
+    meta = states[0]["meta"]
+    num_readers = meta["world_size"] * max(meta["num_workers"], 1)
+    out = {"sources": [], "bad_records": []}
+    for k, src in enumerate(sources):
+        positions = {ds["reader"]: ds["stream"]["sources"][k] for ds in readers}
+        # a reader that never yielded a batch consumed nothing: it is at the start of epoch 0
+        floor = min([positions.get(r, {"epoch": 0})["epoch"] for r in range(num_readers)])
+        consumed = []
+        for r, pos in positions.items():
+            reader = SourceReader(src, k, r, num_readers, config, num_epochs, shuffle, None,
+                                  dict.fromkeys(PROBLEMS, 0))
+            reader.load_state(pos)
+            consumed += reader.consumed(floor)
+        out["sources"].append({"epoch": floor, "skip": _merge(consumed)})
+        bad = dict.fromkeys(PROBLEMS, 0)
+        for ds in readers:
+            for problem, n in ds["stream"]["bad_records"][k].items():
+                bad[problem] += n
+        out["bad_records"].append(bad)
+    return out
+
+
+def _merge(intervals: list[list[int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for epoch, shard, a, b in sorted(intervals):
+        if merged and merged[-1][:2] == [epoch, shard] and a <= merged[-1][3]:
+            merged[-1][3] = max(merged[-1][3], b)
+        else:
+            merged.append([epoch, shard, a, b])
+    return merged
+
+
+def _start_from_portable(portable: dict[str, Any], reader: int, num_epochs: int | None) -> dict[str, Any]:
+    """The state a reader of the new topology starts from: the earliest epoch, skipping what was consumed."""
+    sources = [{"epoch": p["epoch"], "piece_pos": 0, "key": 0, "block_no": 0, "idx": 0, "counted": False,
+                "exhausted": num_epochs is not None and p["epoch"] >= num_epochs, "skip": p["skip"]}
+               for p in portable["sources"]]
+    bad = [dict(b) if reader == 0 else dict.fromkeys(b, 0) for b in portable["bad_records"]]  # counted once
+    return {"reader": reader, "stream": {"draw": 0, "sources": sources, "bad_records": bad}, "packer": None}
 
 
 def check_meta(saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -397,8 +566,8 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any]) -> None:
         raise DataError(f"the data settings changed since the state was saved ({lines}); resume with the same settings")
 
 
-def open_sources(config: DataConfig, split: str = "train") -> list[Source]:
-    return [open_source(s, split) for s in config.sources]
+def open_sources(config: DataConfig, split: str = "train", num_readers: int = 1) -> list[Source]:
+    return [open_source(s, split, num_readers) for s in config.sources]
 
 
 def build_dataloader(
@@ -412,11 +581,16 @@ def build_dataloader(
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos token; packing needs one to separate documents")
+    if config.prepare_local:
+        from .prepared import with_local_cache
+
+        config = with_local_cache(config, tokenizer)
     if config.prepared:
         from .prepared import build_prepared_loader
 
         return build_prepared_loader(config, tokenizer, rank, world_size, split, grad_accum_steps)
-    sources = open_sources(config, split)  # every user mistake about the data fails here, before compute
+    num_readers = world_size * max(config.num_workers, 1)
+    sources = open_sources(config, split, num_readers)  # every user mistake about the data fails here
     dataset = PackedDataset(sources, config, tokenizer, rank, world_size, split)
     meta = {
         "rank": rank,

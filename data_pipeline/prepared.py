@@ -297,6 +297,42 @@ def _save_manifest(out: Path, manifest: dict) -> None:
         os.close(fd)
 
 
+# ----------------------------------------------------------------------------- implicit cache
+
+
+def local_cache_dir(config: DataConfig, tokenizer: Any) -> Path:
+    """The cache folder of `config.sources` prepared with `tokenizer`: keyed by the sources, every file's path,
+    size and modification time, and the tokenizer's hash ($SEEDLM_DATA_CACHE, default ~/.cache/seedlm/prepared)."""
+    from .sources import list_files
+
+    files = []
+    for source in config.sources:
+        root, rels = list_files(source)
+        files.append([(rel, (root / rel).stat().st_size, (root / rel).stat().st_mtime_ns) for rel in rels])
+    key = json.dumps([[dataclasses.asdict(s) for s in config.sources], files, tokenizer_hash(tokenizer)])
+    root = Path(os.environ.get("SEEDLM_DATA_CACHE", Path.home() / ".cache" / "seedlm" / "prepared"))
+    return root / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def with_local_cache(config: DataConfig, tokenizer: Any) -> DataConfig:
+    """`config` reading its local sources from the implicit cache (data.prepare_local), prepared first when the
+    cache lacks them (rank 0 when torch.distributed runs; the others wait). Hub sources are streamed as before."""
+    if not config.prepare_local or config.prepared or any(s.kind == "hub" for s in config.sources):
+        return config
+    tokenizer_dir = config.tokenizer or getattr(tokenizer, "name_or_path", None)
+    if not tokenizer_dir or not Path(tokenizer_dir).is_dir():
+        raise DataError("data.prepare_local needs the tokenizer's folder (data.tokenizer) to prepare the sources "
+                        "with; set it, or set prepare_local: false")
+    out = local_cache_dir(config, tokenizer)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        # a complete set returns at once; an interrupted one continues
+        prepare(config, tokenizer_dir, out, num_proc=1 if distributed else None, show_progress=False)
+    if distributed:
+        torch.distributed.barrier()
+    return dataclasses.replace(config, prepared=[{"path": str(out), "weight": 1.0}])
+
+
 # ----------------------------------------------------------------------------- read
 
 

@@ -4,10 +4,14 @@ A source is opened once in the main process (`open_source`), which checks everyt
 wrong (no files matching a glob, unknown dataset, split, config or text field) and raises one
 `DataError` before training starts. The opened source is then pickled into the loader workers.
 
-Every record has a `raw_idx`: its index within its shard counting every record, good or bad. The
-loader's resumable position is (shard, raw_idx), so reading a shard "from raw_idx k" is the only
-seek a source needs. Bad records (malformed JSON, missing text field, empty or binary files) are
-yielded with a `problem` instead of text; the loader counts and skips them, or raises in strict mode.
+Every record has a key, `raw_idx`: where it is in its shard, counted over every record, good or bad: the row
+index for Parquet and Hub shards, the byte offset of its first line for jsonl and text, 0 for a one-document
+file. Keys increase through a shard and do not depend on who reads it, so the loader's position is
+(shard, key), and reading a shard's keys [start, stop) is the only seek a source needs: whole row groups and
+bytes before `start` are never read. `split_points` cuts a shard into pieces for readers that share it
+(Parquet row groups, byte ranges of jsonl and text). Bad records (malformed JSON, missing text field, empty
+or binary files) are yielded with a `problem` instead of text; the loader counts and skips them, or raises in
+strict mode.
 
 Local files are read by the small readers below rather than through `datasets`' json/text builders:
 those fail the whole stream on one malformed line, while a pretraining run should skip and count it.
@@ -63,20 +67,26 @@ class Source:
     split: str
     num_shards: int
 
-    def iter_records(self, shard: int, start: int) -> Iterator[Record]:
+    def iter_records(self, shard: int, start: int, stop: int | None = None) -> Iterator[Record]:
+        """The records of a shard whose key is in [start, stop) (stop None: to the shard's end)."""
         raise NotImplementedError
+
+    def split_points(self, shard: int, parts: int) -> list[int]:
+        """Keys where up to `parts` pieces of the shard start, the first 0 ([0]: the shard cannot be split)."""
+        return [0]
 
     def _wants(self, key: str) -> bool:
         """Whether the record with this key belongs to this source's split."""
         return is_heldout(key, self.config.holdout_fraction) == (self.split == "validation")
 
 
-def open_source(config: SourceConfig, split: str = "train") -> Source:
-    """Open and check a source; every user mistake becomes one DataError here."""
+def open_source(config: SourceConfig, split: str = "train", num_readers: int = 1) -> Source:
+    """Open and check a source; every user mistake becomes one DataError here. `num_readers`: how many readers
+    will share it (a Hub dataset with fewer data files is split by Parquet row group)."""
     if split not in ("train", "validation"):
         raise DataError(f"split must be 'train' or 'validation', got {split!r}")
     if config.kind == "hub":
-        return HubSource(config, split)
+        return HubSource(config, split, num_readers)
     return LocalSource(config, split)
 
 
@@ -181,12 +191,30 @@ class LocalSource(Source):
                     f"keys seen: {sorted(keys)}",
                 ))
 
-    def iter_records(self, shard: int, start: int) -> Iterator[Record]:
+    def split_points(self, shard: int, parts: int) -> list[int]:
+        """Keys where up to `parts` pieces of the shard start (the first is 0), for readers that share a shard:
+        Parquet row groups, or equal byte ranges of jsonl and text (a piece owns the records that START in it)."""
+        path = self.root / self.files[shard]
+        if parts <= 1 or self.one_doc_per_file:
+            return [0]
+        if self.config.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.ParquetFile(path).metadata
+            rows = [0]
+            for rg in range(meta.num_row_groups):
+                rows.append(rows[-1] + meta.row_group(rg).num_rows)
+            groups = meta.num_row_groups
+            return sorted({rows[groups * j // parts] for j in range(parts)})
+        size = path.stat().st_size
+        return sorted({size * j // parts for j in range(parts)})
+
+    def iter_records(self, shard: int, start: int, stop: int | None = None) -> Iterator[Record]:
         rel = self.files[shard]
         path = self.root / rel
         kind = self.config.kind
         if kind == "parquet":
-            yield from self._iter_parquet(path, rel, start)
+            yield from self._iter_parquet(path, rel, start, stop)
             return
         if _sniff_binary(path):
             if start == 0:
@@ -202,66 +230,76 @@ class LocalSource(Source):
                 return
             yield Record(0, text, None if text.strip() else "empty", str(path))
         elif kind == "jsonl":
-            yield from self._iter_jsonl(path, rel, start)
+            yield from self._iter_jsonl(path, rel, start, stop)
         else:
-            yield from self._iter_text(path, rel, start)
+            yield from self._iter_text(path, rel, start, stop)
 
-    def _iter_jsonl(self, path: Path, rel: str, start: int) -> Iterator[Record]:
+    def _iter_jsonl(self, path: Path, rel: str, start: int, stop: int | None) -> Iterator[Record]:
         field = self.config.text_field
-        with open(path, "rb") as f:
-            for i, raw in enumerate(f):
-                if i < start or not raw.strip():
-                    continue  # already read, or a blank line (not a record)
-                where = f"{path}:{i + 1}"
-                if self.config.holdout_fraction > 0 and not self._wants(f"{rel}:{i}"):
-                    continue
-                try:
-                    obj = json.loads(raw)
-                except UnicodeDecodeError:
-                    yield Record(i, None, "undecodable", where)
-                    continue
-                except json.JSONDecodeError:
-                    yield Record(i, None, "malformed_json", where)
-                    continue
-                text = obj.get(field) if isinstance(obj, dict) else None
-                if not isinstance(text, str):
-                    yield Record(i, None, "missing_field", where)
-                elif not text.strip():
-                    yield Record(i, None, "empty", where)
-                else:
-                    yield Record(i, text, None, where)
+        for pos, line, where in _lines(path, start, stop):
+            if not line.strip() or not self._wants_rec(rel, pos):
+                continue  # a blank line (not a record), or a record of the other split
+            try:
+                obj = json.loads(line)
+            except UnicodeDecodeError:
+                yield Record(pos, None, "undecodable", where)
+                continue
+            except json.JSONDecodeError:
+                yield Record(pos, None, "malformed_json", where)
+                continue
+            text = obj.get(field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                yield Record(pos, None, "missing_field", where)
+            elif not text.strip():
+                yield Record(pos, None, "empty", where)
+            else:
+                yield Record(pos, text, None, where)
 
-    def _iter_text(self, path: Path, rel: str, start: int) -> Iterator[Record]:
+    def _iter_text(self, path: Path, rel: str, start: int, stop: int | None) -> Iterator[Record]:
+        """Lines or paragraphs (runs of non-blank lines) that start in [start, stop); a paragraph begun before
+        `start` belongs to the piece before, and one begun before `stop` is read to its end."""
+
+        def record(pos: int, raw: bytes, where: str) -> Record | None:
+            if not self._wants_rec(rel, pos):
+                return None
+            try:
+                return Record(pos, raw.decode("utf-8").rstrip("\r\n"), None, where)
+            except UnicodeDecodeError:
+                return Record(pos, None, "undecodable", where)
+
         by_line = self.config.sample_by == "line"
-        idx, para, first_line = 0, [], 0
-        try:
-            with open(path, encoding="utf-8", newline="") as f:
-                for n, line in enumerate(f):
-                    if by_line:
-                        if line.strip():
-                            if idx >= start and self._wants_rec(rel, idx):
-                                yield Record(idx, line.rstrip("\r\n"), None, f"{path}:{n + 1}")
-                            idx += 1
-                        continue
-                    if line.strip():
-                        if not para:
-                            first_line = n
-                        para.append(line)
-                    elif para:
-                        if idx >= start and self._wants_rec(rel, idx):
-                            yield Record(idx, "".join(para).rstrip("\r\n"), None, f"{path}:{first_line + 1}")
-                        idx, para = idx + 1, []
-                if para and idx >= start and self._wants_rec(rel, idx):
-                    yield Record(idx, "".join(para).rstrip("\r\n"), None, f"{path}:{first_line + 1}")
-        except UnicodeDecodeError:
-            # The rest of the file is unreadable; the index keeps resumed reads consistent.
-            if idx >= start:
-                yield Record(idx, None, "undecodable", str(path))
+        para: list[bytes] = []
+        para_at, skipping = (0, ""), start > 0 and not by_line and not _blank_before(path, start)
+        for pos, line, where in _lines(path, start, None):
+            blank = not line.strip()
+            if by_line or blank:
+                if para:  # a paragraph ends
+                    rec = record(para_at[0], b"".join(para), para_at[1])
+                    if rec is not None:
+                        yield rec
+                    para = []
+                skipping = False
+            if stop is not None and pos >= stop and not para:
+                return
+            if blank:
+                continue
+            if by_line:
+                rec = record(pos, line, where)
+                if rec is not None:
+                    yield rec
+            elif not skipping:
+                if not para:
+                    para_at = (pos, where)
+                para.append(line)
+        if para:
+            rec = record(para_at[0], b"".join(para), para_at[1])
+            if rec is not None:
+                yield rec
 
-    def _wants_rec(self, rel: str, idx: int) -> bool:
-        return self.config.holdout_fraction <= 0 or self._wants(f"{rel}:{idx}")
+    def _wants_rec(self, rel: str, key: int) -> bool:
+        return self.config.holdout_fraction <= 0 or self._wants(f"{rel}:{key}")
 
-    def _iter_parquet(self, path: Path, rel: str, start: int) -> Iterator[Record]:
+    def _iter_parquet(self, path: Path, rel: str, start: int, stop: int | None) -> Iterator[Record]:
         import pyarrow.parquet as pq
 
         field = self.config.text_field
@@ -273,11 +311,13 @@ class LocalSource(Source):
         offset = 0
         for rg in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
-            if offset + n <= start:  # seek by skipping whole row groups
+            if stop is not None and offset >= stop:
+                return
+            if offset + n <= start:  # seek by skipping whole row groups: they are never read
                 offset += n
                 continue
             column = pf.read_row_group(rg, columns=[field]).column(0).to_pylist()
-            for j in range(max(start - offset, 0), n):
+            for j in range(max(start - offset, 0), n if stop is None else min(n, stop - offset)):
                 i, text = offset + j, column[j]
                 if not self._wants_rec(rel, i):
                     continue
@@ -290,13 +330,51 @@ class LocalSource(Source):
             offset += n
 
 
+def _lines(path: Path, start: int, stop: int | None) -> Iterator[tuple[int, bytes, str]]:
+    """(byte offset, line, where) of the lines of a file that start in [start, stop): the seek is a byte offset,
+    so a resumed or split read never re-reads what lies before it. `where` is file:line when reading from the
+    file's start, else file:byte offset."""
+    with open(path, "rb") as f:
+        pos = start
+        if start > 0:
+            f.seek(start - 1)
+            pos = start - 1 + len(f.readline())  # the rest of a line begun before `start` is not ours
+        lineno = 1 if start == 0 else None
+        while stop is None or pos < stop:
+            line = f.readline()
+            if not line:
+                return
+            yield pos, line, f"{path}:{lineno}" if lineno else f"{path}:byte {pos}"
+            pos += len(line)
+            lineno = lineno + 1 if lineno else None
+
+
+def _blank_before(path: Path, start: int) -> bool:
+    """Whether the line before the first line starting at or after byte `start` is blank: then a paragraph
+    starting there is not the tail of an earlier one. Reads backwards only until the answer is known."""
+    with open(path, "rb") as f:
+        f.seek(start - 1)
+        end = start - 1 + len(f.readline()) - 1  # the newline that ends the line before
+        while end > 0:
+            begin = max(0, end - 4096)
+            f.seek(begin)
+            chunk = f.read(end - begin)
+            for byte in reversed(chunk):
+                if byte == 0x0A:
+                    return True  # reached the line before that: all whitespace in between
+                if byte not in b" \t\r\f\v":
+                    return False
+            end = begin
+    return True
+
+
 # ----------------------------------------------------------------------------- Hub datasets
 
 
 class HubSource(Source):
     """`datasets.load_dataset(path, name, split=..., streaming=True)`; one shard per data file."""
 
-    def __init__(self, config: SourceConfig, split: str):
+    def __init__(self, config: SourceConfig, split: str, num_readers: int = 1):
         self.config, self.split = config, split
         hf_split = config.split if split == "train" else config.validation_split
         if hf_split is None:
@@ -305,6 +383,10 @@ class HubSource(Source):
                 "dataset's splits (e.g. 'validation')"
             )
         self.dataset = _load_streaming(config, hf_split)
+        if self.dataset.num_shards < num_readers:
+            # one shard per Parquet row group, so that no two readers read the same data file (other formats
+            # stay one shard per file). Only then: it opens every file's footer, one request each.
+            self.dataset = self.dataset.reshard()
         self.num_shards = self.dataset.num_shards
         self._check_text_field()
 
@@ -318,10 +400,13 @@ class HubSource(Source):
         if field not in names:
             raise DataError(_missing_field(self.config, f"text field {field!r} not found", f"fields: {names}"))
 
-    def iter_records(self, shard: int, start: int) -> Iterator[Record]:
+    def iter_records(self, shard: int, start: int, stop: int | None = None) -> Iterator[Record]:
         field = self.config.text_field
         ds = self.dataset.shard(num_shards=self.num_shards, index=shard, contiguous=True)
         if start:
+            # `skip` reads the rows before `start` again: datasets' own state_dict resumes at a table boundary
+            # without saying which, so it cannot place a row exactly. A resharded shard is one row group, so
+            # this re-reads less than one row group.
             ds = ds.skip(start)
         # `ds.iter(batch_size)`, not `iter(ds)`: inside a torch DataLoader worker, `IterableDataset.__iter__`
         # splits the shards over the workers once more by itself, but the loader has already dealt them.

@@ -224,3 +224,29 @@ def test_stdlib_default_source():
     assert all(f.endswith(".py") for f in train.files[:50])
     assert set(train.files).isdisjoint(val.files)
     assert 0.005 < len(val.files) / (len(train.files) + len(val.files)) < 0.05
+
+
+def test_prepare_local_reads_local_sources_through_a_cache(tmp_path, tok, monkeypatch):
+    """data.prepare_local: the files are prepared once into a cache keyed by sources and tokenizer, then read in
+    the prepared, topology-free order; a changed file is a new cache entry."""
+    from seedlm.data_pipeline import PreparedLoader
+    from seedlm.data_pipeline.prepared import MANIFEST, local_cache_dir, read_manifest
+
+    monkeypatch.setenv("SEEDLM_DATA_CACHE", str(tmp_path / "cache"))
+    docs = make_docs("doc", 40)
+    folder = write_files(tmp_path / "f", docs)
+    cfg = DataConfig(sources=[SourceConfig(kind="files", path=str(folder))], tokenizer=tok.name_or_path,
+                     seq_len=32, micro_batch_size=2, num_workers=0, prepare_local=True)
+    loader = build_dataloader(cfg, tok)
+    assert isinstance(loader, PreparedLoader)
+    cache = local_cache_dir(cfg, tok)
+    manifest = (cache / MANIFEST).stat().st_mtime_ns
+    assert (cache / MANIFEST).is_file() and cfg.prepared is None  # the run's config is left as it was
+    first = take(loader, 3)
+    assert_same_batches(take(build_dataloader(cfg, tok), 3), first)  # from the cache, not prepared again
+    assert (cache / MANIFEST).stat().st_mtime_ns == manifest
+    assert read_manifest(cache)["documents"] == len(docs)
+    (folder / "sub0" / "doc0000.txt").write_text("doc0000: changed")
+    assert local_cache_dir(cfg, tok) != cache
+    with pytest.raises(DataError, match="prepare_local reads prepared rows.*leave num_epochs out"):
+        DataConfig(prepare_local=True, num_epochs=1)

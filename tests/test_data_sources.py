@@ -109,10 +109,17 @@ def test_text_and_parquet_kinds(tmp_path):
         open_source(SourceConfig(kind="parquet", path=str(tmp_path / "pq")))
 
 
-def test_seek_by_record_index(tmp_path):
-    write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 10))
-    src = open_source(SourceConfig(kind="jsonl", path=str(tmp_path / "a.jsonl")))
-    assert [r.raw_idx for r in src.iter_records(0, 7)] == [7, 8, 9]
+def test_seek_by_byte_offset(tmp_path):
+    """jsonl keys are byte offsets: a read from any offset starts at the next line, and stops before `stop`."""
+    path = write_jsonl(tmp_path / "a.jsonl", make_docs("doc", 10))
+    starts = [0]
+    for line in path.read_bytes().splitlines(keepends=True)[:-1]:
+        starts.append(starts[-1] + len(line))
+    src = open_source(SourceConfig(kind="jsonl", path=str(path)))
+    assert [r.raw_idx for r in src.iter_records(0, 0)] == starts
+    assert [r.raw_idx for r in src.iter_records(0, starts[7])] == starts[7:]
+    assert [r.raw_idx for r in src.iter_records(0, starts[6] + 1, starts[9])] == starts[7:9]  # mid-line: the next
+    assert [r.text for r in src.iter_records(0, starts[7])] == make_docs("doc", 10)[7:]
 
 
 def make_hub_folder(root):
