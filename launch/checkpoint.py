@@ -193,10 +193,10 @@ def write_and_fsync(files: list[tuple[Path, object]]) -> None:
 
 class CollectingCheckpointEngine:
     """Stands in for DeepSpeed's checkpoint engine during engine.save_checkpoint: each file's state is kept
-    with its path (copied to host memory first when `copy`, for a background thread to write). DeepSpeed still decides which
-    files exist and what they hold, so ds/ is exactly what engine.load_checkpoint reads. (DeepSpeed 0.19.8's
-    own DecoupledCheckpointEngine writes through FastCheckpointEngine, which needs the async-io op that CPU
-    builds lack.)"""
+    with its path (copied to host memory first when `copy`, for a background thread to write). DeepSpeed
+    still decides which files exist and what they hold, so ds/ is exactly what engine.load_checkpoint reads.
+    (DeepSpeed 0.19.8's own DecoupledCheckpointEngine writes through FastCheckpointEngine, which needs the
+    async-io op that CPU builds lack: "cannot find -laio" here.)"""
 
     name = "seedlm-host-copy"
 

@@ -20,9 +20,9 @@ import os
 import pickle
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -116,7 +116,7 @@ def model_card(config, run_dir: Path, checkpoint: Path, repo_hint: str) -> str:
 class StoredTensor:
     """A tensor inside a torch.save zip file, read only when asked (all of it or a range of its elements)."""
 
-    def __init__(self, archive: "TorchFile", key: str, dtype: torch.dtype, offset: int, shape, stride):
+    def __init__(self, archive: TorchFile, key: str, dtype: torch.dtype, offset: int, shape, stride):
         self.archive, self.key, self.dtype, self.offset = archive, key, dtype, offset
         self.shape, self.stride = torch.Size(shape), tuple(stride)
 

@@ -112,7 +112,9 @@ def export_weights(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     return {name: tensor for f in files for name, tensor in load_file(folder / f).items()}
 
 
@@ -196,7 +198,8 @@ def test_eval_of_a_run_without_hf_exports_it_from_ds(tmp_path):
     folder = resolve_model_dir(tmp_path / "run")
     assert folder == tmp_path / "run" / "exports" / "step_00000002"
     written = (folder / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model_dir(tmp_path / "run") == folder and (folder / "model.safetensors").stat().st_mtime_ns == written
+    assert resolve_model_dir(tmp_path / "run") == folder  # exported once, then reused
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
     net = AutoModelForCausalLM.from_pretrained(folder).eval()
     ds_state = torch.load(checkpoint / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     for name, tensor in net.state_dict().items():
