@@ -1,20 +1,28 @@
-"""Checkpoints of a run folder, written so that nothing is lost.
+"""Checkpoints of a run folder, written so that nothing is lost, and in the background.
 
     <output_dir>/checkpoints/
         step_00000020/
             ds/                       DeepSpeed engine state: weights, optimizer (ZeRO shards), scheduler
-            hf/                       consolidated Hugging Face folder (config, safetensors, tokenizer)
+            model/                    the HF config and tokenizer (no weights): what export needs besides ds/
+            hf/                       consolidated Hugging Face folder, only every train.hf_interval steps
             rank_00000.pt             this rank's data-pipeline state and RNG states
             trainer_state.json        step, tokens seen, counters, world and expert-parallel sizes
             manifest.json             every file with its size, written last inside the folder
         latest                        name of the newest complete step folder, replaced atomically
 
-A checkpoint is written into `step_XXXXXXXX.tmp/` by all ranks, then rank 0 writes the manifest,
-renames the folder and only then replaces `latest`; the previous checkpoint stays valid until the new
-one is complete. On resume, a folder whose manifest is missing or whose files do not match it (a
-truncated write) is skipped with a warning in favour of the previous complete one. The layout's names are
-defined here only (CHECKPOINTS_DIR, LATEST_FILE, STEP_PREFIX, HF_DIR); export and `seedlm eval` find a run's
-checkpoint through `run_checkpoint` and `resolve_model_dir`, with the same manifest check as resume.
+A save (CheckpointSaver) runs in two halves. Start, at a step boundary on every rank: each rank copies its
+state to host memory (DeepSpeed's own save_checkpoint, its checkpoint engine swapped for one that keeps a
+copy of each file's state instead of writing it) and a background thread writes and fsyncs those files
+into `step_XXXXXXXX.tmp/` while training goes on. Publish, at a later step boundary once every rank's
+thread is done (learnt through a collective from the training thread, never from the writer): rank 0
+writes the manifest, renames the folder and only then replaces `latest`. At most one save is in flight;
+the next save and the end of the run wait for it. train.async_save=false writes in the training thread.
+A process killed mid-write leaves only a `.tmp` folder: `latest` still names the previous complete
+checkpoint. On resume, a folder whose manifest is missing or whose files do not match it (a truncated
+write) is skipped with a warning in favour of the previous complete one. The layout's names are defined
+here only (CHECKPOINTS_DIR, LATEST_FILE, STEP_PREFIX, HF_DIR, MODEL_FILES_DIR); export and `seedlm eval`
+find a run's checkpoint through `run_checkpoint` and `resolve_model_dir`, with the same manifest check as
+resume; a checkpoint without hf/ is exported from ds/ (launch/export.py) when a reader needs one.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import logging
 import os
 import random
 import shutil
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +46,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"  # inside a run folder (train.output_dir)
 LATEST_FILE = "latest"  # inside CHECKPOINTS_DIR: the newest complete step folder's name
 STEP_PREFIX = "step_"
-HF_DIR = "hf"  # inside a step folder: the consolidated Hugging Face folder
+HF_DIR = "hf"  # inside a step folder: the consolidated Hugging Face folder (train.hf_interval)
+MODEL_FILES_DIR = "model"  # inside a step folder: HF config and tokenizer, no weights
+EXPORTS_DIR = "exports"  # inside a run folder: hf/ folders exported from ds/ for readers (resolve_model_dir)
 
 
 class CheckpointError(ValueError):
@@ -147,60 +159,215 @@ def write_on_every_rank(write) -> BaseException | str | None:
     return error or "another rank could not write its part of the checkpoint; its message says why"
 
 
-def save_checkpoint(
-    checkpoint_root: Path,
-    step: int,
-    engine,
-    trainer_state: dict,
-    rank_state: dict,
-    save_hf_folder,
-    keep_last: int,
-    rank: int,
-) -> Path:
-    """Write a checkpoint for `step` from every rank; returns the final folder.
+def host_copy(obj, copies: dict | None = None):
+    """`obj` with every tensor copied to host memory; a tensor met twice (tied weights) is copied once. The
+    containers DeepSpeed's state dicts are made of are rebuilt; anything else is kept as it is."""
+    copies = {} if copies is None else copies
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in copies:
+            copies[id(obj)] = obj.detach().to("cpu", copy=True)
+        return copies[id(obj)]
+    if type(obj) in (dict, OrderedDict):
+        return type(obj)((k, host_copy(v, copies)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(host_copy(v, copies) for v in obj)
+    return obj
 
-    save_hf_folder(path) writes the consolidated HF folder; it is called on every rank (gathering may need
-    all of them) and must write files on rank 0 only. When any rank fails to write, every rank raises
-    CheckpointWriteError, the partial folder is removed and `latest` keeps naming the previous checkpoint."""
-    final = checkpoint_root / step_dir_name(step)
-    tmp = checkpoint_root / (step_dir_name(step) + ".tmp")
-    if rank == 0:
-        checkpoint_root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)  # left over from an interrupted save
-        tmp.mkdir()
-    barrier()
 
-    def write_parts():
-        engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-        torch.save(rank_state, tmp / f"rank_{rank:05d}.pt")
-        save_hf_folder(tmp / HF_DIR)
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    def publish():  # rank 0, once every rank's files are in tmp
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        write_manifest(tmp)
-        if final.exists():  # a checkpoint of this very step from an earlier attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = checkpoint_root / (LATEST_FILE + ".tmp")
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, checkpoint_root / LATEST_FILE)
 
-    failure = write_on_every_rank(write_parts)
-    if failure is None:
-        failure = write_on_every_rank(publish if rank == 0 else lambda: None)
-    if failure is not None:
+def write_and_fsync(files: list[tuple[Path, object]]) -> None:
+    """torch.save each (path, state), fsync each file and then the folders holding them."""
+    for path, state in files:
+        torch.save(state, path)
+        fsync_path(path)
+    for folder in sorted({path.parent for path, _ in files}):
+        fsync_path(folder)
+
+
+class CollectingCheckpointEngine:
+    """Stands in for DeepSpeed's checkpoint engine during engine.save_checkpoint: each file's state is kept
+    with its path (copied to host memory first when `copy`, for a background thread to write). DeepSpeed
+    still decides which files exist and what they hold, so ds/ is exactly what engine.load_checkpoint reads.
+    (DeepSpeed 0.19.8's own DecoupledCheckpointEngine writes through FastCheckpointEngine, which needs the
+    async-io op that CPU builds lack: "cannot find -laio" here.)"""
+
+    name = "seedlm-host-copy"
+
+    def __init__(self, copy: bool):
+        self.copy = copy
+        self.files: list[tuple[Path, object]] = []
+
+    def create(self, info):
+        pass
+
+    def makedirs(self, path, exist_ok=False):
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict, path):
+        self.files.append((Path(path), host_copy(state_dict) if self.copy else state_dict))
+
+    def commit(self, info):
+        return True
+
+    def is_data_parallel_writer(self, dp_rank):
+        return dp_rank == 0
+
+    def is_decoupled(self):
+        return False
+
+    def preserves_storage_sharing(self):
+        return True  # DeepSpeed then clones expert views before save(), as for torch.save
+
+
+def engine_files(engine, folder: Path, copy: bool) -> list[tuple[Path, object]]:
+    """This rank's DeepSpeed files of a checkpoint into `folder`, as (path, state) pairs, not yet written;
+    with `copy` the states are host copies that later training steps do not change."""
+    copier, original = CollectingCheckpointEngine(copy), engine.checkpoint_engine
+    engine.checkpoint_engine = copier
+    try:
+        engine.save_checkpoint(str(folder), tag="ds", save_latest=False)
+    finally:
+        engine.checkpoint_engine = original
+    return copier.files
+
+
+class PendingSave:
+    """A checkpoint whose files this rank is writing (or has written) into `tmp`, not yet published."""
+
+    def __init__(self, step: int, tmp: Path, final: Path, trainer_state: dict, files: list, background: bool):
+        self.step, self.tmp, self.final, self.trainer_state = step, tmp, final, trainer_state
+        self.error: BaseException | None = None
+        self.thread = None
+        if background:
+            self.thread = threading.Thread(target=self.write, args=(files,), name=f"seedlm-save-{step}", daemon=True)
+            self.thread.start()
+        else:
+            self.write(files)
+
+    def write(self, files) -> None:
+        if self.thread is not None:  # yield the CPU to training: the write only has to finish before the next save
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            except (AttributeError, OSError):
+                pass
+        try:
+            write_and_fsync(files)
+        except (OSError, RuntimeError) as err:  # a full disk; torch.save says "iostream error"
+            self.error = err
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+class CheckpointSaver:
+    """Writes a run's checkpoints, at most one in flight (see the module docstring). Every method is called on
+    every rank at the same step boundary: each may run collectives."""
+
+    def __init__(self, checkpoint_root: Path, keep_last: int, rank: int, background: bool = True):
+        self.root, self.keep_last, self.rank, self.background = Path(checkpoint_root), keep_last, rank, background
+        self.pending: PendingSave | None = None
+
+    def save(self, step: int, engine, trainer_state: dict, rank_state: dict, save_model_files,
+             save_hf_folder=None) -> None:
+        """Start the checkpoint of `step` (after finishing the one in flight). save_model_files(path) and
+        save_hf_folder(path) are called on every rank and write on rank 0 only; hf/ gathers the whole model,
+        so it is written here, in the training thread, and only when given."""
+        self.wait()
+        final = self.root / step_dir_name(step)
+        tmp = self.root / (step_dir_name(step) + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left over from an interrupted save
+            tmp.mkdir()
+        barrier()
+        files = []
+
+        def copy_parts():
+            files.extend(engine_files(engine, tmp, copy=self.background))
+            files.append((tmp / f"rank_{self.rank:05d}.pt", host_copy(rank_state) if self.background else rank_state))
+            save_model_files(tmp / MODEL_FILES_DIR)
+            if save_hf_folder is not None:
+                save_hf_folder(tmp / HF_DIR)
+
+        failure = write_on_every_rank(copy_parts)
+        if failure is not None:
+            self.abandon(tmp, step, failure)
+        self.pending = PendingSave(step, tmp, final, trainer_state, files, self.background)
+        if not self.background:
+            self.wait()
+
+    def poll(self) -> Path | None:
+        """Publish the save in flight if every rank has written its files (a collective); its folder, or None."""
+        if self.pending is None or not all_ranks_true(self.pending.done()):
+            return None
+        return self.wait()
+
+    def wait(self) -> Path | None:
+        """Wait for the save in flight on every rank and publish it; its folder (None when none was in flight).
+        When any rank failed to write, every rank raises CheckpointWriteError and `latest` is unchanged."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        pending.join()
+
+        def check_written():
+            if pending.error is not None:
+                raise pending.error
+
+        def publish():  # rank 0, once every rank's files are in tmp and fsynced
+            tmp, final = pending.tmp, pending.final
+            (tmp / "trainer_state.json").write_text(json.dumps(pending.trainer_state, indent=1))
+            fsync_path(tmp / "trainer_state.json")
+            write_manifest(tmp)
+            fsync_path(tmp / "manifest.json")
+            fsync_path(tmp)
+            if final.exists():  # a checkpoint of this very step from an earlier attempt
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = self.root / (LATEST_FILE + ".tmp")
+            latest_tmp.write_text(final.name + "\n")
+            fsync_path(latest_tmp)
+            os.replace(latest_tmp, self.root / LATEST_FILE)
+            fsync_path(self.root)
+
+        failure = write_on_every_rank(check_written)
+        if failure is None:
+            failure = write_on_every_rank(publish if self.rank == 0 else lambda: None)
+        if failure is not None:
+            self.abandon(pending.tmp, pending.step, failure)
+        if self.rank == 0:
+            prune(self.root, self.keep_last)
+            logger.info("saved checkpoint %s", pending.final)
+        return pending.final
+
+    def abandon(self, tmp: Path, step: int, failure) -> None:
+        """Remove a failed save's partial folder on every rank's word and raise CheckpointWriteError."""
         message = write_failure_message(tmp, step, failure) if isinstance(failure, BaseException) else failure
-        if rank == 0:
+        if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            (checkpoint_root / (LATEST_FILE + ".tmp")).unlink(missing_ok=True)
+            (self.root / (LATEST_FILE + ".tmp")).unlink(missing_ok=True)
         barrier()
         raise CheckpointWriteError(message)
-    if rank == 0:
-        prune(checkpoint_root, keep_last)
-        logger.info("saved checkpoint %s", final)
-    barrier()
-    return final
+
+
+def save_checkpoint(checkpoint_root: Path, step: int, engine, trainer_state: dict, rank_state: dict,
+                    save_model_files, keep_last: int, rank: int, save_hf_folder=None) -> Path:
+    """Write a checkpoint for `step` from every rank, in the calling thread; returns the final folder."""
+    saver = CheckpointSaver(checkpoint_root, keep_last, rank, background=False)
+    saver.save(step, engine, trainer_state, rank_state, save_model_files, save_hf_folder)
+    return checkpoint_root / step_dir_name(step)
 
 
 def complete_checkpoints(checkpoint_root: Path) -> list[Path]:
@@ -250,14 +417,28 @@ def run_checkpoint(run_dir: Path, step: int | None = None) -> Path:
 def resolve_model_dir(path: str | Path) -> Path:
     """The Hugging Face folder to load for `path`: the folder itself when it holds a config.json (an export),
     else the hf/ folder of the run folder's checkpoint that resume would pick (a truncated newest one is
-    skipped with a warning)."""
+    skipped with a warning). A checkpoint saved without hf/ (train.hf_interval) is exported from ds/ once,
+    into <run>/exports/<step folder>, and that folder is returned."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
     if not (path / CHECKPOINTS_DIR).is_dir():
         raise CheckpointError(f"{path} is neither a model folder (no config.json) nor a run folder (no "
                               f"{CHECKPOINTS_DIR}/); give an exported folder or a train.output_dir")
-    return run_checkpoint(path) / HF_DIR
+    checkpoint = run_checkpoint(path)
+    if (checkpoint / HF_DIR / "config.json").is_file():
+        return checkpoint / HF_DIR
+    exported = path / EXPORTS_DIR / checkpoint.name
+    if not (exported / "config.json").is_file():
+        from seedlm.launch.export import export_checkpoint
+
+        partial = exported.with_name(exported.name + ".tmp")
+        shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted export
+        logger.info("%s has no %s/ folder: exporting it from its DeepSpeed state into %s", checkpoint, HF_DIR,
+                    exported)
+        export_checkpoint(checkpoint, partial)
+        os.replace(partial, exported)
+    return exported
 
 
 def check_compatible(saved: dict, world_size: int, expert_parallel_size: int, model_type: str) -> None:

@@ -77,6 +77,12 @@ class TrainConfig:
     seed: int = 0
     save_interval: int = 50
     keep_last: int = 2
+    # write each checkpoint in a background thread (a copy to host memory, then the write, while training goes
+    # on; `latest` moves once every rank's files are fsynced); false writes during the step boundary
+    async_save: bool = True
+    # also write the consolidated hf/ folder (the whole model gathered on rank 0) every N steps and at the final
+    # save; 0 = never: `seedlm export` and `seedlm eval` make one from any checkpoint's ds/ files
+    hf_interval: int = 0
     log_interval: int = 1
     eval_interval: int = 50  # held-out loss every N steps (0 = never)
     eval_batches: int = 4
@@ -278,6 +284,9 @@ def validate(run: RunConfig) -> None:
     if t.activation_checkpointing_every < 2:
         raise ConfigError(f"train.activation_checkpointing_every must be >= 2, got {t.activation_checkpointing_every}"
                           "; one layer in one is train.activation_checkpointing=full")
+    if t.hf_interval < 0:
+        raise ConfigError(f"train.hf_interval must be >= 0 (0 = no hf/ folder in checkpoints; `seedlm export` makes "
+                          f"one), got {t.hf_interval}")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or null for torch's default), got {t.cpu_threads}")
     if len(t.betas) != 2:

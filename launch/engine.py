@@ -198,8 +198,24 @@ def optimizer_step(engine, scheduler, train_cfg, any_finite_micro_batch: bool) -
     return grad_norm, grad_norm is not None and not math.isfinite(float(grad_norm))
 
 
+def save_model_files_fn(engine, tokenizer, dist: DistInfo):
+    """A function writing the HF config and tokenizer, no weights (rank 0 writes): with ds/ they are all that
+    `seedlm export` needs, so a checkpoint needs no consolidated copy of the weights."""
+
+    def save(path: Path) -> None:
+        if dist.is_main:
+            from seedlm.launch.export import use_umask_file_modes
+
+            engine.module.config.save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            use_umask_file_modes(path)
+
+    return save
+
+
 def save_hf_folder_fn(engine, tokenizer, dist: DistInfo, ep_info):
-    """A function writing the consolidated HF folder of the current weights (rank 0 writes)."""
+    """A function writing the consolidated HF folder of the current weights (rank 0 writes). It gathers the
+    whole model on rank 0: checkpoints call it only every train.hf_interval steps."""
 
     def save(path: Path) -> None:
         import deepspeed

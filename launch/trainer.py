@@ -27,12 +27,12 @@ import yaml
 
 from seedlm.launch.checkpoint import (
     CHECKPOINTS_DIR,
+    CheckpointSaver,
     check_compatible,
     find_resume_checkpoint,
     load_checkpoint,
     prepare_output_dir,
     rng_state,
-    save_checkpoint,
     set_rng_state,
 )
 from seedlm.launch.config import ConfigError, RunConfig, check_run_config
@@ -42,6 +42,7 @@ from seedlm.launch.engine import (
     build_model,
     optimizer_step,
     save_hf_folder_fn,
+    save_model_files_fn,
     single_process_train_config,
 )
 from seedlm.launch.metrics import MetricsLogger, measure_peak_flops, memory_stats, plot_loss_curve
@@ -201,6 +202,8 @@ class Trainer:
         if self.resume_from is not None:
             self.metrics.log_resume(self.progress.step, self.resume_from)
         self.save_hf = save_hf_folder_fn(self.engine, self.tokenizer, self.dist, self.ep_info)
+        self.save_model_files = save_model_files_fn(self.engine, self.tokenizer, self.dist)
+        self.saver = CheckpointSaver(self.checkpoint_root, self.t.keep_last, self.dist.rank, self.t.async_save)
 
     # ------------------------------------------------------------------ one step
 
@@ -284,15 +287,26 @@ class Trainer:
         logger.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
         return record
 
-    def checkpoint(self) -> Path:
-        p, dist = self.progress, self.dist
+    def checkpoint(self, final: bool = False) -> None:
+        """Start saving this step (train.async_save: written in the background, published by
+        checkpoint_published at a later step boundary); hf/ too every train.hf_interval steps and at the end."""
+        p, dist, t = self.progress, self.dist, self.t
         trainer_state = {"step": p.step, "tokens_seen": p.tokens_seen, "skipped_steps": p.skipped_steps,
-                         "world_size": dist.world_size, "expert_parallel_size": self.t.expert_parallel_size,
+                         "world_size": dist.world_size, "expert_parallel_size": t.expert_parallel_size,
                          "model_type": self.model_config.model_type}
         rank_state = {"data": self.train_loader.state_dict(), "rng": rng_state()}
-        p.last_saved = save_checkpoint(self.checkpoint_root, p.step, self.engine, trainer_state, rank_state,
-                                       self.save_hf, self.t.keep_last, dist.rank)
-        return p.last_saved
+        with_hf = t.hf_interval > 0 and (final or p.step % t.hf_interval == 0)
+        self.checkpoint_published(wait=True)  # at most one save in flight
+        self.saver.save(p.step, self.engine, trainer_state, rank_state, self.save_model_files,
+                        self.save_hf if with_hf else None)
+        self.checkpoint_published(wait=not t.async_save)
+
+    def checkpoint_published(self, wait: bool = False) -> None:
+        """Publish the save in flight once every rank has written it (a collective; every rank calls it at the
+        same step boundary); with `wait`, wait for it first."""
+        folder = self.saver.wait() if wait else self.saver.poll()
+        if folder is not None:
+            self.progress.last_saved = folder
 
     def stop_reason(self) -> str | None:
         """Why the run stops after this step (None: it goes on). Decided the same way on every rank."""
@@ -335,7 +349,9 @@ class Trainer:
                     self.evaluate()
                 reason = self.stop_reason()
                 if p.step % t.save_interval == 0 or reason is not None:
-                    self.checkpoint()
+                    self.checkpoint(final=reason is not None)
+                else:
+                    self.checkpoint_published()
         except Exception as err:
             if self.dist.world_size > 1 and (self.stop.received or isinstance(err, torch.distributed.DistError)):
                 raise PeerFailure(self.dist.rank, self.stop.received, err, p.last_saved) from err
@@ -348,6 +364,7 @@ class Trainer:
     def finish(self, reason: str) -> dict:
         """The data's closing evaluation (a completed run only), loss curve, export; the run's summary."""
         p, dist, report = self.progress, self.dist, None
+        self.checkpoint_published(wait=True)  # the run's last save is complete before anything reads it
         if reason == "max_steps":
             report = self.data.final_report(self.engine.module, p.step)
         if report is not None:

@@ -1,6 +1,8 @@
 """`seedlm export`, `seedlm push` and their help: an export of a real tiny run loads with every Auto class
 without seedlm, its files (and the checkpoints' hf/ folders) get the umask's mode, push without a token
-refuses before any network, and every option says what it does."""
+refuses before any network, and every option says what it does. Export streams the weights from ds/: the
+same tensors as the consolidated hf/ folder from ZeRO-3 and expert-parallel checkpoints, with a peak memory
+of about two shards for a model many shards large, and `seedlm eval` of a run without hf/ exports it."""
 
 import json
 import os
@@ -32,7 +34,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("export_run")
     corpus, tok = write_tiny_corpus_and_tokenizer(root)
     overrides = tiny_run_overrides(corpus, tok, output_dir=root / "run", max_steps=2, save_interval=2,
-                                   **{"train.eval_interval": 0})
+                                   **{"train.eval_interval": 0, "train.hf_interval": 2})
     with umask_set_to(0o022):
         assert seedlm(["train", "gated_moe_tiny", *overrides]) == 0
     return root / "run"
@@ -104,3 +106,101 @@ def test_every_option_has_help_text(command):
     undocumented = [a.option_strings or a.dest for a in parser._actions if a.dest != "help" and not a.help]
     assert undocumented == []
     assert parser.format_help().count("\n") > 5
+
+
+def export_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = ["model.safetensors"]
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return {name: tensor for f in files for name, tensor in load_file(folder / f).items()}
+
+
+def peak_rss_of_export(run: Path, out: Path, max_shard_size: str) -> int:
+    """Peak resident memory (bytes) of a fresh process running `seedlm export` (from /proc: VmHWM)."""
+    script = (f"from seedlm.launch.export import export_run; export_run({str(run)!r}, {str(out)!r}, "
+              f"max_shard_size={max_shard_size!r}); "
+              "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])")
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return int(result.stdout.split()[-1]) * 1024
+
+
+def test_export_streams_a_zero3_checkpoint_with_a_peak_of_about_two_shards(tmp_path):
+    """A ZeRO-3 run of a ~100 MB model, exported in 4 MB shards: the same tensors as its hf/ folder, and the
+    export's peak memory above an export of a 2 MB model is a few shards, not the model."""
+    corpus, tok = write_tiny_corpus_and_tokenizer(tmp_path)
+    big = {"model_overrides.hidden_size": 256, "model_overrides.num_hidden_layers": 8,
+           "model_overrides.moe_intermediate_size": 256, "model_overrides.num_experts": 16}
+    runs = {}
+    for name, fields in [("small", {"model_overrides.num_hidden_layers": 1}), ("big", big)]:
+        runs[name] = tmp_path / name
+        overrides = tiny_run_overrides(corpus, tok, output_dir=runs[name], max_steps=1, save_interval=1,
+                                       zero_stage=3, **{"train.eval_interval": 0, "train.hf_interval": 1, **fields})
+        assert seedlm(["train", "gated_moe_tiny", *overrides]) == 0
+    checkpoint = runs["big"] / "checkpoints" / "step_00000001"
+    assert not list((checkpoint / "ds").glob("mp_rank_*"))  # ZeRO-3's layout: parameters only in rank partitions
+    peaks = {name: peak_rss_of_export(run, tmp_path / f"export_{name}", "4MB") for name, run in runs.items()}
+    exported, reference = export_weights(tmp_path / "export_big"), export_weights(checkpoint / "hf")
+    reference.pop("lm_head.weight")  # ZeRO-3's gathered hf/ keeps the tied head; save_pretrained drops it
+    assert sorted(exported) == sorted(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(exported[name], tensor), name
+    model_bytes = sum(t.numel() * t.element_size() for t in exported.values())
+    shards = list((tmp_path / "export_big").glob("model-*.safetensors"))
+    assert model_bytes > 80e6 and len(shards) > 20
+    largest = max(t.numel() * t.element_size() for t in exported.values())
+    assert peaks["big"] - peaks["small"] < 3 * 4e6 + 2 * largest + 16e6, (peaks, model_bytes, largest)
+
+
+@pytest.mark.slow
+def test_export_of_an_expert_parallel_run_equals_its_gathered_hf_folder(tmp_path):
+    """2 ranks, EP 2, ZeRO 2: ds/ holds rank 0's expert slices in the module file and every rank's slices only
+    as fp32 fragments of the ZeRO partitions; the export equals the hf/ folder gathered at save time."""
+    from seedlm.launch.distributed import free_port
+
+    corpus, tok = write_tiny_corpus_and_tokenizer(tmp_path)
+    overrides = tiny_run_overrides(corpus, tok, output_dir=tmp_path / "run", max_steps=2, save_interval=2,
+                                   zero_stage=2, expert_parallel_size=2,
+                                   **{"train.eval_interval": 0, "train.hf_interval": 2})
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "seedlm.launch.cli",
+                             "train", "gated_moe_tiny", *overrides], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert seedlm(["export", str(tmp_path / "run"), str(tmp_path / "export"), "--max-shard-size", "1MB"]) == 0
+    exported = export_weights(tmp_path / "export")
+    reference = export_weights(tmp_path / "run" / "checkpoints" / "step_00000002" / "hf")
+    assert exported["model.layers.0.mlp.experts.gate_up_proj"].shape[0] == 8  # all experts, from both ranks
+    assert sorted(exported) == sorted(reference)
+    for name, tensor in reference.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_eval_of_a_run_without_hf_exports_it_from_ds(tmp_path):
+    """hf_interval 0 (the default): checkpoints hold no hf/; resolve_model_dir (seedlm eval, lm-eval) exports
+    the checkpoint's ds/ once into <run>/exports/ and loads that; a second call reuses it."""
+    from transformers import AutoModelForCausalLM
+
+    from seedlm.launch.checkpoint import resolve_model_dir
+
+    corpus, tok = write_tiny_corpus_and_tokenizer(tmp_path)
+    overrides = tiny_run_overrides(corpus, tok, output_dir=tmp_path / "run", max_steps=2, save_interval=2,
+                                   **{"train.eval_interval": 0})
+    assert seedlm(["train", "gated_moe_tiny", *overrides]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    assert not (checkpoint / "hf").exists() and (checkpoint / "model" / "config.json").is_file()
+    folder = resolve_model_dir(tmp_path / "run")
+    assert folder == tmp_path / "run" / "exports" / "step_00000002"
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_dir(tmp_path / "run") == folder  # exported once, then reused
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
+    net = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ds_state = torch.load(checkpoint / "ds" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, ds_state[name]), name

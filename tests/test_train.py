@@ -24,7 +24,7 @@ def corpus_and_tokenizer(tmp_path_factory):
 
 def run_args(corpus, tok, output_dir, model="gated_moe_tiny", **extra) -> list[str]:
     defaults = {"output_dir": output_dir, "train.max_steps": 6, "train.save_interval": 3, "train.eval_interval": 3,
-                "train.eval_batches": 1}
+                "train.eval_batches": 1, "train.hf_interval": 1}  # the tests below read checkpoints' hf/ folders
     return [model] + tiny_run_overrides(corpus, tok, **{**defaults, **extra})
 
 
