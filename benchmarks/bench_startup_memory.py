@@ -108,7 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--moe-intermediate", type=int, default=512)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--smoke", action="store_true", help="a ~10M-parameter model on 2 ranks")
+    p.add_argument("--smoke", action="store_true", help="a ~6M-parameter model on 2 ranks")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="accepted for `seedlm bench`; peak memory does not depend on load, one round is measured")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--path", choices=sorted(PATHS), help=argparse.SUPPRESS)
     p.add_argument("--fields", help=argparse.SUPPRESS)

@@ -40,6 +40,8 @@ BENCHMARKS = [
      "DeltaProduct kernel and block vs attention: bytes saved for backward, time"),
     ("activation_checkpointing", "bench_activation_checkpointing",
      "activation checkpointing none / full / selective: saved bytes, step time"),
+    ("startup_memory", "bench_startup_memory",
+     "ZeRO-3 peak memory per rank: whole model then partitioned vs meta device, layer by layer"),
 ]
 NAMES = [name for name, _, _ in BENCHMARKS]
 PLOT = Path("benchmarks") / "results" / "scaling_seq_len.png"  # relative to the README's folder

@@ -28,6 +28,7 @@ TABLES = {
     "loss_memory": "| vocab | saved B/token plain | saved B/token fused |",
     "delta_product_memory": "| T | kernel, recompute | kernel, old |",
     "activation_checkpointing": "| family | activation_checkpointing | saved KiB / token |",
+    "startup_memory": "| construction | build | start-up | first step |",
 }
 
 
