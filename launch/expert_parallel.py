@@ -313,7 +313,8 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float, ep_info: Exper
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in embedding_ids:
+        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 parameter's own shape is its empty partition
+        if ndim < 2 or id(param) in embedding_ids:
             no_decay.append(param)
         else:
             decay.append(param)
