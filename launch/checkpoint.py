@@ -12,7 +12,8 @@
 A checkpoint is written into `step_XXXXXXXX.tmp/` by all ranks, then rank 0 writes the manifest,
 renames the folder and only then replaces `latest`; the previous checkpoint stays valid until the new
 one is complete. On resume, a folder whose manifest is missing or whose files do not match it (a
-truncated write) is skipped with a warning in favour of the previous complete one. The layout's names are
+truncated write) is skipped with a warning in favour of the previous complete one; a checkpoint written under
+another world size, expert-parallel size or ZeRO stage is resharded on load (launch/reshard.py). The layout's names are
 defined here only (CHECKPOINTS_DIR, LATEST_FILE, STEP_PREFIX, HF_DIR); export and `seedlm eval` find a run's
 checkpoint through `run_checkpoint` and `resolve_model_dir`, with the same manifest check as resume.
 """
