@@ -106,7 +106,8 @@ def test_one_rank_to_two_ranks_zero2_to_four_ranks_zero3(data, tmp_path, capfd):
 
 def test_resharded_state_is_the_saved_state_bit_for_bit(data, tmp_path):
     """A 2-rank EP-2 ZeRO-1 checkpoint loaded by one rank under ZeRO 0 and under ZeRO 3, then saved again by that
-    rank: every parameter's fp32 weight, exp_avg, exp_avg_sq and step read back equal to the original's."""
+    rank: every parameter's fp32 weight, exp_avg, exp_avg_sq and step read back equal to the original's, and the
+    optimizer keeps its decay / no-decay groups under either stage."""
     from seedlm.launch.config import load_run_config
     from seedlm.launch.reshard import full_training_state, names_by_optimizer_group, saved_topology
     from seedlm.launch.trainer import StopSignal, Trainer
@@ -126,6 +127,9 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(data, tmp_path):
             trainer = Trainer(load_run_config(model, overrides), stop)
             names = names_by_optimizer_group(trainer.engine.module)
             assert trainer.progress.step == 3 and trainer.scheduler.last_epoch == 3
+            # ZeRO-3 too decays the matrices (a partitioned parameter's own shape is its empty partition)
+            groups = trainer.engine.optimizer.param_groups
+            assert [(g["name"], g["weight_decay"] > 0) for g in groups] == [("decay", True), ("no_decay", False)]
             original, again = read(source), read(trainer.checkpoint())
             trainer.metrics.close()
         finally:
