@@ -104,6 +104,15 @@ def test_one_rank_to_two_ranks_zero2_to_four_ranks_zero3(data, tmp_path, capfd):
     assert_same_curve(losses(run), losses(straight), range(5, 9))
 
 
+def test_grad_accumulation_updates_the_weights_every_step(data, tmp_path):
+    """Resuming onto another grad_accum_steps needs accumulation to mean one update per step: micro-batch 2 x 2
+    micro-batches follows micro-batch 4 x 1 (the same rows of prepared data), step after step."""
+    runs = {"accum": {"train.grad_accum_steps": 2}, "micro": {"data.micro_batch_size": 4}}
+    for name, fields in runs.items():
+        assert seedlm(["train", *run_args(data, tmp_path / name, max_steps=4, save_interval=4, **fields)]) == 0
+    assert_same_curve(losses(tmp_path / "accum"), losses(tmp_path / "micro"), range(1, 5))
+
+
 def test_resharded_state_is_the_saved_state_bit_for_bit(data, tmp_path):
     """A 2-rank EP-2 ZeRO-1 checkpoint loaded by one rank under ZeRO 0 and under ZeRO 3, then saved again by that
     rank: every parameter's fp32 weight, exp_avg, exp_avg_sq and step read back equal to the original's, and the
