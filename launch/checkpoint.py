@@ -19,8 +19,9 @@ writes the manifest, renames the folder and only then replaces `latest`. At most
 the next save and the end of the run wait for it. train.async_save=false writes in the training thread.
 A process killed mid-write leaves only a `.tmp` folder: `latest` still names the previous complete
 checkpoint. On resume, a folder whose manifest is missing or whose files do not match it (a truncated
-write) is skipped with a warning in favour of the previous complete one. The layout's names are defined
-here only (CHECKPOINTS_DIR, LATEST_FILE, STEP_PREFIX, HF_DIR, MODEL_FILES_DIR); export and `seedlm eval`
+write) is skipped with a warning in favour of the previous complete one; a checkpoint written under another
+world size, expert-parallel size or ZeRO stage is resharded on load (launch/reshard.py). The layout's names
+are defined here only (CHECKPOINTS_DIR, LATEST_FILE, STEP_PREFIX, HF_DIR, MODEL_FILES_DIR); export and `seedlm eval`
 find a run's checkpoint through `run_checkpoint` and `resolve_model_dir`, with the same manifest check as
 resume; a checkpoint without hf/ is exported from ds/ (launch/export.py) when a reader needs one.
 """
@@ -441,32 +442,76 @@ def resolve_model_dir(path: str | Path) -> Path:
     return exported
 
 
-def check_compatible(saved: dict, world_size: int, expert_parallel_size: int, model_type: str) -> None:
-    problems = []
-    if saved["world_size"] != world_size:
-        problems.append(f"it was written by {saved['world_size']} ranks, this run has {world_size}")
-    if saved["expert_parallel_size"] != expert_parallel_size:
-        problems.append(
-            f"its expert_parallel_size is {saved['expert_parallel_size']}, this run's is {expert_parallel_size}"
-        )
-    if saved["model_type"] != model_type:
-        problems.append(f"it holds a {saved['model_type']} model, this run builds {model_type}")
-    if problems:
+def check_compatible(folder: Path, world_size: int, expert_parallel_size: int, model_config) -> None:
+    """Refuse, before compute and before anything is written, a checkpoint that cannot continue in this run:
+    another model type or shape, or a data position that does not move to another number of ranks. Another
+    world size, expert-parallel size, ZeRO stage or gradient accumulation is fine: load_checkpoint reshards."""
+    from seedlm.launch.reshard import check_same_shapes, model_param_shapes, saved_param_shapes, saved_topology
+
+    saved = json.loads((folder / "trainer_state.json").read_text())
+    if saved["model_type"] != model_config.model_type:
         raise CheckpointError(
-            "cannot resume from this checkpoint: " + "; ".join(problems) + ". Resume with the same launch "
-            "settings, or start a fresh run (resume=none with a new output_dir); to continue training the "
-            "weights elsewhere, `seedlm export` the run and start from the exported folder."
-        )
+            f"cannot resume from this checkpoint: it holds a {saved['model_type']} model, this run builds "
+            f"{model_config.model_type}. Resume with the model that wrote it, or start a fresh run (resume=none with "
+            "a new output_dir); to continue training the weights elsewhere, `seedlm export` the run and start from "
+            "the exported folder.")
+    topology = saved_topology(folder, saved)
+    check_same_shapes(saved_param_shapes(folder, topology), model_param_shapes(model_config))
+    if topology.world_size != world_size:
+        check_data_position_moves(torch.load(folder / "rank_00000.pt", weights_only=False)["data"],
+                                  topology.world_size, world_size)
 
 
-def load_checkpoint(folder: Path, engine, rank: int) -> tuple[dict, dict]:
-    """Restore the engine (weights, optimizer, scheduler) and return (trainer_state, this rank's state)."""
+def check_data_position_moves(data_state, saved_world_size: int, world_size: int) -> None:
+    """The hook for a data position resumed on another number of ranks. Prepared data's position (global rows
+    consumed, data_pipeline/prepared.py) is the same on every rank and for any topology. A streaming position
+    (data.sources: per-rank readers) or a generated task's (per-rank seeds) does not move yet: refused here;
+    a loader whose state becomes topology-free is accepted by extending this check."""
+    from seedlm.data_pipeline.loader import can_change_topology
+
+    if can_change_topology(data_state):  # prepared rows consumed, or a streaming position Trainer.resume re-deals
+        return
+    raise CheckpointError(
+        f"cannot resume from this checkpoint: it was written by {saved_world_size} ranks, this run has {world_size}, "
+        "and its data position belongs to per-rank streams that do not move to another number of ranks "
+        "(data.synthetic, or a data state saved by an older seedlm). Resume with "
+        f"{saved_world_size} ranks (expert_parallel_size, zero_stage and grad_accum_steps may change), or train on "
+        "prepared data (`seedlm data prepare`, then data.prepared=DIR), whose position holds for any number of ranks.")
+
+
+def saved_data_states(folder: Path, world_size: int) -> list:
+    """Every saved rank's data-pipeline state, in rank order: a streaming position moves to another topology
+    only from all of them (data_pipeline/loader.py PackedDataLoader.load_state_dicts)."""
+    return [torch.load(folder / f"rank_{r:05d}.pt", weights_only=False)["data"] for r in range(world_size)]
+
+
+def load_checkpoint(folder: Path, engine, ep_info, rank: int, world_size: int) -> tuple[dict, dict]:
+    """Restore the engine (weights, optimizer, scheduler) and return (trainer_state, this rank's state).
+
+    The topology that wrote the checkpoint loads through DeepSpeed's own load_checkpoint; another world size,
+    expert-parallel size or ZeRO stage through launch/reshard.py (exact in fp32). A rank the old run did not
+    have takes rank 0's data position (the same on every rank with prepared data) and random state."""
+    from seedlm.launch.expert_parallel import sync_expert_weights_after_load
+    from seedlm.launch.reshard import load_resharded, saved_topology
+
     trainer_state = json.loads((folder / "trainer_state.json").read_text())
-    load_path, _ = engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {folder / 'ds'}")
-    rank_file = folder / f"rank_{rank:05d}.pt"
+    saved = saved_topology(folder, trainer_state)
+    now = (world_size, ep_info.ep_size, engine.zero_optimization_stage())
+    if (saved.world_size, saved.expert_parallel_size, saved.zero_stage) == now:
+        load_path, _ = engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {folder / 'ds'}")
+        sync_expert_weights_after_load(engine, ep_info)
+    else:
+        logger.info("resharding %s: written by %s, loading onto %d rank(s), expert_parallel_size %d, ZeRO %d",
+                    folder.name, saved.describe(), *now)
+        load_resharded(folder, engine, ep_info, saved)
+    if saved.global_batch != engine.train_batch_size():
+        logger.info("the global batch changes from %d to %d sequences at step %d (micro_batch_size x grad_accum_steps"
+                    " x ranks); the run continues with the new batch", saved.global_batch,
+                    engine.train_batch_size(), trainer_state["step"])
+    rank_file = folder / f"rank_{rank if rank < saved.world_size else 0:05d}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"{folder} has no state for rank {rank} ({rank_file.name})")
     rank_state = torch.load(rank_file, weights_only=False)

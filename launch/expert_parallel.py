@@ -47,7 +47,8 @@ autograd all-to-all) and DeepSpeed's groups.
 Trainer order: init_distributed -> build the model (same seed everywhere) -> `launch/engine.py` `build_engine`:
 apply_expert_parallel -> AdamW over optimizer_param_groups -> deepspeed.initialize inside
 expert_parallel_engine_context -> check_engine_expert_parallel; each step's loss via loss_with_global_balancing
-(launch/trainer.py); resume: engine.load_checkpoint then sync_expert_weights_after_load; the full HF weights
+(launch/trainer.py); resume: engine.load_checkpoint then sync_expert_weights_after_load (on another topology:
+launch/reshard.py, which rebuilds every expert from the ZeRO shards and re-slices it); the full HF weights
 (saving an hf/ folder, export): gather_full_state_dict.
 """
 
@@ -313,7 +314,8 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float, ep_info: Exper
     for _, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or id(param) in embedding_ids:
+        ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 parameter's own shape is its empty partition
+        if ndim < 2 or id(param) in embedding_ids:
             no_decay.append(param)
         else:
             decay.append(param)

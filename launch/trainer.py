@@ -15,7 +15,6 @@ on it. Ctrl-C, SIGTERM and SIGUSR1 end the run at the next step boundary with a 
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -31,6 +30,7 @@ from seedlm.launch.checkpoint import (
     check_compatible,
     find_resume_checkpoint,
     load_checkpoint,
+    saved_data_states,
     prepare_output_dir,
     rng_state,
     set_rng_state,
@@ -89,7 +89,7 @@ def in_lockstep(batches):
 
 @dataclass
 class StepResult:
-    loss: float  # mean over this rank's finite micro-batches
+    loss: float  # mean over the finite micro-batches of every rank (the global batch)
     aux_loss: float
     grad_norm: float | None
     skipped: bool  # no update was applied (non-finite loss or gradients)
@@ -145,8 +145,7 @@ class Trainer:
             if not self.resume_from.is_dir():
                 raise ConfigError(f"train.resume={t.resume!r}: no such checkpoint folder")
         if self.resume_from is not None:
-            saved = json.loads((self.resume_from / "trainer_state.json").read_text())
-            check_compatible(saved, self.dist.world_size, t.expert_parallel_size, self.model_config.model_type)
+            check_compatible(self.resume_from, self.dist.world_size, t.expert_parallel_size, self.model_config)
         self.data.check(self.run, self.output_dir)
         if t.eval_tasks:  # a misspelt or malformed task fails now, not at the first eval_interval
             from seedlm.eval.tasks import resolve_tasks
@@ -177,17 +176,19 @@ class Trainer:
         self.device = self.engine.device
 
     def resume(self) -> None:
-        """Weights, optimizer, schedule, data position and RNG from the checkpoint chosen in build_checks."""
-        from seedlm.launch.expert_parallel import sync_expert_weights_after_load
-
+        """Weights, optimizer, schedule, data position and RNG from the checkpoint chosen in build_checks, on this
+        run's topology (world size, expert-parallel size, ZeRO stage, grad accumulation: resharded if another)."""
         if self.resume_from is None:
             return
-        trainer_state, rank_state = load_checkpoint(self.resume_from, self.engine, self.dist.rank)
-        sync_expert_weights_after_load(self.engine, self.ep_info)
+        trainer_state, rank_state = load_checkpoint(self.resume_from, self.engine, self.ep_info, self.dist.rank,
+                                                    self.dist.world_size)
         p = self.progress
         p.step, p.tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
         p.skipped_steps, p.last_saved = trainer_state["skipped_steps"], self.resume_from
-        self.train_loader.load_state_dict(rank_state["data"])
+        if hasattr(self.train_loader, "load_state_dicts"):  # streaming: readers re-dealt from every rank's state
+            self.train_loader.load_state_dicts(saved_data_states(self.resume_from, trainer_state["world_size"]))
+        else:  # prepared data (global rows consumed) or a generated task
+            self.train_loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
         logger.info("resumed from %s at step %d", self.resume_from, p.step)
 
@@ -213,7 +214,10 @@ class Trainer:
         from seedlm.launch.expert_parallel import loss_with_global_balancing
 
         engine, total_loss, total_aux, finite_micro, counts = self.engine, 0.0, 0.0, 0, None
-        for _ in range(self.t.grad_accum_steps):
+        for micro in range(self.t.grad_accum_steps):
+            # engine.step() runs once per optimizer step here, so DeepSpeed's own micro-step count cannot tell the
+            # last micro-batch (it would update every grad_accum_steps-th call): say which backward ends the batch
+            engine.set_gradient_accumulation_boundary(micro == self.t.grad_accum_steps - 1)
             batch = next(batches)
             out = engine(**{k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch})
             # global-batch balancing: expert counts summed over all ranks before the balancing loss is formed
@@ -232,6 +236,10 @@ class Trainer:
             if torch.distributed.get_world_size() > 1:
                 torch.distributed.all_reduce(counts)
             engine.module.update_router_biases(counts)
+        if self.dist.world_size > 1:  # the logged loss is the global batch's: every rank's micro-batches
+            sums = torch.tensor([total_loss, total_aux, finite_micro], dtype=torch.float64)
+            torch.distributed.all_reduce(sums)
+            total_loss, total_aux, finite_micro = sums.tolist()
         n = max(finite_micro, 1)
         return StepResult(total_loss / n, total_aux / n, grad_norm, skipped, counts)
 

@@ -311,6 +311,10 @@ def test_resume_with_another_world_size_is_refused(corpus_and_tokenizer, tmp_pat
     state = json.loads(state_file.read_text())
     state["world_size"] = 4  # as if written by a 4-rank job
     state_file.write_text(json.dumps(state))
+    rank_file = state_file.parent / "rank_00000.pt"  # a data position that cannot move: an older seedlm's
+    rank_state = torch.load(rank_file, weights_only=False)
+    rank_state["data"]["format"] = "seedlm.data_state.v1"
+    torch.save(rank_state, rank_file)
     from seedlm.launch.checkpoint import write_manifest
 
     write_manifest(state_file.parent)  # a complete checkpoint, just from another launch
