@@ -194,3 +194,21 @@ def test_a_data_position_that_cannot_move_to_another_world_size_is_refused(data,
     assert "written by 2 ranks, this run has 1" in err and "data.prepared=DIR" in err
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+
+
+@pytest.mark.slow
+def test_a_streaming_run_resumes_on_another_world_size(data, tmp_path, capfd):
+    """Streaming data (data.sources): 2 ranks stop at 2; 1 rank (grad_accum 2, the same global batch) continues
+    to 4, its readers re-dealt from both saved ranks' positions (PackedDataLoader.load_state_dicts)."""
+    corpus, tok, _ = data
+    run = tmp_path / "run"
+
+    def args(**extra):
+        return ["gated_moe_tiny"] + tiny_run_overrides(corpus, tok, output_dir=run, max_steps=4, save_interval=2,
+                                                       **{"train.eval_interval": 0, **extra})
+
+    torchrun(args(**{"train.stop_at_step": 2}), nproc=2)
+    assert seedlm(["train", *args(**{"train.grad_accum_steps": 2})]) == 0
+    assert "resharding step_00000002" in capfd.readouterr().err
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+    assert all(v == v and v < 20 for v in losses(run).values())  # finite, and a language-model loss
