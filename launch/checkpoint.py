@@ -161,13 +161,18 @@ def write_on_every_rank(write) -> BaseException | str | None:
 
 
 def host_copy(obj, copies: dict | None = None):
-    """`obj` with every tensor copied to host memory; a tensor met twice (tied weights) is copied once. The
-    containers DeepSpeed's state dicts are made of are rebuilt; anything else is kept as it is."""
-    copies = {} if copies is None else copies
+    """`obj` with every tensor copied to host memory, storage by storage: tensors that share a storage (a tied
+    weight, saved under two names as two tensor objects) share one copy, so the file holds what torch.save of
+    the original would hold. The containers DeepSpeed's state dicts are made of are rebuilt; anything else is
+    kept as it is."""
+    copies = {} if copies is None else copies  # storage data_ptr -> its host copy
     if isinstance(obj, torch.Tensor):
-        if id(obj) not in copies:
-            copies[id(obj)] = obj.detach().to("cpu", copy=True)
-        return copies[id(obj)]
+        obj = obj.detach()
+        storage = obj.untyped_storage()
+        if storage.data_ptr() not in copies:
+            copies[storage.data_ptr()] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+        return torch.empty(0, dtype=obj.dtype).set_(copies[storage.data_ptr()], obj.storage_offset(), obj.shape,
+                                                    obj.stride())
     if type(obj) in (dict, OrderedDict):
         return type(obj)((k, host_copy(v, copies)) for k, v in obj.items())
     if type(obj) in (list, tuple):
