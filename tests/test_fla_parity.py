@@ -6,8 +6,7 @@ import logging
 
 import torch
 
-from seedlm.model import chunk_delta_product
-from seedlm.model import fla_backend
+from seedlm.model import chunk_delta_product, fla_backend
 from seedlm.model.fla_backend import kernel_disagreement, select_kernel, training_kernel
 from tests.test_deltaproduct_model import make_model
 
