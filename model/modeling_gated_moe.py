@@ -85,6 +85,7 @@ class GatedMoePreTrainedModel(MoeModelMixin, PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True  # a document BlockMask from causal_attention_mask
     _supports_attention_backend = True
 
     @torch.no_grad()

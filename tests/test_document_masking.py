@@ -75,18 +75,21 @@ def test_varlen_attention_matches_dense_mask_forward_and_backward(family):
 
 
 def test_flex_attention_matches_dense_mask_forward():
-    # FlexAttention has no backward on CPU (torch 2.13 raises NotImplementedError); benchmarks/gpu_check.sh checks
+    # FlexAttention has no backward on CPU (torch 2.13 raises NotImplementedError); check_cuda_paths.py checks
     # its backward on CUDA. One model only: transformers compiles flex_attention on first use (seconds here).
     model = make_gated_moe(dtype=torch.float32)
+    flex_model = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="flex_attention")
+    flex_model.load_state_dict(model.state_dict())
     input_ids, position_ids = packed_batch(model.config.vocab_size)
     with torch.no_grad():
-        model.config._attn_implementation = "sdpa"
         dense = model(input_ids, position_ids=position_ids).logits
-        model.config._attn_implementation = "flex_attention"
-        flex = model(input_ids, position_ids=position_ids).logits
+        flex = flex_model.eval()(input_ids, position_ids=position_ids).logits
     torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'flex_attention' has no backward on CPU.*'varlen_attention' or 'sdpa'"):
+        flex_model(input_ids, position_ids=position_ids)  # a training forward here: refused before it runs
 
 
+@torch.no_grad()  # generation: FlexAttention runs forward-only on CPU
 def test_flex_attention_block_mask_matches_dense_mask_with_padding_and_a_cache():
     padding = torch.ones(2, 10, dtype=torch.long)
     padding[1, :4] = 0  # left padding in row 1; 6 cached tokens, 4 new ones
