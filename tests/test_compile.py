@@ -41,7 +41,10 @@ def test_compiled_blocks_train_with_the_eager_losses(corpus_and_tokenizer, tmp_p
                                                             "train.compile_backend": "aot_eager"})]:
         args = tiny_run_overrides(corpus, tok, output_dir=tmp_path / name, max_steps=3, zero_stage=1,
                                   **{"train.eval_interval": 0, "train.save_interval": 100}, **compile_args)
+        torch._dynamo.utils.counters.clear()
         assert seedlm(["train", model, *args]) == 0
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == (name == "compiled"), graphs  # the compiled run really traced its blocks
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(eager) == 3
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
