@@ -73,8 +73,8 @@ def measure(a) -> dict:
         compile_blocks(compiled)
         eager_first = step_seconds(eager, ids)
         compile_seconds = step_seconds(compiled, ids) - eager_first  # the first compiled step compiles
-        times = interleaved_rounds({"eager": lambda: step_seconds(eager, ids),
-                                    "compiled": lambda: step_seconds(compiled, ids)}, a.rounds)
+        models = {"eager": eager, "compiled": compiled}
+        times = interleaved_rounds({name: lambda m=m: step_seconds(m, ids) for name, m in models.items()}, a.rounds)
         rows.append({"family": family, "compile_seconds": compile_seconds, **times})
     return {"args": vars(a), "rows": rows}
 

@@ -204,7 +204,8 @@ def causal_attention_mask(
     if attn_implementation == "flex_attention":
         if device.type == "cpu" and torch.is_grad_enabled():  # say so before the forward, not in backward
             raise ValueError("attn_implementation='flex_attention' has no backward on CPU (torch's FlexAttention): "
-                             "train on CPU with 'varlen_attention' or 'sdpa', or run this forward under torch.no_grad()")
+                             "train on CPU with 'varlen_attention' or 'sdpa', or run this forward under "
+                             "torch.no_grad()")
         return document_block_mask(docs, key_mask, query_length, past_length, batch_size, device)
     plain_causal = not packed and not padded and (past_length == 0 or query_length == 1)
     if attn_implementation in ("sdpa", VARLEN_ATTENTION) and plain_causal:
