@@ -1,6 +1,6 @@
 """train.compile on CPU: forward + backward time of each model family eager and with every decoder block
 compiled (launch/engine.py compile_blocks, inductor), and the compile time (the first compiled step, less an
-eager step).
+eager step; cold only when inductor's on-disk cache, TORCHINDUCTOR_CACHE_DIR, does not hold these graphs yet).
 
 Both models are built from the same seed; each round times the eager and the compiled model in turn
 (benchmarks/rounds.py), after one warmup step each, and the speed-up is taken within each round.
