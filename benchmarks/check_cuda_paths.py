@@ -7,7 +7,9 @@
    gradients of q, k, v, beta, g. Then forward+backward time of both at a long sequence.
 2. Both model families in bf16 on CUDA (sdpa; flash_attention_2 when flash-attn is installed) against the
    same weights in fp32: loss and logits within bf16 tolerance.
-3. Training-step throughput and MFU (bf16, AdamW) for a dense gated-attention model, the MoE and a
+3. Packed documents under flex_attention and varlen_attention against sdpa's dense document mask, both
+   families in bf16: loss and gradients (benchmarks/gpu_check.sh runs the same models through the trainer).
+4. Training-step throughput and MFU (bf16, AdamW) for a dense gated-attention model, the MoE and a
    DeltaProduct model at sizes that keep the GPU busy; MFU against the dense bf16 peak given by --peak-tflops.
 """
 
@@ -93,20 +95,23 @@ def check_kernels(args) -> None:
         print(f"| {n} | {times['torch']:.1f} | {times['fla']:.1f} | {times['torch'] / times['fla']:.1f}x |")
 
 
+MODEL_CASES = {  # small models of both families, for the parity checks
+    "gated MoE": dict(model_type="seedlm_gated_moe", vocab_size=4096, hidden_size=512, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
+                      moe_intermediate_size=256, shared_expert_intermediate_size=256, max_position_embeddings=2048),
+    "DeltaProduct hybrid": dict(model_type="seedlm_deltaproduct", vocab_size=4096, hidden_size=512,
+                                num_hidden_layers=4, num_heads=4, head_dim=128, num_householder=2,
+                                attn_layers=[3], attn_num_heads=4, attn_num_kv_heads=2, initializer_range=0.02,
+                                max_position_embeddings=2048),
+}
+
+
 def check_models(args) -> None:
     print("\n## Models in bf16 on CUDA vs fp32, same weights\n")
     print("| model | attention | fp32 loss | bf16 loss | max |logit diff| / max |logit| |")
     print("|---|---|---|---|---|")
     attn = "flash_attention_2" if args.flash_attn else "sdpa"
-    configs = {
-        "gated MoE": dict(model_type="seedlm_gated_moe", vocab_size=4096, hidden_size=512, num_hidden_layers=4,
-                          num_attention_heads=8, num_key_value_heads=2, num_experts=16, num_experts_per_tok=4,
-                          moe_intermediate_size=256, shared_expert_intermediate_size=256),
-        "DeltaProduct hybrid": dict(model_type="seedlm_deltaproduct", vocab_size=4096, hidden_size=512,
-                                    num_hidden_layers=4, num_heads=4, head_dim=128, num_householder=2,
-                                    attn_layers=[3], attn_num_heads=4, attn_num_kv_heads=2, initializer_range=0.02),
-    }
-    for name, fields in configs.items():
+    for name, fields in MODEL_CASES.items():
         config = build_model_config(fields)
         torch.manual_seed(0)
         net = model.__dict__[("GatedMoe" if "MoE" in name else "DeltaProduct") + "ForCausalLM"](config)
@@ -120,6 +125,40 @@ def check_models(args) -> None:
             out16 = low(ids, labels=ids)
         diff = max_rel_error(out16.logits.float(), out32.logits.float())
         print(f"| {name} | {attn} | {out32.loss.item():.4f} | {out16.loss.item():.4f} | {diff:.2e} |")
+
+
+def check_document_masking(args) -> None:
+    print("\n## Packed documents without a dense mask, bf16 on CUDA, vs sdpa with the dense mask\n")
+    print("| model | attention | loss (dense mask) | loss | max rel. error of the gradients |")
+    print("|---|---|---|---|---|")
+    T = 2048
+    # four documents per row, of different lengths; positions restart at 0 where a document starts
+    lengths = [700, 100, 1000, 248]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].expand(2, -1).cuda()
+    for name, fields in MODEL_CASES.items():
+        config = build_model_config(fields)
+        torch.manual_seed(0)
+        from transformers import AutoModelForCausalLM
+
+        net = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().train()
+        ids = torch.randint(0, 4096, (2, T), device="cuda")
+        results = {}
+        for attn in ("sdpa", "flex_attention", "varlen_attention"):
+            net.config._attn_implementation = attn
+            net.zero_grad(set_to_none=True)
+            try:
+                loss = net(ids, position_ids=position_ids, labels=ids).loss
+                loss.backward()
+            except Exception as err:  # report and go on: the other kernels still get checked
+                print(f"| {name} | {attn} | | failed: {type(err).__name__}: {str(err)[:120]} | |")
+                continue
+            results[attn] = (loss.item(), {n: p.grad.float() for n, p in net.named_parameters() if p.grad is not None})
+            if attn != "sdpa" and "sdpa" in results:
+                ref_loss, ref_grads = results["sdpa"]
+                grad_err = max(max_rel_error(g, ref_grads[n]) for n, g in results[attn][1].items())
+                print(f"| {name} | {attn} | {ref_loss:.4f} | {loss.item():.4f} | {grad_err:.2e} |")
+        del net, results
+        torch.cuda.empty_cache()
 
 
 def throughput(args) -> None:
@@ -170,7 +209,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "models", "throughput"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "models", "masking", "throughput"])
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: this check runs on a GPU machine")
@@ -188,6 +227,8 @@ def main(argv=None) -> int:
         check_kernels(args)
     if "models" not in args.skip:
         check_models(args)
+    if "masking" not in args.skip:
+        check_document_masking(args)
     if "throughput" not in args.skip:
         throughput(args)
     return 0

@@ -101,7 +101,12 @@ class TrainConfig:
     # in backward. The old booleans still work: true = full, false = none.
     activation_checkpointing: str | bool = "none"
     activation_checkpointing_every: int = 2  # selective: checkpoint one decoder layer in this many (>= 2)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # sdpa | eager | flex_attention | varlen_attention | flash_attention_2; packed documents take a dense [T, T]
+    # mask under sdpa/eager, a document block mask under flex_attention, cu_seqlens under the other two
+    attn_implementation: str = "sdpa"
+    # torch.compile each decoder block (regional compilation); compile_backend: inductor | aot_eager | eager
+    compile: bool = False
+    compile_backend: str = "inductor"
     cpu_threads: int | None = None  # torch intra-op threads per process; None keeps torch's default
     progress_bar: bool = True
     export_at_end: bool = False  # export to <output_dir>/export when training ends, then load it and sample
@@ -124,7 +129,8 @@ CHOICES = {
     "train.schedule": ("cosine", "wsd", "constant"),
     "train.dtype": ("fp32", "bf16"),
     "train.zero_stage": (0, 1, 2, 3),
-    "train.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "train.attn_implementation": ("sdpa", "eager", "flex_attention", "varlen_attention", "flash_attention_2"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.activation_checkpointing": ("none", "full", "selective"),
     "tokenizer.model_type": ("bpe", "unigram"),
 }
@@ -287,6 +293,10 @@ def validate(run: RunConfig) -> None:
     if t.hf_interval < 0:
         raise ConfigError(f"train.hf_interval must be >= 0 (0 = no hf/ folder in checkpoints; `seedlm export` makes "
                           f"one), got {t.hf_interval}")
+    if t.compile and t.zero_stage == 3:
+        raise ConfigError("train.compile=true with zero_stage=3 is not supported: ZeRO-3 gathers each layer's "
+                          "parameters in module hooks that torch.compile does not trace; use zero_stage 0-2, or "
+                          "train.compile=false")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or null for torch's default), got {t.cpu_threads}")
     if len(t.betas) != 2:

@@ -129,6 +129,19 @@ def apply_activation_checkpointing(model, train_cfg) -> None:
     model.activation_checkpointing_enable(every_n_layers=every)
 
 
+def compile_blocks(model, backend: str = "inductor") -> int:
+    """train.compile: torch.compile each decoder block in place (regional compilation, as torchtitan does).
+    Blocks of one shape share their compiled code, so compile time does not grow with depth, and code outside
+    the blocks (embeddings, loss) stays eager. Module.compile keeps the parameter names, so checkpoints and
+    export see the usual layout. Returns how many blocks were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]  # the decoder layers
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
 def build_engine(train_cfg, model, micro_batch_size: int, world_size: int, initialize: bool = True):
     """Expert parallelism (a no-op at size 1), this rank's weights, AdamW and the lr schedule inside a DeepSpeed
     engine. A meta-device model is materialised here, after EP chose this rank's experts and, under ZeRO-3,
@@ -151,6 +164,8 @@ def build_engine(train_cfg, model, micro_batch_size: int, world_size: int, initi
     ep_info = apply_expert_parallel(model, t.expert_parallel_size, zero_stage=t.zero_stage)
     if not is_materialized(model):
         materialize(model, t.seed, initialize=initialize, zero3_config=ds_config if t.zero_stage == 3 else None)
+    if t.compile:
+        compile_blocks(model, t.compile_backend)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay, ep_info), lr=t.lr,
                                   betas=tuple(t.betas), eps=t.eps)
     with expert_parallel_engine_context(ep_info):

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .delta_product_kernels import chunk_delta_product, recurrent_delta_product
+from .fla_backend import training_kernel
 from .layers import RMSNorm, upcast
 
 
@@ -124,11 +125,14 @@ class DeltaProductAttention(nn.Module):
         q, k, v = self._conv_and_normalize(q, k, v, doc_ids, cache)
         initial_state = cache.recurrent_state(self.layer_idx) if cache is not None else None
         want_state = cache is not None
+        backend = "auto"  # fla where it applies (delta_product_kernels), else torch
+        if self.training and torch.is_grad_enabled():  # fla only after a parity check on these head shapes
+            backend = training_kernel(H, K, V, n, g is not None, q.dtype, q.device)
         if cu_seqlens is not None:  # packed documents: one row of B*T tokens, state reset per document
             o, final_state = chunk_delta_product(
                 q.reshape(1, B * T, H, K), k.reshape(1, B * T * n, H, K), v.reshape(1, B * T * n, H, V),
                 beta.reshape(1, B * T * n, H), None if g is None else g.reshape(1, B * T, H),
-                cu_seqlens=cu_seqlens, num_householder=n, chunk_size=self.chunk_size,
+                cu_seqlens=cu_seqlens, num_householder=n, chunk_size=self.chunk_size, backend=backend,
             )
             o = o.view(B, T, H, V)
         elif T == 1 and not self.training:  # decoding: one step of the recurrence
@@ -138,7 +142,7 @@ class DeltaProductAttention(nn.Module):
         else:
             o, final_state = chunk_delta_product(
                 q, k, v, beta, g, initial_state=initial_state, output_final_state=want_state,
-                num_householder=n, chunk_size=self.chunk_size,
+                num_householder=n, chunk_size=self.chunk_size, backend=backend,
             )
         if cache is not None:
             cache.set_recurrent_state(self.layer_idx, final_state)

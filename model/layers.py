@@ -3,17 +3,27 @@ and the SwiGLU MLP.
 
 Imports only torch and transformers (this file travels with exported checkpoints for trust_remote_code).
 The attention kernel is chosen through transformers' attention interface (`config._attn_implementation`):
-"sdpa" (default, CPU and GPU), "flash_attention_2" on CUDA when flash-attn is installed, or "eager"
-(needed to return attention weights, e.g. for attention-sink statistics).
+"sdpa" (default, CPU and GPU), "eager" (needed to return attention weights, e.g. for attention-sink
+statistics), and for packed documents without a dense [T, T] mask: "flex_attention" (a document block mask),
+"varlen_attention" (torch's varlen flash kernel from cu_seqlens, registered below) or "flash_attention_2"
+(flash-attn's varlen kernel, read from position_ids by transformers; only when flash-attn is installed).
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+try:  # torch's flash-attention varlen API (CUDA; torch >= 2.10); without it varlen attention loops over documents
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+VARLEN_ATTENTION = "varlen_attention"
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -121,40 +131,129 @@ def is_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | 
     return bool((document_ids(position_ids)[:, -1] > 0).any())
 
 
+def packed_cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids [B, T] -> cu_seqlens over the B*T flattened tokens: documents and rows both start sequences."""
+    B, T = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    offsets = starts.reshape(-1).nonzero().squeeze(-1)
+    return torch.cat([offsets, offsets.new_tensor([B * T])])
+
+
+class DocumentSpans(NamedTuple):
+    """What varlen attention takes in place of a mask: the documents of the B*T flattened tokens as cu_seqlens
+    (int32 [N + 1]) and the longest document's length."""
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def document_spans(docs: torch.Tensor) -> DocumentSpans:
+    cu_seqlens = packed_cu_seqlens(docs).to(torch.int32)
+    return DocumentSpans(cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))  # one host sync per forward
+
+
+def document_block_mask(docs, key_mask, query_length: int, past_length: int, batch_size: int, device):
+    """FlexAttention's BlockMask for causal attention over past + new tokens that skips padded keys (key_mask
+    [B, S], True = real token, or None) and keeps packed documents (docs [B, T], or None) apart. Blocks that
+    are wholly masked are skipped, so the cost follows the documents' lengths, not T * T."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_pos = q_idx + past_length
+        allowed = kv_idx <= q_pos
+        if key_mask is not None:
+            allowed = allowed & key_mask[b, kv_idx]
+        if docs is not None:
+            allowed = allowed & (docs[b, q_idx] == docs[b, kv_idx])
+        return allowed | (kv_idx == q_pos)  # as in the dense mask: a padded query still attends to itself
+
+    key_length = past_length + query_length
+    return create_block_mask(mask_mod, batch_size, None, query_length, key_length, device=device)
+
+
 def causal_attention_mask(
     attn_implementation: str,
     query_length: int,
     past_length: int,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+    batch_size: int = 1,
+):
     """The mask transformers' attention interface wants, for causal attention over past + new tokens.
 
-    attention_mask [B, past + T] (1 = real token) or None; position_ids [B or 1, T].
+    attention_mask [B, past + T] (1 = real token) or None; position_ids [B or 1, T]; batch_size B.
     flash_attention_2 takes the 2-D padding mask (or None) and reads packed documents from position_ids.
-    sdpa gets None when plain causal attention is exact (its is_causal fast path); otherwise sdpa and
-    eager get a boolean [B, 1, T, past + T] mask (True = attend) that is causal, skips padded keys and keeps packed
-    documents apart. Every query may always attend to itself, so a padded query row is never empty
-    (an empty row would make softmax NaN and spread through the padded positions).
+    flex_attention gets a BlockMask (document_block_mask). varlen_attention gets DocumentSpans for packed
+    documents, and otherwise what sdpa gets. sdpa gets None when plain causal attention is exact (its
+    is_causal fast path); otherwise sdpa and eager get a boolean [B, 1, T, past + T] mask (True = attend)
+    that is causal, skips padded keys and keeps packed documents apart. Every query may always attend to
+    itself, so a padded query row is never empty (an empty row would make softmax NaN and spread through
+    the padded positions).
     """
     packed = is_packed(position_ids, attention_mask, past_length)
     padded = attention_mask is not None and not bool(attention_mask.all())
+    docs = document_ids(position_ids.expand(batch_size, -1)) if packed else None  # [B, T]; S == T when packed
     if attn_implementation.startswith("flash_attention"):
         return attention_mask if padded else None
-    if attn_implementation == "sdpa" and not packed and not padded and (past_length == 0 or query_length == 1):
-        return None  # sdpa's is_causal path; the eager kernel always needs the explicit mask
+    if attn_implementation == VARLEN_ATTENTION and packed:
+        return document_spans(docs)
     key_length = past_length + query_length
     device = position_ids.device if position_ids is not None else attention_mask.device
+    key_mask = attention_mask[:, -key_length:].bool() if padded else None
+    if attn_implementation == "flex_attention":
+        if device.type == "cpu" and torch.is_grad_enabled():  # say so before the forward, not in backward
+            raise ValueError("attn_implementation='flex_attention' has no backward on CPU (torch's FlexAttention): "
+                             "train on CPU with 'varlen_attention' or 'sdpa', or run this forward under "
+                             "torch.no_grad()")
+        return document_block_mask(docs, key_mask, query_length, past_length, batch_size, device)
+    plain_causal = not packed and not padded and (past_length == 0 or query_length == 1)
+    if attn_implementation in ("sdpa", VARLEN_ATTENTION) and plain_causal:
+        return None  # sdpa's is_causal path; the eager kernel always needs the explicit mask
     q_pos = torch.arange(past_length, key_length, device=device)
     k_pos = torch.arange(key_length, device=device)
     allowed = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, T, S]
     if padded:
-        allowed = allowed & attention_mask[:, None, -key_length:].bool()  # [B, T, S]
+        allowed = allowed & key_mask[:, None]  # [B, T, S]
     if packed:
-        docs = document_ids(position_ids)  # [B, T]; packed only without past, so S == T
         allowed = allowed & (docs[:, :, None] == docs[:, None, :])
     allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
     return allowed[:, None]  # [B, 1, T, S]
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Causal attention within each packed document, from cu_seqlens instead of a [T, T] mask.
+    query [B, H, T, D], key/value [B, Hkv, T, D]; attention_mask is DocumentSpans, or (no packed documents)
+    what sdpa takes, and then sdpa runs. On CUDA in bf16/fp16 torch's varlen flash kernel runs; elsewhere
+    (CPU, fp32) the same attention runs document by document through SDPA: exact, and slower."""
+    if not isinstance(attention_mask, DocumentSpans):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, dropout=dropout,
+                                               scaling=scaling, **kwargs)
+    if dropout > 0:
+        raise ValueError("varlen_attention has no attention dropout: set attention_dropout=0 or use sdpa")
+    B, H, T, D = query.shape
+    Hkv = key.shape[1]
+    q = query.transpose(1, 2).reshape(B * T, H, D)
+    k = key.transpose(1, 2).reshape(B * T, Hkv, D)
+    v = value.transpose(1, 2).reshape(B * T, Hkv, D)
+    cu_seqlens, max_seqlen = attention_mask
+    if varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling,
+                          window_size=(-1, 0), enable_gqa=Hkv != H)  # window (-1, 0): causal
+    else:
+        bounds = cu_seqlens.tolist()
+        out = torch.cat([
+            F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                is_causal=True, scale=scaling, enable_gqa=Hkv != H,
+            ).transpose(0, 1)
+            for s, e in zip(bounds[:-1], bounds[1:])
+        ])
+    return out.view(B, T, H, D), None
+
+
+# a name transformers' attention interface knows, so `attn_implementation="varlen_attention"` loads and runs
+ALL_ATTENTION_FUNCTIONS.register(VARLEN_ATTENTION, varlen_attention_forward)
 
 
 class GatedAttention(nn.Module):

@@ -21,7 +21,16 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_deltaproduct import DeltaProductConfig
 from .deltaproduct_layer import DeltaProductAttention, ShortConvolution
-from .layers import GatedAttention, RMSNorm, RotaryEmbedding, SwiGLUMLP, causal_attention_mask, document_ids, is_packed
+from .layers import (
+    GatedAttention,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLUMLP,
+    causal_attention_mask,
+    document_ids,
+    is_packed,
+    packed_cu_seqlens,
+)
 from .modeling_gated_moe import CACHE_NAME, CausalLMHeadMixin
 from .moe import MoeModelMixin, RouterOutput, SparseMoeBlock
 
@@ -160,6 +169,7 @@ class DeltaProductPreTrainedModel(MoeModelMixin, PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True  # a document BlockMask from causal_attention_mask
     _supports_attention_backend = True
     _is_stateful = True
 
@@ -181,15 +191,6 @@ class DeltaProductPreTrainedModel(MoeModelMixin, PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must not build a DynamicCache: the model builds its DeltaProductCache
-
-
-def packed_cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_ids [B, T] -> cu_seqlens over the B*T flattened tokens: documents and rows both start sequences."""
-    B, T = doc_ids.shape
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    offsets = starts.reshape(-1).nonzero().squeeze(-1)
-    return torch.cat([offsets, offsets.new_tensor([B * T])])
 
 
 class DeltaProductModel(DeltaProductPreTrainedModel):
@@ -255,7 +256,7 @@ class DeltaProductModel(DeltaProductPreTrainedModel):
         if self.rotary_emb is not None:
             mixer_inputs["position_embeddings"] = self.rotary_emb(inputs_embeds, position_ids)
             mixer_inputs["attention_mask"] = causal_attention_mask(
-                self.config._attn_implementation, T, past_seen, attention_mask, position_ids
+                self.config._attn_implementation, T, past_seen, attention_mask, position_ids, batch_size=B
             )
 
         hidden_states = inputs_embeds

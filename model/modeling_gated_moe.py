@@ -85,6 +85,7 @@ class GatedMoePreTrainedModel(MoeModelMixin, PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
+    _supports_flex_attn = True  # a document BlockMask from causal_attention_mask
     _supports_attention_backend = True
 
     @torch.no_grad()
@@ -143,8 +144,9 @@ class GatedMoeModel(GatedMoePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)  # [1, T]
 
+        batch_size, query_length = inputs_embeds.shape[:2]
         causal_mask = causal_attention_mask(
-            self.config._attn_implementation, inputs_embeds.shape[1], past_seen, attention_mask, position_ids
+            self.config._attn_implementation, query_length, past_seen, attention_mask, position_ids, batch_size
         )
         # 1 for real tokens: padding is left out of the router statistics
         token_mask = attention_mask[:, -inputs_embeds.shape[1] :] if attention_mask is not None else None

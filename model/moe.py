@@ -105,6 +105,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, group_sizes: torch.Ten
         and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
         and x.dtype == weight.dtype
         and row_bytes_ok
+        # torch.compile traces grouped_mm through its meta kernel, which takes bf16 only
+        and (x.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
     ):
         offsets = group_sizes.cumsum(0).to(torch.int32)
         return _GroupedLinear.apply(x.contiguous(), weight, offsets)
