@@ -137,8 +137,8 @@ def report(result: dict) -> str:
     lines += ["", f"| training step (fwd + bwd + AdamW), {shape} | tokens/s | "
               + " | ".join(f"read / step, {names[key]}" for key in read) + " |",
               "|---|---:|" + "---:|" * len(read)]
-    for preset, (tps, where) in result["train"].items():
-        lines.append(f"| {preset} ({where}) | {tps:,.0f} | " + " | ".join(f"{r / tps:.0f}x" for r in read.values())
+    for preset, tps in result["train"].items():
+        lines.append(f"| {preset} (configs/models/{preset}.yaml) | {tps:,.0f} | " + " | ".join(f"{r / tps:.0f}x" for r in read.values())
                      + " |")
     return "\n".join(lines)
 

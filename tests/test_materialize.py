@@ -158,9 +158,11 @@ import deepspeed; deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_
 before = peak_rss_kib()
 materialize(model, seed=0, zero3_config=ds_config)
 held = sum(p.ds_tensor.numel() for p in model.parameters())
-print(json.dumps({"rank": dist.rank, "growth_kib": peak_rss_kib() - before, "held": held,
-                  "whole": sum(p.ds_numel for p in model.parameters()), "unit": largest_unit_elements(model),
-                  "gathered": sum(p.numel() for p in model.parameters())}))
+row = {"rank": dist.rank, "growth_kib": peak_rss_kib() - before, "held": held,
+       "whole": sum(p.ds_numel for p in model.parameters()), "unit": largest_unit_elements(model),
+       "gathered": sum(p.numel() for p in model.parameters())}
+with open(f"{sys.argv[1]}/rank{dist.rank}.json", "w") as f:  # a file per rank: printed lines can interleave
+    f.write(json.dumps(row))
 """
 
 
@@ -177,10 +179,10 @@ def test_zero3_ranks_hold_their_partition_and_never_the_whole_model(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script)],
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(script), str(tmp_path)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert len(rows) == 2
     for row in rows:
         whole_bytes = 4 * row["whole"]

@@ -52,7 +52,10 @@ def test_manifest_and_rows_are_the_packers(tiny, tmp_path):
     assert manifest["dtype"] == "uint16" and manifest["complete"] and len(train["shards"]) > 2
     assert manifest["tokens"] == sum(s["tokens"] for s in train["shards"]) > 3 * SHARD_TOKENS
     assert manifest["documents"] + manifest["splits"]["validation"]["documents"] == 400
-    assert manifest["bad_records"]["malformed_json"] == 1 and manifest["bad_records"]["empty"] == 1
+    # the two bad lines are counted in whichever split their position's hash puts them
+    bad = {k: manifest["splits"]["train"]["bad_records"][k] + manifest["splits"]["validation"]["bad_records"][k]
+           for k in ("malformed_json", "empty")}
+    assert bad == {"malformed_json": 1, "empty": 1}
     assert all(s["tokens"] >= SHARD_TOKENS for s in train["shards"][:-1])
     # the documents, in order, are the tokenizer's encodings of the train split's texts
     split = PreparedSplit(out, "train")

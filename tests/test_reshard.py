@@ -139,7 +139,9 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(data, tmp_path):
             # ZeRO-3 too decays the matrices (a partitioned parameter's own shape is its empty partition)
             groups = trainer.engine.optimizer.param_groups
             assert [(g["name"], g["weight_decay"] > 0) for g in groups] == [("decay", True), ("no_decay", False)]
-            original, again = read(source), read(trainer.checkpoint())
+            trainer.checkpoint()
+            trainer.checkpoint_published(wait=True)  # a background save: wait until it is published
+            original, again = read(source), read(trainer.progress.last_saved)
             trainer.metrics.close()
         finally:
             stop.restore()
