@@ -138,7 +138,8 @@ def report(result: dict) -> str:
               + " | ".join(f"read / step, {names[key]}" for key in read) + " |",
               "|---|---:|" + "---:|" * len(read)]
     for preset, tps in result["train"].items():
-        lines.append(f"| {preset} (configs/models/{preset}.yaml) | {tps:,.0f} | " + " | ".join(f"{r / tps:.0f}x" for r in read.values())
+        ratios = " | ".join(f"{r / tps:.0f}x" for r in read.values())
+        lines.append(f"| {preset} (configs/models/{preset}.yaml) | {tps:,.0f} | " + ratios
                      + " |")
     return "\n".join(lines)
 

@@ -30,9 +30,9 @@ from seedlm.launch.checkpoint import (
     check_compatible,
     find_resume_checkpoint,
     load_checkpoint,
-    saved_data_states,
     prepare_output_dir,
     rng_state,
+    saved_data_states,
     set_rng_state,
 )
 from seedlm.launch.config import ConfigError, RunConfig, check_run_config
