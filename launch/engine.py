@@ -166,8 +166,10 @@ def build_engine(train_cfg, model, micro_batch_size: int, world_size: int, initi
         materialize(model, t.seed, initialize=initialize, zero3_config=ds_config if t.zero_stage == 3 else None)
     if t.compile:
         compile_blocks(model, t.compile_backend)
+    # fused: one kernel per tensor updates in place; the default implementation allocates two temporaries the size
+    # of the rank's fp32 partition (sqrt(exp_avg_sq) and the denominator) at every step
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay, ep_info), lr=t.lr,
-                                  betas=tuple(t.betas), eps=t.eps)
+                                  betas=tuple(t.betas), eps=t.eps, fused=True)
     with expert_parallel_engine_context(ep_info):
         engine, _, _, scheduler = deepspeed.initialize(
             model=model,

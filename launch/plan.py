@@ -13,8 +13,9 @@ world / EP expert-data-parallel ranks).
     stage  parameters          gradients                              optimizer states
     0      w * full            w * full (+ 4 * full in bf16)           8 * full (+ 4 * full fp32 master in bf16)
     1      w * full            w * full + 4 * shard                    12 * shard
-    2      w * full            w * shard + bucket + 4 * shard          12 * shard
-    3      w * (shard + L)     w * (shard + L) + bucket + 4 * shard    12 * shard
+    2      w * full            max(w * (bucket + max(group, shard)),   12 * shard
+                               w * shard + 4 * shard)  (group + shard when the bucket fills more than once)
+    3      w * (shard + L)     w * (shard + L + unit) + 4 * shard      12 * shard
 
   - optimizer states: AdamW's two fp32 moments (8 bytes) and an fp32 master copy (4 bytes): ZeRO 1-3 keep that
     copy of their partition in fp32 training too (`single_partition_of_fp32_groups` in stage_1_and_2.py and
@@ -23,12 +24,22 @@ world / EP expert-data-parallel ranks).
     gradients of every parameter, as `estimate_zero2_model_states_mem_needs` counts for ZeRO-0 data parallel).
   - 4 * shard: the step flattens each rank's gradient partition into one new fp32 tensor for the master weights
     (`flat_grad_partition.to(...)` in stage_1_and_2.py, `self.flatten(...).to(...)` in stage3.py), in fp32 training
-    too: the "4_grads_32bit" of DeepSpeed's estimators, so ZeRO-2 bf16 comes to their 2 * P + 18 * P / ranks plus
-    the bucket.
-  - bucket: ZeRO 2-3 reduce gradients through a contiguous bucket of reduce_bucket_size elements
-    (DeepSpeed's default 5e8, or fewer when the rank has fewer parameters).
+    too: the "4_grads_32bit" of DeepSpeed's estimators.
+  - ZeRO-2 holds its gradients in two phases, measured on 2 ranks (tests/test_plan.py): at the end of backward
+    the reduce bucket, with first the copy `allreduce_bucket` flattens of one process group's gradients
+    (group: the whole bucket without EP; with EP the non-expert or the expert gradients, reduced one group after
+    the other) and then the rank's gradient partition; the bucket is released before the step, which holds the
+    partition and its fp32 copy. Activations are freed by then, but the total adds them anyway (a bound).
+  - bucket: ZeRO-2 reduces gradients through a contiguous bucket of reduce_bucket_size elements
+    (DeepSpeed's default 5e8, or fewer when the rank has fewer parameters); unit: ZeRO-3's bucket, which
+    launch/engine.py deepspeed_config sizes to the largest decoder layer (materialize.py largest_unit_elements).
   - L: ZeRO-3 gathers one module's parameters (and in backward their gradients) at a time; the largest module,
     usually the embedding, as `estimate_zero3_model_states_mem_needs` counts it (4 * L in bf16).
+  - AdamW runs fused (launch/engine.py): its step allocates nothing beyond the two moments, which torch creates
+    at the first step.
+
+tests/test_plan.py checks the sum against the peak resident memory of 2-rank CPU runs for ZeRO-2, ZeRO-3, ZeRO-2
+EP 2 and ZeRO-1 EP 2.
 
 Activations (bytes per token kept for backward) come from an analytic model of each decoder layer, written in
 the tensors the layers save (norm inputs and outputs, projections, rotary q/k, attention output and log-sum-exp,
@@ -80,12 +91,14 @@ def count_text(n: int) -> str:
 
 @dataclass
 class ParameterCount:
-    """Parameters of the causal LM (tied weights once), the routed experts' share, and the largest module."""
+    """Parameters of the causal LM (tied weights once), the routed experts' share, the largest module (what
+    ZeRO-3 gathers at once) and the largest unit (a decoder layer: ZeRO-3's bucket, launch/engine.py)."""
 
     total: int
     expert: int
     largest_module: int
     num_experts: int
+    largest_unit: int = 0
 
     @property
     def non_expert(self) -> int:
@@ -103,13 +116,16 @@ def count_parameters(model_config) -> ParameterCount:
     """Count from the model built on the meta device: shapes only, no memory, seconds for 15B parameters."""
     from transformers import AutoModelForCausalLM
 
+    from seedlm.launch.materialize import largest_unit_elements
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     named = dict(model.named_parameters())  # a tied weight is listed once
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
     return ParameterCount(total=sum(p.numel() for p in named.values()),
                           expert=sum(p.numel() for n, p in named.items() if is_expert_parameter(n)),
-                          largest_module=largest, num_experts=getattr(model_config, "num_experts", 0))
+                          largest_module=largest, num_experts=getattr(model_config, "num_experts", 0),
+                          largest_unit=largest_unit_elements(model))
 
 
 def model_state_bytes(count: ParameterCount, world: int, zero_stage: int, ep: int, bf16: bool) -> dict:
@@ -125,11 +141,14 @@ def model_state_bytes(count: ParameterCount, world: int, zero_stage: int, ep: in
     fp32_step_copy = 4 * shard  # the step flattens the gradient partition into one fp32 tensor
     if zero_stage == 1:
         gradients = w * full + fp32_step_copy
-    else:
-        gradients = w * (shard + bucket) + fp32_step_copy
-    if zero_stage == 3:  # the gathered module's gradient too
-        return {"parameters": w * (shard + count.largest_module), "gradients": gradients + w * count.largest_module,
-                "optimizer": 12 * shard}
+    elif zero_stage == 2:
+        group = min(bucket, max(count.non_expert, count.expert / ep)) if ep > 1 else bucket
+        # a bucket that fills more than once: the partition, allocated at the first flush, meets a later copy
+        copy_and_partition = group + shard if full > bucket else max(group, shard)
+        gradients = max(w * (bucket + copy_and_partition), w * shard + fp32_step_copy)
+    if zero_stage == 3:  # the gathered module's gradient, and a bucket of one decoder layer (deepspeed_config)
+        gradients = w * (shard + count.largest_module + count.largest_unit) + fp32_step_copy
+        return {"parameters": w * (shard + count.largest_module), "gradients": gradients, "optimizer": 12 * shard}
     return {"parameters": w * full, "gradients": gradients, "optimizer": 12 * shard}
 
 
@@ -372,7 +391,7 @@ def what_to_change(plan: Plan, count: ParameterCount, acts: dict, model_config) 
         room = plan.usable_memory - terms["activations"] - terms["loss"]
         if room > 0:
             w = 2 if plan.dtype == "bf16" else 4
-            fixed = w * (2 * count.largest_module + min(REDUCE_BUCKET_ELEMENTS, count.total))
+            fixed = w * (2 * count.largest_module + count.largest_unit)
             ranks = math.ceil(count.total * (2 * w + 16) / max(1.0, room - fixed))  # model_state_bytes, stage 3
             lines.append(f"- more ranks: model states are {gib(states)} GiB per GPU; under ZeRO-3 about "
                          f"{max(ranks, plan.world_size + 1)} GPUs would hold them (--nodes / --gpus-per-node)")
