@@ -4,7 +4,8 @@ One process (or one torchrun job of --ranks gloo ranks) builds the Trainer once 
 MoE with tiny batches (1 x --seq-len tokens), so that a step is short and the save of ~2.5 GB of state (fp32
 weights and AdamW moments) dominates. Each round then runs three segments of the same number of steps, in
 turn: no save; a synchronous save every --every steps; a background save every --every steps (the host copy
-at the step boundary, the write and fsync in a thread of lowest priority; launch/checkpoint.py). A segment
+at the step boundary into host buffers reused from save to save, the write and fsync in a thread of lowest
+priority; launch/checkpoint.py); one saver per mode saves once before the rounds. A segment
 saves --saves times, runs --every more steps after its last save, and ends by waiting for the save in flight,
 so the whole write is counted. Training time lost per save = (segment time - the same round's no-save
 segment) / saves. Goal (issue 15): background <= 20% of synchronous in the worst round.
@@ -65,14 +66,21 @@ def worker(a) -> None:
     params = sum(p.numel() for p in trainer.engine.module.parameters())
     batches = iter(trainer.train_loader)
     trainer.engine.train()
-    for _ in range(2):  # warm-up: the optimizer state exists, so every save holds the same state
+    # one saver per mode for the whole run, as in training: the background saver's host buffers are reused
+    savers = {mode: CheckpointSaver(trainer.checkpoint_root, 2, trainer.dist.rank, background=mode == "background")
+              for mode in ("sync", "background")}
+    for saver in savers.values():  # warm-up: optimizer state exists, each saver has saved once
         trainer.count_step(trainer.train_step(batches))
+        trainer.saver = saver
+        trainer.checkpoint()
+        trainer.checkpoint_published(wait=True)
 
     def segment(mode: str) -> dict:
         """Seconds for (saves + 1) x every steps with `mode` saves, and the seconds each save held the loop."""
         background = mode == "background"
         trainer.t = dataclasses.replace(trainer.t, async_save=background)
-        trainer.saver = CheckpointSaver(trainer.checkpoint_root, 2, trainer.dist.rank, background=background)
+        trainer.saver = savers.get(mode)
+        written = len(trainer.saver.write_seconds) if trainer.saver else 0
         boundary = []
         barrier()
         start = time.perf_counter()
@@ -84,9 +92,11 @@ def worker(a) -> None:
                 boundary.append(time.perf_counter() - t0)
             elif mode != "none":
                 trainer.checkpoint_published()
-        trainer.checkpoint_published(wait=True)  # the last write counts in full
+        if trainer.saver:
+            trainer.checkpoint_published(wait=True)  # the last write counts in full
         barrier()
-        return {"seconds": time.perf_counter() - start, "boundary": boundary}
+        write = trainer.saver.write_seconds[written:] if trainer.saver else []
+        return {"seconds": time.perf_counter() - start, "boundary": boundary, "write": write}
 
     rounds = []
     for _ in range(a.rounds):
@@ -174,20 +184,23 @@ def report(result: dict, peak_flops: float | None = None) -> str:
              f"every {a['every']} steps, a background save every {a['every']} steps ({a['saves']} saves each, the "
              "last one waited for). Lost per save = (segment - no-save segment) / saves, within a round; "
              "min / median / max over the rounds. Boundary: how long each background save held the training "
-             "loop (the host copy). The machine was shared with other jobs while this ran.", "",
+             "loop (the host copy); write: how long its writer thread took to write and fsync the files. The "
+             "machine was shared with other jobs while this ran.", "",
              "| ranks, ZeRO | state per save | step (no save) | lost per save, synchronous | "
-             "lost per save, background | boundary, background | background / synchronous |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "lost per save, background | boundary, background | write, background | background / synchronous |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     goals = []
     for job in jobs:
         sync, background = lost_per_save(job, "sync", a["saves"]), lost_per_save(job, "background", a["saves"])
         ratio = Spread.of(b / s for b, s in zip(background, sync))
         step = statistics.median(r["none"]["seconds"] / steps for r in job["rounds"])
         boundary = Spread.of(statistics.median(r["background"]["boundary"]) for r in job["rounds"])
+        write = Spread.of(statistics.median(r["background"]["write"]) for r in job["rounds"])
         where = f"{job['ranks']} rank{'s' * (job['ranks'] > 1)}, ZeRO {job['zero_stage']}"
         lines.append(f"| {where} | {job['state_bytes'] / 2**30:.2f} GiB | {step:.2f} s "
                      f"| {Spread.of(sync).format('{:.2f}', ' s')} | {Spread.of(background).format('{:.2f}', ' s')} "
-                     f"| {boundary.format('{:.2f}', ' s')} | {ratio.format('{:.2f}', 'x')} |")
+                     f"| {boundary.format('{:.2f}', ' s')} | {write.format('{:.1f}', ' s')} "
+                     f"| {ratio.format('{:.2f}', 'x')} |")
         goals.append(f"{where}: " + goal("background / synchronous", ratio, "<=", GOAL, "{:.2f}", "x"))
     lines += ["", "Goal (issue 15, min / median / max over the rounds): " + "; ".join(goals) + "."]
     return "\n".join(lines)
