@@ -42,6 +42,8 @@ BENCHMARKS = [
      "activation checkpointing none / full / selective: saved bytes, step time"),
     ("startup_memory", "bench_startup_memory",
      "ZeRO-3 peak memory per rank: whole model then partitioned vs meta device, layer by layer"),
+    ("checkpoint_save", "bench_checkpoint_save",
+     "training time lost per checkpoint save: background (async_save) vs synchronous"),
 ]
 NAMES = [name for name, _, _ in BENCHMARKS]
 PLOT = Path("benchmarks") / "results" / "scaling_seq_len.png"  # relative to the README's folder

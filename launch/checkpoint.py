@@ -34,6 +34,7 @@ import os
 import random
 import shutil
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -160,23 +161,49 @@ def write_on_every_rank(write) -> BaseException | str | None:
     return error or "another rank could not write its part of the checkpoint; its message says why"
 
 
-def host_copy(obj, copies: dict | None = None):
-    """`obj` with every tensor copied to host memory, storage by storage: tensors that share a storage (a tied
-    weight, saved under two names as two tensor objects) share one copy, so the file holds what torch.save of
-    the original would hold. The containers DeepSpeed's state dicts are made of are rebuilt; anything else is
-    kept as it is."""
+class HostStaging:
+    """Host buffers for the copies of one save, reused by the next save: the state has the same storages in the
+    same order every time, so from the second save on the copy at the step boundary writes into memory that is
+    already mapped instead of faulting in gigabytes of fresh pages (bench_checkpoint_save.py: the boundary is
+    most of what a background save costs training). Reuse is safe because at most one save is in flight and
+    CheckpointSaver.save waits for the previous write before copying."""
+
+    def __init__(self):
+        self.buffers: list[torch.UntypedStorage] = []
+        self.used = 0  # buffers handed out in the current save
+
+    def start_save(self) -> None:
+        self.used = 0
+
+    def copy_of(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
+        i, self.used = self.used, self.used + 1
+        if i < len(self.buffers) and self.buffers[i].nbytes() == storage.nbytes():
+            return self.buffers[i].copy_(storage)
+        buffer = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+        if i < len(self.buffers):
+            self.buffers[i] = buffer
+        else:
+            self.buffers.append(buffer)
+        return buffer
+
+
+def host_copy(obj, staging: HostStaging, copies: dict | None = None):
+    """`obj` with every tensor copied to host memory (into `staging`'s buffers), storage by storage: tensors
+    that share a storage (a tied weight, saved under two names as two tensor objects) share one copy, so the
+    file holds what torch.save of the original would hold. The containers DeepSpeed's state dicts are made of
+    are rebuilt; anything else is kept as it is."""
     copies = {} if copies is None else copies  # storage data_ptr -> its host copy
     if isinstance(obj, torch.Tensor):
         obj = obj.detach()
         storage = obj.untyped_storage()
         if storage.data_ptr() not in copies:
-            copies[storage.data_ptr()] = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+            copies[storage.data_ptr()] = staging.copy_of(storage)
         return torch.empty(0, dtype=obj.dtype).set_(copies[storage.data_ptr()], obj.storage_offset(), obj.shape,
                                                     obj.stride())
     if type(obj) in (dict, OrderedDict):
-        return type(obj)((k, host_copy(v, copies)) for k, v in obj.items())
+        return type(obj)((k, host_copy(v, staging, copies)) for k, v in obj.items())
     if type(obj) in (list, tuple):
-        return type(obj)(host_copy(v, copies) for v in obj)
+        return type(obj)(host_copy(v, staging, copies) for v in obj)
     return obj
 
 
@@ -199,15 +226,15 @@ def write_and_fsync(files: list[tuple[Path, object]]) -> None:
 
 class CollectingCheckpointEngine:
     """Stands in for DeepSpeed's checkpoint engine during engine.save_checkpoint: each file's state is kept
-    with its path (copied to host memory first when `copy`, for a background thread to write). DeepSpeed
+    with its path (copied to host memory first when given `staging`, for a background thread to write). DeepSpeed
     still decides which files exist and what they hold, so ds/ is exactly what engine.load_checkpoint reads.
     (DeepSpeed 0.19.8's own DecoupledCheckpointEngine writes through FastCheckpointEngine, which needs the
     async-io op that CPU builds lack: "cannot find -laio" here.)"""
 
     name = "seedlm-host-copy"
 
-    def __init__(self, copy: bool):
-        self.copy = copy
+    def __init__(self, staging: HostStaging | None):
+        self.staging = staging
         self.files: list[tuple[Path, object]] = []
 
     def create(self, info):
@@ -217,7 +244,7 @@ class CollectingCheckpointEngine:
         os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict, path):
-        self.files.append((Path(path), host_copy(state_dict) if self.copy else state_dict))
+        self.files.append((Path(path), host_copy(state_dict, self.staging) if self.staging is not None else state_dict))
 
     def commit(self, info):
         return True
@@ -232,10 +259,10 @@ class CollectingCheckpointEngine:
         return True  # DeepSpeed then clones expert views before save(), as for torch.save
 
 
-def engine_files(engine, folder: Path, copy: bool) -> list[tuple[Path, object]]:
+def engine_files(engine, folder: Path, staging: HostStaging | None) -> list[tuple[Path, object]]:
     """This rank's DeepSpeed files of a checkpoint into `folder`, as (path, state) pairs, not yet written;
-    with `copy` the states are host copies that later training steps do not change."""
-    copier, original = CollectingCheckpointEngine(copy), engine.checkpoint_engine
+    with `staging` the states are host copies that later training steps do not change."""
+    copier, original = CollectingCheckpointEngine(staging), engine.checkpoint_engine
     engine.checkpoint_engine = copier
     try:
         engine.save_checkpoint(str(folder), tag="ds", save_latest=False)
@@ -250,6 +277,7 @@ class PendingSave:
     def __init__(self, step: int, tmp: Path, final: Path, trainer_state: dict, files: list, background: bool):
         self.step, self.tmp, self.final, self.trainer_state = step, tmp, final, trainer_state
         self.error: BaseException | None = None
+        self.write_seconds = 0.0  # how long the write and fsync took (benchmarks/bench_checkpoint_save.py)
         self.thread = None
         if background:
             self.thread = threading.Thread(target=self.write, args=(files,), name=f"seedlm-save-{step}", daemon=True)
@@ -263,10 +291,12 @@ class PendingSave:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             except (AttributeError, OSError):
                 pass
+        start = time.perf_counter()
         try:
             write_and_fsync(files)
         except (OSError, RuntimeError) as err:  # a full disk; torch.save says "iostream error"
             self.error = err
+        self.write_seconds = time.perf_counter() - start
 
     def done(self) -> bool:
         return self.thread is None or not self.thread.is_alive()
@@ -283,6 +313,8 @@ class CheckpointSaver:
     def __init__(self, checkpoint_root: Path, keep_last: int, rank: int, background: bool = True):
         self.root, self.keep_last, self.rank, self.background = Path(checkpoint_root), keep_last, rank, background
         self.pending: PendingSave | None = None
+        self.staging = HostStaging() if background else None
+        self.write_seconds: list[float] = []  # per published save, how long its write took
 
     def save(self, step: int, engine, trainer_state: dict, rank_state: dict, save_model_files,
              save_hf_folder=None) -> None:
@@ -299,10 +331,13 @@ class CheckpointSaver:
             tmp.mkdir()
         barrier()
         files = []
+        if self.staging is not None:
+            self.staging.start_save()  # the previous save's buffers are free: wait() above joined its writer
 
         def copy_parts():
-            files.extend(engine_files(engine, tmp, copy=self.background))
-            files.append((tmp / f"rank_{self.rank:05d}.pt", host_copy(rank_state) if self.background else rank_state))
+            files.extend(engine_files(engine, tmp, self.staging))
+            rank_file = tmp / f"rank_{self.rank:05d}.pt"
+            files.append((rank_file, host_copy(rank_state, self.staging) if self.staging is not None else rank_state))
             save_model_files(tmp / MODEL_FILES_DIR)
             if save_hf_folder is not None:
                 save_hf_folder(tmp / HF_DIR)
@@ -327,6 +362,7 @@ class CheckpointSaver:
         if pending is None:
             return None
         pending.join()
+        self.write_seconds.append(pending.write_seconds)
 
         def check_written():
             if pending.error is not None:

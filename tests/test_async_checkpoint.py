@@ -80,3 +80,31 @@ def flatten(obj, prefix="") -> dict:
     if isinstance(obj, (list, tuple)):
         return {k: v for i, item in enumerate(obj) for k, v in flatten(item, f"{prefix}{i}/").items()}
     return {prefix: obj if isinstance(obj, torch.Tensor) else repr(type(obj))}
+
+
+def test_the_next_background_save_copies_into_the_previous_saves_host_buffers():
+    from seedlm.launch.checkpoint import HostStaging, host_copy
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"embed": weight, "lm_head": weight, "moments": [torch.ones(4)]}  # a tied weight: one storage
+    staging = HostStaging()
+    staging.start_save()
+    first = host_copy(state, staging)
+    assert first["embed"].untyped_storage().data_ptr() == first["lm_head"].untyped_storage().data_ptr()
+    buffers = [b.data_ptr() for b in staging.buffers]
+    assert len(buffers) == 2
+    first_on_disk = {k: v.clone() for k, v in flatten(first).items()}  # what the writer wrote
+    weight.add_(10.0)  # training goes on; the first copy is not touched until the next save
+    assert torch.equal(first["embed"], first_on_disk["embed/"])
+    state["moments"][0].mul_(3.0)
+    staging.start_save()  # the previous write is done
+    second = host_copy(state, staging)
+    assert [b.data_ptr() for b in staging.buffers] == buffers  # no new allocation
+    assert torch.equal(second["embed"], weight) and torch.equal(second["lm_head"], weight)
+    assert torch.equal(second["moments"][0], torch.full((4,), 3.0))
+    assert second["lm_head"].untyped_storage().data_ptr() == second["embed"].untyped_storage().data_ptr()
+    assert weight.untyped_storage().data_ptr() not in buffers  # copies, never the live tensors
+    staging.start_save()  # a state whose storage changed size gets a fresh buffer, not a truncated one
+    third = host_copy({"embed": torch.zeros(3, 3), "moments": [torch.ones(4)]}, staging)
+    assert third["embed"].shape == (3, 3) and staging.buffers[0].data_ptr() != buffers[0]
+    assert staging.buffers[1].data_ptr() == buffers[1]
