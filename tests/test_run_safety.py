@@ -69,6 +69,7 @@ def test_ctrl_c_saves_at_the_step_boundary_and_the_run_resumes(corpus_and_tokeni
 def test_a_second_ctrl_c_exits_at_once():
     from seedlm.launch.trainer import StopSignal
 
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may start us with SIGINT ignored
     stop = StopSignal()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # the first: noted, training goes on to the step boundary
@@ -78,7 +79,9 @@ def test_a_second_ctrl_c_exits_at_once():
             time.sleep(1)  # the handler runs between bytecodes; the KeyboardInterrupt arrives here
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler and stop.previous
+        restored = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, before)
+    assert restored is signal.default_int_handler and stop.previous
 
 
 def test_an_interrupted_run_says_so(corpus_and_tokenizer, tmp_path, capsys, monkeypatch):
