@@ -8,6 +8,7 @@ MASTER_PORT from the job id. A plain `seedlm train` is a world of one on 127.0.0
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import subprocess
@@ -104,7 +105,15 @@ def init_distributed() -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        # gloo's worker threads torn down at interpreter exit sometimes abort the process ("terminate called
+        # without an active exception", exit -6) after its work is done: destroy the group first
+        atexit.register(destroy_process_group)
     return DistInfo(rank, world_size, local_rank, device, backend, launcher)
+
+
+def destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def all_ranks_true(flag: bool) -> bool:
