@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_activation_checkpointing import step_seconds  # noqa: E402
 from benchmarks.rounds import Spread, add_rounds_argument, interleaved_rounds, ratio_spread, resolve_rounds  # noqa: E402
 from seedlm.launch.engine import compile_blocks  # noqa: E402
 from seedlm.model import DeltaProductConfig, DeltaProductForCausalLM, GatedMoeConfig, GatedMoeForCausalLM  # noqa: E402
@@ -36,13 +36,6 @@ def build(family: str, a):
                                 num_heads=a.hidden // 128, head_dim=128, num_householder=2,
                                 intermediate_size=a.hidden * 11 // 4)
     return DeltaProductForCausalLM(config).train()
-
-
-def step_seconds(model, ids) -> float:
-    model.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    model(ids, labels=ids).loss.backward()
-    return time.perf_counter() - t0
 
 
 def parse_args(argv=None):
