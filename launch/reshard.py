@@ -12,19 +12,20 @@ A checkpoint's `ds/` folder is DeepSpeed's own layout for the topology that wrot
 
 DeepSpeed's universal checkpoint (`ds_to_universal`) reads ZeRO 1/2/3 the same way but not ZeRO 0, and it
 concatenates a `moe` group's pieces over all ranks, which mixes the experts of different EP ranks under one
-name. So the conversion is written here, per parameter name, in memory:
+name. So the conversion is written here, per parameter name:
 
-    full_training_state(folder)      every rank reads the old files and rebuilds, per name, the full fp32
-                                     weight, exp_avg, exp_avg_sq and AdamW step (experts [E, ...], EP slices
-                                     concatenated in EP-rank order)
-    load_full_training_state(...)    writes this rank's part of them into the new engine: the module weights,
-                                     the fp32 master partition and the moments of ZeRO 1/2/3 (through the
-                                     engine's own fragment maps), or the torch optimizer's state under ZeRO 0
+    saved_training_state(folder)     an index of where each parameter's pieces lie in the old files (fp32
+                                     weight, exp_avg, exp_avg_sq, AdamW step; experts as [E, ...], EP slices in
+                                     EP-rank order); the files are memory-mapped and nothing is read yet
+    load_resharded(...)              each rank reads from it only the elements it now owns and writes them into
+                                     the new engine: the fp32 master partition and moments of ZeRO 1/2/3
+                                     (through the engine's own fragment maps), the module weights (whole under
+                                     ZeRO 0-2, which replicate them), or the torch optimizer's state under ZeRO 0
 
 Values are copied, never recomputed: the resumed fp32 state equals the saved one bit for bit. The lr schedule
-is topology-free (its step count), and so are the engine's step counters. Each rank holds the full fp32 state
-(12 bytes per parameter) while loading; a rank reading only the pieces that overlap its new partition is the
-next step at scale.
+is topology-free (its step count), and so are the engine's step counters. While loading, a rank holds its new
+partition and touches about 1/W of the old files' pages (tests/test_reshard.py measures the peak), never the
+whole model's fp32 state.
 """
 
 from __future__ import annotations
@@ -139,15 +140,80 @@ def check_same_shapes(saved: dict[str, tuple], expected: dict[str, tuple]) -> No
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading: the old topology's files -> full fp32 state per parameter name
+# Reading: the old topology's files -> an index of where each parameter's pieces lie
 
 
-def _zero0_state(folder: Path, names_by_group: dict[str, list[str]]) -> dict[str, dict]:
+@dataclass
+class _Piece:
+    """Elements [start, start + numel) of a parameter's full flat tensor lie in `flats[key]` at `offset`."""
+
+    start: int
+    numel: int
+    flats: dict  # key ("fp32", "exp_avg", "exp_avg_sq") -> _Chain
+    offset: int
+
+
+class _Chain:
+    """Tensors read as one flat tensor without concatenating them (a ZeRO-3 rank's sub-group partitions)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = [t.reshape(-1) for t in tensors]
+        self.starts = [0]
+        for t in self.tensors:
+            self.starts.append(self.starts[-1] + t.numel())
+
+    def narrow(self, offset: int, numel: int) -> list[torch.Tensor]:
+        views = []
+        for tensor, begin, end in zip(self.tensors, self.starts, self.starts[1:]):
+            lo, hi = max(offset, begin), min(offset + numel, end)
+            if lo < hi:
+                views.append(tensor.narrow(0, lo - begin, hi - lo))
+        return views
+
+
+class SavedTrainingState:
+    """Where each parameter's fp32 weight, AdamW moments and step lie in a checkpoint's files, whatever
+    topology wrote them. The files are memory-mapped and nothing is copied until `read`, which returns only
+    the elements asked for: a rank loading onto a new partition touches ~1/W of the old files and allocates
+    only its own part."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], pieces: dict[str, list[_Piece]],
+                 steps: dict[str, torch.Tensor]):
+        self.shapes, self.pieces, self.steps = shapes, pieces, steps
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def read(self, name: str, key: str, start: int = 0, numel: int | None = None) -> torch.Tensor:
+        """Elements [start, start + numel) of the parameter's flattened full tensor (experts [E, ...]), as a
+        new 1-D tensor."""
+        total = math.prod(self.shapes[name])
+        numel = total - start if numel is None else numel
+        if start < 0 or start + numel > total:
+            raise ValueError(f"{name}: elements [{start}, {start + numel}) of {total}")
+        views = []
+        for piece in self.pieces[name]:
+            lo, hi = max(start, piece.start), min(start + numel, piece.start + piece.numel)
+            if lo < hi:
+                views += piece.flats[key].narrow(piece.offset + lo - piece.start, hi - lo)
+        out = views[0].clone() if len(views) == 1 else torch.cat(views) if views else torch.empty(0)
+        if out.numel() != numel:
+            raise ReshardError(f"{name}: the checkpoint holds {out.numel()} of elements [{start}, {start + numel});"
+                               " its files are incomplete")
+        return out.float()
+
+    def full(self, name: str) -> dict:
+        """{"fp32", "exp_avg", "exp_avg_sq": the whole tensor, "step"}: for tools and tests, not for loading."""
+        return {**{k: self.read(name, k).view(self.shapes[name]) for k in ("fp32", *MOMENTS)},
+                "step": self.steps[name].clone()}
+
+
+def _zero0_index(folder: Path, names_by_group: dict[str, list[str]]) -> SavedTrainingState:
     """ZeRO 0 (one rank): the module holds the fp32 weights; the optimizer's state is keyed by parameter index,
     in the order of its param groups (optimizer_param_groups' order, named by the group's name)."""
     states = _load(folder / DS_TAG / "mp_rank_00_model_states.pt")
     optimizer = states["optimizer"]
-    full = {}
+    shapes, pieces, steps = {}, {}, {}
     for group in optimizer["param_groups"]:
         names = names_by_group.get(group.get("name"))
         if names is None or len(names) != len(group["params"]):
@@ -155,79 +221,78 @@ def _zero0_state(folder: Path, names_by_group: dict[str, list[str]]) -> dict[str
                                f"{len(group['params'])} parameters that this model does not have; it cannot be "
                                "resharded: resume on the topology that wrote it")
         for name, index in zip(names, group["params"]):
-            state = optimizer["state"][index]
-            full[name] = {"fp32": states["module"][name].float().clone(), "step": state["step"].clone(),
-                          **{k: state[k].clone() for k in MOMENTS}}
-    return full
+            state, weight = optimizer["state"][index], states["module"][name]
+            shapes[name], steps[name] = tuple(weight.shape), state["step"]
+            flats = {"fp32": _Chain([weight]), **{k: _Chain([state[k]]) for k in MOMENTS}}
+            pieces[name] = [_Piece(0, weight.numel(), flats, 0)]
+    return SavedTrainingState(shapes, pieces, steps)
 
 
-def _zero12_state(folder: Path, topology: SavedTopology) -> dict[str, dict]:
+def _zero12_index(folder: Path, topology: SavedTopology) -> SavedTrainingState:
     """ZeRO 1/2: each parameter's pieces lie in the flat partitions of consecutive ranks of its partition group
     (all ranks; for a `moe` group the ranks of one EP rank, r % ep). Concatenated in rank order they are the
-    parameter, flattened: the layout `ds_to_universal` reads, kept apart per EP rank."""
-    shapes = {}
+    parameter, flattened (the layout `ds_to_universal` reads), and an expert tensor's EP slices follow each other
+    in EP-rank order."""
+    slice_shapes = {}
     for group in _load(folder / DS_TAG / "mp_rank_00_model_states.pt")["param_shapes"]:
-        shapes.update({n: tuple(s) for n, s in group.items()})  # experts: the EP slice's shape
+        slice_shapes.update({n: tuple(s) for n, s in group.items()})  # experts: the EP slice's shape
     ep = topology.expert_parallel_size
-    pieces: dict[tuple[str, int], dict[str, list]] = {}  # (name, EP rank or 0) -> key -> pieces in rank order
-    steps: dict[str, torch.Tensor] = {}
+    shapes, pieces, steps = {}, {}, {}
+    filled: dict[tuple[str, int], int] = {}  # (name, EP rank or 0) -> elements placed so far
     for rank in range(topology.world_size):
         sd = _load(folder / DS_TAG / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
         base = sd["base_optimizer_state"]
         for g, mapping in enumerate(sd["param_slice_mappings"]):
             moe = bool(base["param_groups"][g].get("moe", False))
-            flat = {"fp32": sd["single_partition_of_fp32_groups"][g], **{k: base["state"][g][k] for k in MOMENTS}}
+            flats = {"fp32": _Chain([sd["single_partition_of_fp32_groups"][g]]),
+                     **{k: _Chain([base["state"][g][k]]) for k in MOMENTS}}
             for name, where in mapping.items():
-                slot = pieces.setdefault((name, rank % ep if moe else 0), {k: [] for k in flat})
-                for key, tensor in flat.items():
-                    slot[key].append(tensor.narrow(0, where.start, where.numel).clone())
-                steps[name] = base["state"][g]["step"].clone()
-    full: dict[str, dict] = {}
-    for name in steps:
-        slices = [pieces[(name, e)] for e in range(ep) if (name, e) in pieces]
-        full[name] = {key: torch.cat([torch.cat(s[key]).view(shapes[name]) for s in slices])
-                      for key in ("fp32", *MOMENTS)}  # experts: EP slices along the expert dim
-        full[name]["step"] = steps[name]
-    return full
+                slot, shape = rank % ep if moe else 0, slice_shapes[name]
+                shapes[name] = (shape[0] * ep, *shape[1:]) if moe else shape
+                start = slot * math.prod(shape) + filled.get((name, slot), 0)
+                pieces.setdefault(name, []).append(_Piece(start, where.numel, flats, where.start))
+                filled[(name, slot)] = filled.get((name, slot), 0) + where.numel
+                steps[name] = base["state"][g]["step"]
+    return SavedTrainingState(shapes, pieces, steps)
 
 
-def _zero3_state(folder: Path, topology: SavedTopology) -> dict[str, dict]:
+def _zero3_index(folder: Path, topology: SavedTopology) -> SavedTrainingState:
     """ZeRO 3: rank r holds piece r (ceil(numel / W) elements, the last padded) of every parameter, in
     `param_shapes` order across its sub-groups; the moments have the same layout (zero_to_fp32's walk)."""
     world = topology.world_size
-    flat_of_rank, shapes, step = [], {}, None
+    chains, step = [], None
     for rank in range(world):
         sd = _load(folder / DS_TAG / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
         state = sd["optimizer_state_dict"]["state"]
-        flat_of_rank.append({"fp32": torch.cat(list(sd["fp32_flat_groups"])),
-                             **{k: torch.cat([state[g][k] for g in sorted(state)]) for k in MOMENTS}})
+        chains.append({"fp32": _Chain(list(sd["fp32_flat_groups"])),
+                       **{k: _Chain([state[g][k] for g in sorted(state)]) for k in MOMENTS}})
         step = state[min(state)]["step"]
-        if rank == 0:
-            for group in _load(folder / DS_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]:
-                shapes.update({n: tuple(s) for n, s in group.items()})
-    full, offset = {}, 0
+    shapes = {}
+    for group in _load(folder / DS_TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt")["param_shapes"]:
+        shapes.update({n: tuple(s) for n, s in group.items()})
+    pieces, offset = {}, 0
     for name, shape in shapes.items():
         numel = math.prod(shape)
         piece = math.ceil(numel / world)
-        full[name] = {key: torch.cat([flat[key].narrow(0, offset, piece) for flat in flat_of_rank])[:numel]
-                      .clone().view(shape) for key in ("fp32", *MOMENTS)}
-        full[name]["step"] = step.clone()
+        pieces[name] = [_Piece(r * piece, min(piece, numel - r * piece), chains[r], offset)
+                        for r in range(world) if r * piece < numel]
         offset += piece
-    return full
+    return SavedTrainingState(shapes, pieces, dict.fromkeys(shapes, step))
 
 
-def full_training_state(folder: Path, topology: SavedTopology, names_by_group: dict[str, list[str]]) -> dict:
-    """{parameter name: {"fp32", "exp_avg", "exp_avg_sq": full tensors, "step": AdamW's step}} of a checkpoint,
-    whatever topology wrote it. names_by_group: this model's names per optimizer group (ZeRO 0 needs them)."""
+def saved_training_state(folder: Path, topology: SavedTopology,
+                         names_by_group: dict[str, list[str]]) -> SavedTrainingState:
+    """The index of a checkpoint's fp32 weights, AdamW moments and steps, whatever topology wrote it.
+    names_by_group: this model's names per optimizer group (ZeRO 0 needs them)."""
     if topology.bf16 and topology.zero_stage == 0:
         raise ReshardError("a bf16 checkpoint written without ZeRO (DeepSpeed's bf16 optimizer layout) cannot be "
                            "resharded yet: resume on the topology that wrote it, or `seedlm export` it and start a "
                            "new run with train.init_from")
     if topology.zero_stage == 0:
-        return _zero0_state(folder, names_by_group)
+        return _zero0_index(folder, names_by_group)
     if topology.zero_stage in (1, 2):
-        return _zero12_state(folder, topology)
-    return _zero3_state(folder, topology)
+        return _zero12_index(folder, topology)
+    return _zero3_index(folder, topology)
 
 
 def names_by_optimizer_group(module) -> dict[str, list[str]]:
@@ -240,31 +305,33 @@ def names_by_optimizer_group(module) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Writing: full state -> this rank's part of the new engine
+# Writing: this rank's part of the saved state -> the new engine
 
 
-def _local(name: str, tensor: torch.Tensor, ep_info) -> torch.Tensor:
-    """This rank's part of a full tensor: its EP slice of an expert tensor, else all of it."""
+def _local_range(name: str, saved: SavedTrainingState, ep_info) -> tuple[int, int, tuple[int, ...]]:
+    """(start, numel, shape) of this rank's part of a full tensor: its EP slice of an expert tensor, else all."""
+    shape = saved.shapes[name]
     if ep_info.enabled and name in ep_info.expert_param_names:
         n = ep_info.num_local_experts
-        return tensor[ep_info.ep_rank * n : (ep_info.ep_rank + 1) * n]
-    return tensor
+        per_expert = math.prod(shape[1:])
+        return ep_info.ep_rank * n * per_expert, n * per_expert, (n, *shape[1:])
+    return 0, math.prod(shape), shape
 
 
-def _into_zero0(engine, full: dict, ep_info) -> None:
+def _into_zero0(engine, saved: SavedTrainingState, ep_info) -> None:
     optimizer = engine.optimizer
     for name, param in engine.module.named_parameters():
-        saved = full[name]
+        start, numel, shape = _local_range(name, saved, ep_info)
         with torch.no_grad():
-            param.copy_(_local(name, saved["fp32"], ep_info))
-        optimizer.state[param] = {"step": saved["step"].clone(),
-                                  **{k: _local(name, saved[k], ep_info).clone() for k in MOMENTS}}
+            param.copy_(saved.read(name, "fp32", start, numel).view(shape))
+        optimizer.state[param] = {"step": saved.steps[name].clone(),
+                                  **{k: saved.read(name, k, start, numel).view(shape) for k in MOMENTS}}
 
 
-def _into_zero12(engine, full: dict, ep_info) -> None:
+def _into_zero12(engine, saved: SavedTrainingState, ep_info) -> None:
     """Through each parameter's `_hp_mapping` (DeepSpeed's fragment map: where this rank's piece of the
-    parameter lies in the param group's flat fp32 partition). The moments are created here: ZeRO 1/2 create
-    AdamW's state lazily, at the first step."""
+    parameter lies in the param group's flat fp32 partition), reading only that piece of the moments. The
+    moments are created here: ZeRO 1/2 create AdamW's state lazily, at the first step."""
     zero = engine.optimizer
     name_of = {id(p): n for n, p in engine.module.named_parameters()}
     for params, master in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
@@ -272,22 +339,22 @@ def _into_zero12(engine, full: dict, ep_info) -> None:
         step = None
         for param in params:
             name = name_of[id(param)]
-            saved = {k: _local(name, full[name][k], ep_info) for k in ("fp32", *MOMENTS)}
-            with torch.no_grad():
-                param.copy_(saved["fp32"])  # the module weight (lp): every rank holds all of it under ZeRO 1/2
+            start, numel, shape = _local_range(name, saved, ep_info)
+            with torch.no_grad():  # the module weight (lp): every rank holds all of it under ZeRO 1/2
+                param.copy_(saved.read(name, "fp32", start, numel).view(shape))
             mapping = getattr(param, "_hp_mapping", None)
             if mapping is None:  # no piece of this parameter lies in this rank's partition
                 continue
             lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
             for key, target in (("fp32", master), *moments.items()):
-                target.data.narrow(0, hp.start, hp.numel).copy_(saved[key].reshape(-1).narrow(0, lp.start, lp.numel))
-            step = full[name]["step"]
+                target.data.narrow(0, hp.start, hp.numel).copy_(saved.read(name, key, start + lp.start, lp.numel))
+            step = saved.steps[name]
         if step is None:  # an empty partition: the step of any parameter (they are all equal)
-            step = next(iter(full.values()))["step"]
+            step = next(iter(saved.steps.values()))
         zero.optimizer.state[master] = {"step": step.clone(), **moments}
 
 
-def _into_zero3(engine, full: dict) -> None:
+def _into_zero3(engine, saved: SavedTrainingState) -> None:
     """Each sub-group's flat fp32 partition and moments are this rank's pieces of its parameters, in order
     (DeepSpeed's own universal-checkpoint load for ZeRO 3); the module's partitions are then copied from them."""
     import torch.distributed as dist
@@ -297,19 +364,20 @@ def _into_zero3(engine, full: dict) -> None:
     name_of = {id(p): n for n, p in engine.module.named_parameters()}
     for sub, params in enumerate(zero.fp16_groups):
         master = zero.fp32_partitioned_groups_flat[sub]
-        flats = {k: torch.zeros_like(master) for k in ("fp32", *MOMENTS)}
+        existing = zero.optimizer.state.get(master, {})  # ZeRO 3 creates AdamW's state up front: fill it in place
+        moments = {k: existing[k] if k in existing else torch.zeros_like(master) for k in MOMENTS}
         offset, step = 0, None
         for param in params:
             name = name_of[id(param)]
             piece = math.ceil(param.ds_numel / world)
-            for key, flat in flats.items():
-                whole = full[name][key].reshape(-1)
-                padded = torch.cat([whole, whole.new_zeros(piece * world - whole.numel())])
-                flat.narrow(0, offset, piece).copy_(padded.narrow(0, rank * piece, piece))
+            numel = max(0, min(piece, param.ds_numel - rank * piece))  # the last pieces are padding
+            for key, flat in (("fp32", master.data), *moments.items()):
+                if numel:
+                    flat.narrow(0, offset, numel).copy_(saved.read(name, key, rank * piece, numel))
+                flat.narrow(0, offset + numel, piece - numel).zero_()
             offset += piece
-            step = full[name]["step"]
-        master.data.copy_(flats["fp32"])
-        zero.optimizer.state[master] = {"step": step.clone(), **{k: flats[k] for k in MOMENTS}}
+            step = saved.steps[name]
+        zero.optimizer.state[master] = {"step": step.clone(), **moments}
         zero.fp16_partitioned_groups_flat[sub].data.copy_(master.data)
         for partitioned, value in zip(zero.fp16_partitioned_groups[sub],
                                       zero.unflatten(zero.fp16_partitioned_groups_flat[sub],
@@ -344,15 +412,15 @@ def _buffers(engine, folder: Path) -> None:
 def load_resharded(folder: Path, engine, ep_info, topology: SavedTopology) -> None:
     """Load a checkpoint written under another topology into this run's engine (weights, optimizer moments,
     schedule, counters); exact in fp32."""
-    full = full_training_state(folder, topology, names_by_optimizer_group(engine.module))
+    saved = saved_training_state(folder, topology, names_by_optimizer_group(engine.module))
     stage = engine.zero_optimization_stage()
     if stage == 0:
         if not isinstance(engine.optimizer, torch.optim.Optimizer) or engine.bfloat16_enabled():
             raise ReshardError("resharding into a bf16 run without ZeRO is not supported yet: use zero_stage 1 or 2")
-        _into_zero0(engine, full, ep_info)
+        _into_zero0(engine, saved, ep_info)
     elif stage in (1, 2):
-        _into_zero12(engine, full, ep_info)
+        _into_zero12(engine, saved, ep_info)
     else:
-        _into_zero3(engine, full)
+        _into_zero3(engine, saved)
     _buffers(engine, folder)
     _set_schedule_and_counters(engine, folder)

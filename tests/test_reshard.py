@@ -11,6 +11,7 @@ sums expert counts over the ranks of one micro-batch (launch/expert_parallel.py)
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(data, tmp_path):
     rank: every parameter's fp32 weight, exp_avg, exp_avg_sq and step read back equal to the original's, and the
     optimizer keeps its decay / no-decay groups under either stage."""
     from seedlm.launch.config import load_run_config
-    from seedlm.launch.reshard import full_training_state, names_by_optimizer_group, saved_topology
+    from seedlm.launch.reshard import names_by_optimizer_group, saved_topology, saved_training_state
     from seedlm.launch.trainer import StopSignal, Trainer
 
     torchrun(run_args(data, tmp_path / "ep2", max_steps=3, save_interval=3, expert_parallel_size=2), nproc=2)
@@ -126,7 +127,8 @@ def test_resharded_state_is_the_saved_state_bit_for_bit(data, tmp_path):
 
     def read(folder):
         trainer_state = json.loads((folder / "trainer_state.json").read_text())
-        return full_training_state(folder, saved_topology(folder, trainer_state), names)
+        saved = saved_training_state(folder, saved_topology(folder, trainer_state), names)
+        return {name: saved.full(name) for name in saved.names()}
 
     for stage in (0, 3):
         model, *overrides = run_args(data, tmp_path / f"z{stage}", max_steps=3, zero_stage=stage,
@@ -214,3 +216,37 @@ def test_a_streaming_run_resumes_on_another_world_size(data, tmp_path, capfd):
     assert "resharding step_00000002" in capfd.readouterr().err
     assert sorted(losses(run)) == [1, 2, 3, 4]
     assert all(v == v and v < 20 for v in losses(run).values())  # finite, and a language-model loss
+
+
+@pytest.mark.slow
+def test_a_rank_loads_only_its_new_partition(data, tmp_path):
+    """Memory at scale: a 1-rank ZeRO-0 checkpoint of a ~27M-parameter MoE (12 bytes per parameter of fp32
+    weights and AdamW moments: "state", ~315 MB) resumed on 2 ranks under ZeRO 3. While it loads, a rank's peak
+    resident memory grows by its new partition's moments (8 B x P / 2) and the pages it reads of the old file
+    (12 B x P / 2, memory-mapped): ~0.83 x state, measured 0.94x. Whole-tensor loading (every rank rebuilding
+    each parameter's full fp32 state, then slicing it) measured 1.8x here, and it does not shrink with more ranks."""
+    wide = {"model_overrides.hidden_size": 256, "model_overrides.num_hidden_layers": 4,
+            "model_overrides.num_experts": 16, "model_overrides.moe_intermediate_size": 512,
+            "data.micro_batch_size": 1}
+    from seedlm.launch.distributed import free_port
+    from seedlm.launch.reshard import saved_param_shapes, saved_topology
+
+    run = tmp_path / "run"
+    assert seedlm(["train", *run_args(data, run, max_steps=1, save_interval=1, **wide)]) == 0
+    folder = run / "checkpoints" / "step_00000001"
+    topology = saved_topology(folder, json.loads((folder / "trainer_state.json").read_text()))
+    params = sum(math.prod(s) for s in saved_param_shapes(folder, topology).values())
+    assert params > 25e6
+    model, *overrides = run_args(data, run, max_steps=2, zero_stage=3, **wide)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(REPO / "tests" / "reshard_load_memory.py"), str(tmp_path / "mem"),
+           model, *overrides]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resharding step_00000001: written by 1 rank(s)" in result.stderr
+    state = 12 * params  # fp32 weight + exp_avg + exp_avg_sq
+    for rank in range(2):
+        record = json.loads((tmp_path / f"mem.{rank}.json").read_text())
+        growth = record["peak"] - record["rss_before"]
+        assert growth < 1.25 * state, (rank, growth / state)
