@@ -21,7 +21,9 @@ from seedlm.launch.training_data import SyntheticData, synthetic_config
 from tests.test_eval_utils import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = sorted((REPO / "configs" / "state_tracking").glob("*.yaml"))
+PRESETS = sorted((REPO / "configs" / "state_tracking").glob("s3_*.yaml"))  # the S3 table's three rows
+HARDER_ROWS = sorted((REPO / "configs" / "state_tracking").glob("[as][45]_*.yaml"))  # S4, A5, S5
+NEGATIVE_EIGENVALUE_ROWS = sorted((REPO / "configs" / "paper" / "negative_eigenvalues").glob("*.yaml"))
 
 
 def task_loader(cfg: SyntheticConfig, *args, **kwargs) -> SyntheticLoader:
@@ -179,6 +181,41 @@ def test_presets_are_the_three_rows_and_differ_only_in_the_row():
     assert all(r == rest[0] for r in rest)  # same width, data, lr, steps and seed: only the row's fields differ
 
 
+def test_the_harder_rows_differ_from_the_s3_row_only_in_group_and_householder_steps():
+    """S4 and A5 at n_h = 2 and 3, S5 at n_h = 4: the S3 row's recipe (width, curriculum, lr, steps, seed)."""
+    s3 = load_run_config(REPO / "configs" / "state_tracking" / "s3_nh2_neg.yaml").to_dict()
+    rows = {}
+    for path in HARDER_ROWS:
+        run = load_run_config(path).to_dict()
+        group = synthetic_config(run["data"]).group
+        rows[path.stem] = (group, run["model"]["num_householder"])
+        assert run["model"]["vocab_size"] == Group(group).order + 2  # the elements, <pad>, <unk>
+        assert run["train"]["output_dir"] == f"runs/state_tracking/{path.stem}"
+        for field in ("num_householder", "vocab_size"):
+            run["model"][field] = s3["model"][field]
+        run["data"]["synthetic"]["group"], run["train"]["output_dir"] = "S3", s3["train"]["output_dir"]
+        assert run == s3, path.name
+    assert rows == {"s4_nh2_neg": ("S4", 2), "s4_nh3_neg": ("S4", 3), "a5_nh2_neg": ("A5", 2),
+                    "a5_nh3_neg": ("A5", 3), "s5_nh4_neg": ("S5", 4)}
+
+
+def test_negative_eigenvalue_rows_differ_only_in_task_and_beta_range():
+    """Parity (Z2) and addition mod 3 (Z3), n_h = 1, beta in [0, 1] against [0, 2]: train 64, test 4 x 64."""
+    rows, rest = {}, []
+    for path in NEGATIVE_EIGENVALUE_ROWS:
+        run = load_run_config(path).to_dict()
+        cfg = synthetic_config(run["data"])
+        assert (cfg.train_length, cfg.test_length, run["model"]["num_householder"]) == (64, 256, 1)
+        rows[path.stem] = (cfg.group, run["model"].pop("allow_neg_eigval"))
+        assert run["model"].pop("vocab_size") == Group(cfg.group).order + 2
+        assert run["train"].pop("output_dir") == f"runs/paper/negative_eigenvalues/{path.stem}"
+        run["data"]["synthetic"].pop("group")
+        rest.append(run)
+    assert rows == {"parity_nh1_neg": ("Z2", True), "parity_nh1_pos": ("Z2", False),
+                    "mod3_nh1_neg": ("Z3", True), "mod3_nh1_pos": ("Z3", False)}
+    assert all(r == rest[0] for r in rest)
+
+
 def tiny_overrides(out: Path, **extra) -> list[str]:
     # the presets' lr restart (at the curriculum switch, step 1000) scaled to the 4-step run: resumes cross it
     args = {"output_dir": out, "max_steps": 4, "train.lr_restarts": "[3]", "train.eval_interval": 2,
@@ -231,6 +268,20 @@ def test_seedlm_train_on_a_state_tracking_preset_logs_accuracy(tmp_path, capsys)
     assert set(results) >= {"eval/state_s3/acc_len128", "eval/state_s3/acc_len512"}
     assert seedlm(["eval", str(run), "--tasks", "tiny_qa"]) == 2
     assert "text tasks such as 'tiny_qa' do not apply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", HARDER_ROWS + NEGATIVE_EIGENVALUE_ROWS, ids=lambda p: p.stem)
+def test_each_paper_preset_trains_and_reports(preset, tmp_path, capsys):
+    """A few steps of every row at a tenth of the width: the final report prints the row's accuracy at its test
+    length. The group comes from the preset (the vocabulary must cover it)."""
+    run = load_run_config(preset).to_dict()
+    cfg = synthetic_config(run["data"])
+    small = {"model_overrides.hidden_size": 32, "model_overrides.head_dim": 8, "model_overrides.intermediate_size": 64,
+             "data.synthetic.curriculum_steps": 2, "train.eval_interval": 0, "max_steps": 3, "train.lr_restarts": "[2]"}
+    assert seedlm(["train", str(preset), *tiny_overrides(tmp_path / "run", **small)]) == 0
+    assert f"at length {cfg.test_length} (6 sequences)" in capsys.readouterr().out
+    final = json.loads((tmp_path / "run" / "synthetic_results.json").read_text())
+    assert 0.0 <= final[f"eval/state_{cfg.group.lower()}/acc_len{cfg.test_length}"] <= 1.0
 
 
 def test_synthetic_run_resumes_with_the_same_losses(tmp_path):
