@@ -108,6 +108,9 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     cpu_threads: int | None = None  # torch intra-op threads per process; None keeps torch's default
+    # glibc's mmap threshold in bytes, fixed: freed blocks this large go back to the OS instead of staying in
+    # the heap (launch/host_memory.py); null keeps glibc's self-raising default
+    host_mmap_threshold: int | None = 1 << 20
     progress_bar: bool = True
     export_at_end: bool = False  # export to <output_dir>/export when training ends, then load it and sample
     sample_prompt: str | None = None  # text to continue with the exported model (needs export_at_end)
@@ -297,6 +300,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("train.compile=true with zero_stage=3 is not supported: ZeRO-3 gathers each layer's "
                           "parameters in module hooks that torch.compile does not trace; use zero_stage 0-2, or "
                           "train.compile=false")
+    if t.host_mmap_threshold is not None and t.host_mmap_threshold < 1:
+        raise ConfigError(f"train.host_mmap_threshold must be a positive number of bytes (or null for glibc's "
+                          f"default), got {t.host_mmap_threshold}")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or null for torch's default), got {t.cpu_threads}")
     if len(t.betas) != 2:

@@ -22,13 +22,13 @@ device): the rotary tables and router biases are small and their values come fro
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import re
 
 import torch
 from torch import nn
 
+from seedlm.launch.host_memory import release_free_heap
 from seedlm.model.moe import Experts
 
 DECODER_LAYER = re.compile(r"^(.*\.layers\.\d+)(\.|$)")  # the HF convention for a decoder layer's name
@@ -134,14 +134,3 @@ def partition(params: list[nn.Parameter], zero3_config: dict | None) -> None:
     # mem_efficient_linear=False: no global patch of F.linear, the same forward as DeepSpeed's engine path
     deepspeed.zero.Init(module=holder, config_dict_or_path=zero3_config, mem_efficient_linear=False)
     release_free_heap()
-
-
-def release_free_heap() -> None:
-    """Hand the freed whole-layer buffers back to the OS. glibc serves allocations below its (self-raising)
-    mmap threshold from the heap, and partitions allocated in between keep those pages from being trimmed:
-    without this a rank's resident memory grows by every layer it ever held whole (measured: more than the
-    whole model on 2 ranks, tests/test_materialize.py). malloc_trim also releases free pages inside the heap."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

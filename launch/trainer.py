@@ -45,6 +45,7 @@ from seedlm.launch.engine import (
     save_model_files_fn,
     single_process_train_config,
 )
+from seedlm.launch.host_memory import set_mmap_threshold
 from seedlm.launch.metrics import MetricsLogger, measure_peak_flops, memory_stats, plot_loss_curve
 from seedlm.launch.training_data import training_data
 
@@ -119,6 +120,7 @@ class Trainer:
             logger.info(note)
         if self.t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
             torch.set_num_threads(self.t.cpu_threads)
+        logger.info(set_mmap_threshold(self.t.host_mmap_threshold))
         self.output_dir = Path(self.t.output_dir)
         self.checkpoint_root = self.output_dir / CHECKPOINTS_DIR
         self.progress = Progress()

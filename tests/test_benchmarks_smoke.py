@@ -30,6 +30,7 @@ TABLES = {
     "activation_checkpointing": "| family | activation_checkpointing | saved KiB / token |",
     "startup_memory": "| construction | build | start-up | first step |",
     "checkpoint_save": "| ranks, ZeRO | state per save | step (no save) |",
+    "host_allocator": "| allocator | peak RSS, worst rank, per round | tokens/s, per round |",
 }
 
 

@@ -206,19 +206,12 @@ def test_the_64_gpu_preset_fits_as_the_readme_says(capsys):
 
 # ---- the plan against measured 2-rank runs ----
 
-# glibc serves allocations below its mmap threshold from the heap and raises that threshold (up to 32 MiB) each time
-# a larger block is freed, so the tensors a step frees (a ZeRO-3 layer's gathered weights, activations) stay
-# resident: measured, +300 MiB per rank at ZeRO-3 here, the allocator's memory and not the tensors'. A fixed
-# threshold hands freed blocks of 1 MiB and more back to the OS, so peak RSS measures what the plan models.
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
-
-
 def peak_rss_per_rank(args: list[str], cwd: Path) -> list[int]:
     """Max RSS (bytes) of each of 2 gloo ranks of `seedlm train`, each rank under /usr/bin/time."""
     from seedlm.launch.distributed import free_port
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
-               **FIXED_MMAP_THRESHOLD)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the run's own setting (train.host_mmap_threshold) is what is measured
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-f", "peak_rss_kb=%M",
            sys.executable, "-m", "seedlm.launch.cli", "train", *args]
@@ -279,9 +272,10 @@ def test_plan_matches_the_peak_memory_of_two_rank_runs(tmp_path, tiny_baseline, 
       bucket of one decoder layer + the step's fp32 copy), optimizer 12 x shard;
     - all: activations and one loss chunk of the 2 x 64-token micro-batch.
 
-    Measured with AdamW fused (its default implementation allocated two more fp32 partitions at each step) and
-    glibc's mmap threshold fixed (FIXED_MMAP_THRESHOLD: without it ZeRO-3 measured 843 / 863 MiB against a plan
-    of 550); the run's background save is off (see planned_and_peak)."""
+    Measured as `seedlm train` runs by default: AdamW fused (its default implementation allocated two more fp32
+    partitions at each step) and glibc's mmap threshold fixed at 1 MiB (train.host_mmap_threshold; with glibc's
+    self-raising threshold ZeRO-3 measured 843 / 863 MiB against a plan of 550: freed blocks stayed in the heap,
+    launch/host_memory.py); the run's background save is off (see planned_and_peak)."""
     predicted, grown = planned_and_measured(tmp_path, zero_stage, ep, baseline=tiny_baseline)
     for rank in range(2):
         print(f"ZeRO-{zero_stage} EP {ep} rank {rank}: plan {predicted / 2**20:.0f} MiB, measured "

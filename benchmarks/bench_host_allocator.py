@@ -1,0 +1,132 @@
+"""glibc's malloc with its default (self-raising) mmap threshold against a fixed 1 MiB threshold, on a 2-rank
+`seedlm train`: per-rank peak resident memory and tokens/s, side by side.
+
+glibc serves allocations below its mmap threshold from the heap and raises the threshold (up to 32 MiB) each
+time a larger block is freed, so the blocks a training step frees (a ZeRO-3 layer's gathered weights, its
+activations) stay in the heap, resident, after the first step. A fixed threshold (mallopt M_MMAP_THRESHOLD,
+or the environment variable MALLOC_MMAP_THRESHOLD_) maps every block of 1 MiB and more on its own and hands it
+back when freed, at the price of fresh zero-filled pages at every allocation. This measures both sides:
+`seedlm train` (ZeRO 3, 2 gloo ranks, a ~32M-parameter gated MoE in fp32) runs with the glibc default and with
+seedlm's fixed threshold (`train.host_mmap_threshold`: null against its default, 1 MiB), in turn, --rounds
+rounds; each rank runs under /usr/bin/time for its peak RSS, and metrics.jsonl gives tokens/s per step
+(median after the first two steps).
+
+    python benchmarks/bench_host_allocator.py            # ~4 minutes on 2 cores
+    python benchmarks/bench_host_allocator.py --smoke    # a tiny model, to check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.rounds import (  # noqa: E402
+    add_rounds_argument,
+    goal,
+    interleaved_rounds,
+    ratio_spread,
+    resolve_rounds,
+)
+
+MODES = {"glibc default": "null", "seedlm (fixed 1 MiB)": str(1 << 20)}  # train.host_mmap_threshold
+GOAL_SLOWDOWN = 1.05  # tokens/s with the fixed threshold may be at most 5% lower
+
+
+def model_fields(smoke: bool) -> dict:
+    if smoke:
+        return {}
+    return {"model_overrides.hidden_size": 512, "model_overrides.num_hidden_layers": 4,
+            "model_overrides.num_attention_heads": 8, "model_overrides.head_dim": 64,
+            "model_overrides.moe_intermediate_size": 512, "model_overrides.shared_expert_intermediate_size": 512}
+
+
+def run(a, workdir: Path, corpus: Path, tok: Path, mode: str, index: int) -> dict:
+    """One 2-rank ZeRO-3 run: {"peak_rss": worst rank's bytes, "tokens_per_sec": median after step 2}."""
+    from seedlm.launch.distributed import free_port
+
+    out = workdir / f"run_{index}"
+    fields = {"output_dir": out, "tokenizer.path": tok, "data.sources": f"[{{kind: jsonl, path: {corpus}}}]",
+              "data.seq_len": a.seq_len, "data.micro_batch_size": 2, "data.num_workers": 0,
+              "model_overrides.vocab_size": 512, "zero_stage": 3, "max_steps": a.steps, "save_interval": 100000,
+              "train.eval_interval": 0, "train.log_interval": 1, "train.progress_bar": "false",
+              "train.tensorboard": "false", "train.peak_tflops": 1.0, "train.host_mmap_threshold": MODES[mode],
+              **model_fields(a.smoke)}
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # it would override both modes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-f", "peak_rss_kb=%M",
+           sys.executable, "-m", "seedlm.launch.cli", "train", "gated_moe_tiny",
+           *[f"{k}={v}" for k, v in fields.items()]]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} run failed:\n{result.stderr[-3000:]}")
+    peaks = [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", result.stderr)]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r and r.get("step", 0) > 2]
+    return {"peak_rss": max(peaks), "tokens_per_sec": statistics.median(speeds)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--smoke", action="store_true", help="the tiny preset, a few steps")
+    add_rounds_argument(p)
+    a = p.parse_args(argv)
+    resolve_rounds(a)
+    if a.smoke:
+        a.steps, a.seq_len = 4, 32
+    return a
+
+
+def measure(a) -> dict:
+    from benchmarks.bench_trainer import tiny_corpus_and_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        corpus, tok, _ = tiny_corpus_and_tokenizer(workdir)
+        counter = iter(range(10**6))
+        results: dict[str, list[dict]] = {mode: [] for mode in MODES}
+
+        def measure_once(mode):
+            def once():
+                results[mode].append(run(a, workdir, corpus, tok, mode, next(counter)))
+                return 0.0
+            return once
+
+        interleaved_rounds({mode: measure_once(mode) for mode in MODES}, a.rounds)
+    return {"args": vars(a), "results": results, "load_average": os.getloadavg()[0]}
+
+
+def report(result: dict, peak_flops: float | None = None) -> str:
+    a, results = result["args"], result["results"]
+    default, fixed = results["glibc default"], results["seedlm (fixed 1 MiB)"]
+    memory = ratio_spread([r["peak_rss"] for r in fixed], [r["peak_rss"] for r in default])
+    slowdown = ratio_spread([r["tokens_per_sec"] for r in default], [r["tokens_per_sec"] for r in fixed])
+    lines = [f"2 gloo ranks, ZeRO 3, {a['steps']} steps of 2 x {a['seq_len']} tokens, {a['rounds']} rounds "
+             f"(load average at the end {result['load_average']:.2f}).", "",
+             "| allocator | peak RSS, worst rank, per round | tokens/s, per round |", "|---|---|---|"]
+    for mode, rows in results.items():
+        peaks = " / ".join(f"{r['peak_rss'] / 2**20:.0f}" for r in rows)
+        speeds = " / ".join(f"{r['tokens_per_sec']:.0f}" for r in rows)
+        lines.append(f"| {mode} | {peaks} MiB | {speeds} |")
+    lines += ["", f"Peak RSS, fixed / default (min / median / max over the rounds): {memory.format('{:.2f}', 'x')}. "
+              + goal("Time per token, fixed / default", slowdown, "<=", GOAL_SLOWDOWN, "{:.3f}", "x") + "."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    print(report(measure(parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
