@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from seedlm.data_pipeline import DataError
 
     try:
+        positions = parse_positions(args) if args.kind == "length-extrapolation" else []  # before any loading
         runs = [load_run(Path(d)) for d in args.run_dirs]
         groups = group_seeds(runs)
         if args.kind == "gated-attention":
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             table = gated_attention_table(rows)
         else:
             rows = [length_extrapolation_row(name, members, args) for name, members in groups.items()]
-            table = length_extrapolation_table(rows, parse_positions(args))
+            table = length_extrapolation_table(rows, positions)
     except (ReportError, DataError) as err:
         print(f"seedlm report: {err}", file=sys.stderr)
         return 2
