@@ -81,7 +81,7 @@ def test_gated_attention_report_prints_a_row_per_variant_with_seeds(runs, capsys
     assert rows["none"][1:4] == ["none", "0.003", "0, 1"]
     assert rows["elementwise_lr_high"][1:3] == ["elementwise", "0.03"]
     assert "(" in rows["none"][4] and "(" not in rows["headwise"][4]  # two seeds: mean (min-max)
-    assert len(rows["headwise"][6].split(" / ")) == 2  # one share per layer
+    assert len(rows["headwise"][7].split(" / ")) == 2  # one share per layer
     saved = {r["variant"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert saved["none"]["seeds"] == [0, 1]
     assert all(0 <= s <= 1 for s in saved["none"]["first_token_attention_per_layer"][0])

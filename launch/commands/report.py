@@ -8,10 +8,10 @@ table gives their mean and min-max. Every number is measured on the run's own he
 holdout_fraction, as in training) with the run's own tokenizer, on its latest checkpoint (as `seedlm eval`).
 A folder that is not a finished text run, or data without a held-out split, is refused (exit 2).
 
-gated-attention: held-out loss (the run's last logged eval_loss), the first token's attention share and the largest
-  activation of the residual stream (eval/attention_sinks.py), mean over layers and per layer, on held-out
-  documents from their start ([bos] + the first seq_len - 1 tokens: position 0 is a document start, as in
-  training).
+gated-attention: held-out loss (the run's last logged eval_loss), the largest finite gradient norm of the run
+  (before clipping: training stability), the first token's attention share and the largest activation of the
+  residual stream (eval/attention_sinks.py), mean over layers and per layer, on held-out documents from their
+  start ([bos] + the first seq_len - 1 tokens: position 0 is a document start, as in training).
 length-extrapolation: held-out loss by position up to --max-length (eval/length_extrapolation.py) on held-out
   documents concatenated as in training ([bos] doc [eos] ...), the mean over positions (7/8 p, p] at each of
   --positions, and one PNG of all variants.
@@ -20,6 +20,7 @@ length-extrapolation: held-out loss by position up to --max-length (eval/length_
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 KINDS = ("gated-attention", "length-extrapolation")
@@ -177,7 +178,7 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
     from seedlm.eval.length_extrapolation import token_sequences
 
     row = {"variant": name, "runs": [str(m["dir"]) for m in members], "seeds": [], "heldout_loss": [],
-           "first_token_attention_per_layer": [], "max_activation_per_layer": []}
+           "max_grad_norm": [], "first_token_attention_per_layer": [], "max_activation_per_layer": []}
     for m in members:
         evals = [r["eval_loss"] for r in m["metrics"] if "eval_loss" in r]
         if not evals:
@@ -194,6 +195,8 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
             raise ReportError(f"{m['dir']}: {model.config.model_type} has no attention layers: no attention sinks")
         row["seeds"].append(m["config"]["train"]["seed"])
         row["heldout_loss"].append(evals[-1])
+        norms = [r["grad_norm"] for r in m["metrics"] if math.isfinite(r.get("grad_norm") or math.nan)]
+        row["max_grad_norm"].append(max(norms, default=math.nan))  # training stability
         row["first_token_attention_per_layer"].append(stats["first_token_attention_per_layer"])
         row["max_activation_per_layer"].append(stats["max_activation_per_layer"])
         row["gate"], row["lr"] = model.config.attn_output_gate, m["config"]["train"]["lr"]
@@ -206,10 +209,10 @@ def gated_attention_table(rows: list[dict]) -> str:
         share = [sum(v) / len(v) for v in r["first_token_attention_per_layer"]]
         act = [max(v) for v in r["max_activation_per_layer"]]
         lines.append([r["variant"], r["gate"], f"{r['lr']:g}", ", ".join(map(str, r["seeds"])),
-                      spread(r["heldout_loss"], 3), spread(share, 3),
+                      spread(r["heldout_loss"], 3), spread(r["max_grad_norm"], 2), spread(share, 3),
                       per_layer(r["first_token_attention_per_layer"], 2), spread(act, 1),
                       per_layer(r["max_activation_per_layer"], 1)])
-    header = ["variant", "gate", "lr", "seeds", "held-out loss", "first-token share", "per layer",
+    header = ["variant", "gate", "lr", "seeds", "held-out loss", "max grad norm", "first-token share", "per layer",
               "max activation", "per layer"]
     return markdown(header, lines)
 
