@@ -2,6 +2,7 @@
 
     seqs = token_sequences(tokenizer, texts, length=8 * train_len)   # [N, 8L] from held-out text
     result = loss_by_position(model, seqs, train_length=train_len)  # {"loss": [8L - 1 values], ...}
+    loss_near(result, 4 * train_len)                                 # mean loss over positions (3.5L, 4L]
     plot_loss_by_position({"gated": result, "deltaproduct": other}, "extrapolation.png")
 
 A model that extrapolates keeps a flat (or falling) loss past the training length; one that does not
@@ -16,20 +17,37 @@ import torch
 import torch.nn.functional as F
 
 
-def token_sequences(tokenizer, texts, length: int, max_sequences: int | None = None) -> torch.Tensor:
-    """Concatenate the texts' tokens (eos between documents) and cut them into rows of `length`: [N, length]."""
+def token_sequences(tokenizer, texts, length: int, max_sequences: int | None = None, bos: bool = False,
+                    one_per_document: bool = False) -> torch.Tensor:
+    """Rows of `length` tokens from the texts: [N, length]. By default the documents' tokens are concatenated
+    (eos after each) and cut into rows. `bos` puts the tokenizer's bos before each document, as the packer does
+    in training. `one_per_document`: each row is instead the start of one document (shorter ones skipped), so
+    position 0 is a document start, where attention sinks form."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    start = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
     rows, buffer = [], []
     for text in texts:
-        buffer += list(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
+        doc = start + list(tokenizer(text, add_special_tokens=False)["input_ids"]) + eos
+        buffer = doc if one_per_document else buffer + doc
         while len(buffer) >= length:
             rows.append(buffer[:length])
-            buffer = buffer[length:]
+            buffer = [] if one_per_document else buffer[length:]
             if max_sequences is not None and len(rows) >= max_sequences:
                 return torch.tensor(rows)
     if not rows:
-        raise ValueError(f"the texts hold fewer than {length} tokens: not one sequence of that length")
+        what = "document holds" if one_per_document else "texts hold"
+        raise ValueError(f"no {what} {length} tokens: not one sequence of that length")
     return torch.tensor(rows)
+
+
+def loss_near(result: dict, position: int) -> float:
+    """Mean of `loss_by_position`'s loss over the positions (7/8 position, position]: one number "at" a position,
+    averaged over a window that grows with it (single positions are noisy)."""
+    lo = position - max(1, position // 8)
+    values = [loss for p, loss in zip(result["positions"], result["loss"]) if lo < p <= position]
+    if not values:
+        raise ValueError(f"position {position} is beyond the {result['positions'][-1]} positions scored")
+    return sum(values) / len(values)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ COMMANDS = [
     ("export", "export", "export a run's checkpoint as a Hugging Face folder"),
     ("push", "push", "upload an exported folder to the Hugging Face Hub"),
     ("eval", "eval", "evaluate a model folder or a run's latest checkpoint on YAML or synthetic tasks"),
+    ("report", "report", "print a paper experiment's table (configs/paper/) from finished run folders"),
     ("demo", "demo", "build a tiny model of each family, run a forward pass and generate()"),
     ("convert", "convert", "convert a transformers checkpoint (qwen3_moe) into a seedlm model folder"),
     ("tokenizer", "tokenizer", "train or inspect a sentencepiece tokenizer"),
