@@ -159,7 +159,7 @@ def parse_args(argv=None):
 def measure(a) -> dict:
     from benchmarks.bench_trainer import tiny_corpus_and_tokenizer
 
-    jobs = []
+    jobs, load_before = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         corpus, tok, _ = tiny_corpus_and_tokenizer(workdir)
@@ -167,7 +167,7 @@ def measure(a) -> dict:
             ranks, stage = (int(x) for x in job.split(":"))
             jobs.append(run_job(a, ranks, stage, corpus, tok, workdir))
     return {"args": {k: v for k, v in vars(a).items() if k not in ("corpus", "tok", "output_dir", "out")},
-            "jobs": jobs}
+            "jobs": jobs, "load_average": [load_before, os.getloadavg()[0]]}
 
 
 def lost_per_save(job: dict, mode: str, saves: int) -> list[float]:
@@ -184,8 +184,9 @@ def report(result: dict, peak_flops: float | None = None) -> str:
              f"every {a['every']} steps, a background save every {a['every']} steps ({a['saves']} saves each, the "
              "last one waited for). Lost per save = (segment - no-save segment) / saves, within a round; "
              "min / median / max over the rounds. Boundary: how long each background save held the training "
-             "loop (the host copy); write: how long its writer thread took to write and fsync the files. The "
-             "machine was shared with other jobs while this ran.", "",
+             "loop (the host copy); write: how long its writer thread took to write and fsync the files. Load "
+             "average (1 min) at the start and the end: " + " / ".join(f"{x:.1f}" for x in result["load_average"])
+             + ".", "",
              "| ranks, ZeRO | state per save | step (no save) | lost per save, synchronous | "
              "lost per save, background | boundary, background | write, background | background / synchronous |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
