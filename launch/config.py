@@ -108,9 +108,9 @@ class TrainConfig:
     compile: bool = False
     compile_backend: str = "inductor"
     cpu_threads: int | None = None  # torch intra-op threads per process; None keeps torch's default
-    # glibc's mmap threshold in bytes, fixed: freed blocks this large go back to the OS instead of staying in
-    # the heap (launch/host_memory.py); null keeps glibc's self-raising default
-    host_mmap_threshold: int | None = 1 << 20
+    # glibc's mmap threshold in bytes, fixed: freed blocks this large go back to the OS instead of staying in the
+    # heap (less resident memory, more page faults: launch/host_memory.py); null keeps glibc's self-raising default
+    host_mmap_threshold: int | None = None
     progress_bar: bool = True
     export_at_end: bool = False  # export to <output_dir>/export when training ends, then load it and sample
     sample_prompt: str | None = None  # text to continue with the exported model (needs export_at_end)

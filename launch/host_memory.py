@@ -8,8 +8,10 @@ per rank on a 32M-parameter model at ZeRO 3 (tests/test_plan.py), memory of the 
     set_mmap_threshold(1 << 20)   # blocks of 1 MiB and more are mapped on their own and returned when freed
     release_free_heap()           # hand free heap pages back now (after building the model layer by layer)
 
-The cost of the fixed threshold, fresh zero-filled pages at each large allocation, is measured against the
-default by benchmarks/bench_host_allocator.py. Other allocators (musl, jemalloc preloaded) are left alone.
+The fixed threshold costs fresh zero-filled pages at every large allocation: on a small CPU model (the gated-
+attention paper preset, 60 steps) system time rose from 2 s to 13 s and wall time by 25%, so `seedlm train`
+keeps glibc's default unless `train.host_mmap_threshold` asks (benchmarks/bench_host_allocator.py measures
+both sides). Other allocators (musl, jemalloc preloaded) are left alone.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ class Trainer:
             logger.info(note)
         if self.t.cpu_threads:  # e.g. 1 on a small shared CPU machine, where a second thread mostly waits
             torch.set_num_threads(self.t.cpu_threads)
-        logger.info(set_mmap_threshold(self.t.host_mmap_threshold))
+        if self.t.host_mmap_threshold is not None:
+            logger.info(set_mmap_threshold(self.t.host_mmap_threshold))
         self.output_dir = Path(self.t.output_dir)
         self.checkpoint_root = self.output_dir / CHECKPOINTS_DIR
         self.progress = Progress()

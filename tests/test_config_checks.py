@@ -100,3 +100,30 @@ def test_run_config_takes_the_command_line_source_strings(tmp_path, capsys):
     config_file.write_text(f"model: gated_moe_tiny\ndata:\n  sources:\n    - jsonl: {data}\n")  # space after colon
     code, out, err = train(capsys, str(config_file), "--print-config")
     assert code == 2 and out == "" and f"write jsonl:{data} (no space after the colon)" in err
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "train.host_mmap_threshold must be a positive number of bytes (or null for glibc's default), got 0"),
+    ("-5", "got -5"),
+])
+def test_a_host_mmap_threshold_that_is_not_a_size_is_refused(capsys, value, message):
+    code, out, err = train(capsys, "gated_moe_tiny", f"train.host_mmap_threshold={value}", "--print-config")
+    assert code == 2 and out == "" and message in err
+
+
+def test_a_fixed_host_mmap_threshold_is_set_and_logged():
+    """glibc's mallopt takes it (launch/host_memory.py); the user's own MALLOC_MMAP_THRESHOLD_ wins over it. In a
+    child process: a fixed threshold cannot be undone, and it would slow the rest of this test session."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from seedlm.launch.host_memory import set_mmap_threshold as s; "
+            "print(s(None)); print(s(1 << 20))")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["host allocator: glibc's default (self-raising mmap threshold)",
+                                "host allocator: glibc mmap threshold fixed at 1 MiB (train.host_mmap_threshold)"]
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[1] == "host allocator: MALLOC_MMAP_THRESHOLD_=65536 from the environment"

@@ -206,12 +206,19 @@ def test_the_64_gpu_preset_fits_as_the_readme_says(capsys):
 
 # ---- the plan against measured 2-rank runs ----
 
+# glibc keeps the blocks a step frees in its heap, resident (its self-raising mmap threshold): +300 MiB per rank at
+# ZeRO 3 here, the allocator's memory and not the tensors' (as the CUDA caching allocator's reserved memory is not
+# in any plan). With the threshold fixed, freed blocks of 1 MiB and more go back to the OS and the peak RSS
+# measures what the plan models (launch/host_memory.py).
+FIXED_MMAP_THRESHOLD = 1 << 20
+
+
 def peak_rss_per_rank(args: list[str], cwd: Path) -> list[int]:
     """Max RSS (bytes) of each of 2 gloo ranks of `seedlm train`, each rank under /usr/bin/time."""
     from seedlm.launch.distributed import free_port
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the run's own setting (train.host_mmap_threshold) is what is measured
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the run's own setting (train.host_mmap_threshold) is what counts
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-f", "peak_rss_kb=%M",
            sys.executable, "-m", "seedlm.launch.cli", "train", *args]
@@ -233,6 +240,7 @@ def planned_and_peak(tmp_path, name: str, zero_stage: int, ep: int, fields: dict
     memory and which the plan leaves out."""
     corpus, tok = write_tiny_corpus_and_tokenizer(tmp_path)
     common = {"train.max_steps": 2, "train.save_interval": 100, "train.eval_interval": 0, "train.async_save": "false",
+              "train.host_mmap_threshold": FIXED_MMAP_THRESHOLD,
               "zero_stage": zero_stage, "expert_parallel_size": ep}
     overrides = tiny_run_overrides(corpus, tok, output_dir=tmp_path / name, **common, **fields)
     plan = build_plan(load_run_config("gated_moe_tiny", overrides), nodes=1, gpus_per_node=2)
@@ -272,10 +280,9 @@ def test_plan_matches_the_peak_memory_of_two_rank_runs(tmp_path, tiny_baseline, 
       bucket of one decoder layer + the step's fp32 copy), optimizer 12 x shard;
     - all: activations and one loss chunk of the 2 x 64-token micro-batch.
 
-    Measured as `seedlm train` runs by default: AdamW fused (its default implementation allocated two more fp32
-    partitions at each step) and glibc's mmap threshold fixed at 1 MiB (train.host_mmap_threshold; with glibc's
-    self-raising threshold ZeRO-3 measured 843 / 863 MiB against a plan of 550: freed blocks stayed in the heap,
-    launch/host_memory.py); the run's background save is off (see planned_and_peak)."""
+    Measured with AdamW fused (its default implementation allocated two more fp32 partitions at each step) and
+    train.host_mmap_threshold=1 MiB (FIXED_MMAP_THRESHOLD; with glibc's self-raising threshold ZeRO-3 measured
+    843 / 863 MiB against a plan of 550); the run's background save is off (see planned_and_peak)."""
     predicted, grown = planned_and_measured(tmp_path, zero_stage, ep, baseline=tiny_baseline)
     for rank in range(2):
         print(f"ZeRO-{zero_stage} EP {ep} rank {rank}: plan {predicted / 2**20:.0f} MiB, measured "
