@@ -467,10 +467,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     if not (path / CHECKPOINTS_DIR).is_dir():
         raise CheckpointError(f"{path} is neither a model folder (no config.json) nor a run folder (no "
                               f"{CHECKPOINTS_DIR}/); give an exported folder or a train.output_dir")
-    checkpoint = run_checkpoint(path)
+    return checkpoint_model_dir(path, run_checkpoint(path))
+
+
+def checkpoint_model_dir(run_dir: Path, checkpoint: Path) -> Path:
+    """The Hugging Face folder of one checkpoint of a run: its hf/, or its export into
+    <run>/exports/<step folder>, made from ds/ the first time."""
     if (checkpoint / HF_DIR / "config.json").is_file():
         return checkpoint / HF_DIR
-    exported = path / EXPORTS_DIR / checkpoint.name
+    exported = Path(run_dir) / EXPORTS_DIR / checkpoint.name
     if not (exported / "config.json").is_file():
         from seedlm.launch.export import export_checkpoint
 

@@ -31,10 +31,11 @@ def test_gate_presets_differ_only_in_the_gate_and_the_lr():
         run = load(path)
         assert run["train"].pop("output_dir") == f"runs/paper/gated_attention/{path.stem}"
         rows[path.stem] = (run["model"].pop("attn_output_gate"), run["train"].pop("lr"))
+        saves = run["train"].pop("max_steps"), run["train"].pop("save_interval"), run["train"].pop("keep_last")
         if path.stem.endswith("_lr_high"):  # the stability pair: 400 steps, saved at its end
-            assert (run["train"].pop("max_steps"), run["train"].pop("save_interval")) == (400, 400)
-        else:
-            assert (run["train"].pop("max_steps"), run["train"].pop("save_interval")) == (1000, 1000)
+            assert saves == (400, 400, 2)
+        else:  # every 250 steps, all kept: the sink statistics by step
+            assert saves == (1000, 250, 4)
         assert run["model"]["num_experts"] == 0 and run["data"]["sources"] == ["stdlib"]
         rest.append(run)
     assert rows == {"none": ("none", 3e-3), "headwise": ("headwise", 3e-3), "elementwise": ("elementwise", 3e-3),
@@ -59,12 +60,13 @@ def test_length_presets_differ_only_in_the_model_and_are_of_a_size():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every paper preset trained for 2 steps on a tiny corpus (the seed-1 twin of `none` too): {name: folder}."""
+    """Every paper preset trained for 2 steps on a tiny corpus (the seed-1 twin of `none` too, saving at both
+    steps): {name: folder}."""
     root = tmp_path_factory.mktemp("paper")
     corpus, tok = write_tiny_corpus_and_tokenizer(root)
     folders = {}
     jobs = [(p, p.stem, {}) for p in GATE_PRESETS + LENGTH_PRESETS]
-    jobs.append((PAPER / "gated_attention" / "none.yaml", "none_seed1", {"train.seed": 1}))
+    jobs.append((PAPER / "gated_attention" / "none.yaml", "none_seed1", {"train.seed": 1, "train.save_interval": 1}))
     for preset, name, extra in jobs:
         out = root / preset.parent.name / name
         args = tiny_run_overrides(corpus, tok, output_dir=out, max_steps=2, **{
@@ -89,6 +91,18 @@ def test_gated_attention_report_prints_a_row_per_variant_with_seeds(runs, capsys
     saved = {r["variant"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert saved["none"]["seeds"] == [0, 1]
     assert all(0 <= s <= 1 for s in saved["none"]["first_token_attention_per_layer"][0])
+
+
+def test_gated_attention_report_by_step_reads_every_kept_checkpoint(runs, capsys):
+    """--by-step: the sink statistics at each checkpoint (seeds may differ in how often they save)."""
+    capsys.readouterr()
+    assert seedlm(["report", "gated-attention", str(runs["none"]), str(runs["none_seed1"]), "--num-sequences", "2",
+                   "--by-step"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index("| variant | seed | step | first-token share | max activation |")
+    steps = [line.split(" | ")[:3] for line in lines[header + 2:] if line.startswith("| none")]
+    assert steps == [["| none", "0", "2"], ["| none", "1", "1"], ["| none", "1", "2"]]
+    assert (runs["none_seed1"] / "exports" / "step_00000001" / "config.json").is_file()  # exported once, kept
 
 
 def test_length_extrapolation_report_prints_the_table_and_the_plot(runs, capsys, tmp_path):

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", default="256,1024,4096",
                         help="length-extrapolation: the table's positions (comma-separated, <= --max-length)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="length-extrapolation: loss-by-position plot")
+    parser.add_argument("--by-step", action="store_true",
+                        help="gated-attention: also the sink statistics at every checkpoint each run kept")
     parser.add_argument("--output", default=None, metavar="JSON", help="also write the measurements as JSON")
     parser.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
 
@@ -57,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         if args.kind == "gated-attention":
             rows = [gated_attention_row(name, members, args) for name, members in groups.items()]
             table = gated_attention_table(rows)
+            if args.by_step:
+                steps = [s for name, members in groups.items() for s in sinks_by_step(name, members, args)]
+                table += "\n" + sinks_by_step_table(steps)
         else:
             rows = [length_extrapolation_row(name, members, args) for name, members in groups.items()]
             table = length_extrapolation_table(rows, positions)
@@ -114,7 +119,8 @@ def flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
-SEED_ONLY = ("train.seed", "train.output_dir", "tokenizer.path")  # what seeds of one variant may differ in
+# what seeds of one variant may differ in: the seed, where they write, how often they save
+NOT_THE_RECIPE = ("train.seed", "train.output_dir", "tokenizer.path", "train.save_interval", "train.keep_last")
 
 
 def group_seeds(runs: list[dict]) -> dict[str, list[dict]]:
@@ -126,7 +132,7 @@ def group_seeds(runs: list[dict]) -> dict[str, list[dict]]:
         first = flat(members[0]["config"])
         for other in members[1:]:
             differ = sorted(k for k in first.keys() | flat(other["config"]).keys()
-                            if k not in SEED_ONLY and first.get(k) != flat(other["config"]).get(k))
+                            if k not in NOT_THE_RECIPE and first.get(k) != flat(other["config"]).get(k))
             if differ:
                 raise ReportError(f"{members[0]['dir']} and {other['dir']} are seeds of variant {name!r} by name "
                                   f"but differ in {', '.join(differ)}; rename one")
@@ -143,13 +149,14 @@ def heldout_texts(run: dict):
     return iter_texts(open_sources(DataConfig.from_dict(run["config"]["data"]), "validation"))
 
 
-def load_model(run: dict, args):
+def load_model(run: dict, args, model_dir=None):
+    """(model, tokenizer) of the run's latest checkpoint, or of model_dir."""
     import torch
 
     from seedlm.eval.harness import load_model_dir
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return load_model_dir(run["model_dir"], device=device)
+    return load_model_dir(model_dir or run["model_dir"], device=device)
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -175,7 +182,6 @@ def markdown(header: list[str], lines: list[list[str]]) -> str:
 
 def gated_attention_row(name: str, members: list[dict], args) -> dict:
     from seedlm.eval.attention_sinks import attention_sink_stats
-    from seedlm.eval.length_extrapolation import token_sequences
 
     row = {"variant": name, "runs": [str(m["dir"]) for m in members], "seeds": [], "heldout_loss": [],
            "max_grad_norm": [], "first_token_attention_per_layer": [], "max_activation_per_layer": []}
@@ -184,13 +190,7 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
         if not evals:
             raise ReportError(f"{m['dir']} logged no held-out loss (train.eval_interval=0?)")
         model, tokenizer = load_model(m, args)
-        seq_len = m["config"]["data"]["seq_len"]
-        try:
-            ids = token_sequences(tokenizer, heldout_texts(m), seq_len, args.num_sequences or 64, bos=True,
-                                  one_per_document=True)
-        except ValueError as err:
-            raise ReportError(f"{m['dir']}: held-out data: {err}") from err
-        stats = attention_sink_stats(model, ids)
+        stats = attention_sink_stats(model, sink_sequences(m, tokenizer, args))
         if not stats["attention_layers"]:
             raise ReportError(f"{m['dir']}: {model.config.model_type} has no attention layers: no attention sinks")
         row["seeds"].append(m["config"]["train"]["seed"])
@@ -215,6 +215,41 @@ def gated_attention_table(rows: list[dict]) -> str:
     header = ["variant", "gate", "lr", "seeds", "held-out loss", "max grad norm", "first-token share", "per layer",
               "max activation", "per layer"]
     return markdown(header, lines)
+
+
+def sink_sequences(run: dict, tokenizer, args):
+    """Held-out documents from their start: [bos] + the first seq_len - 1 tokens, as position 0 is in training."""
+    from seedlm.eval.length_extrapolation import token_sequences
+
+    try:
+        return token_sequences(tokenizer, heldout_texts(run), run["config"]["data"]["seq_len"],
+                               args.num_sequences or 64, bos=True, one_per_document=True)
+    except ValueError as err:
+        raise ReportError(f"{run['dir']}: held-out data: {err}") from err
+
+
+def sinks_by_step(name: str, members: list[dict], args) -> list[dict]:
+    """The sink statistics at every checkpoint a run kept (train.save_interval, keep_last): whether and how
+    they grow with training, where the last checkpoint alone cannot say."""
+    from seedlm.eval.attention_sinks import attention_sink_stats
+    from seedlm.launch.checkpoint import CHECKPOINTS_DIR, checkpoint_model_dir, complete_checkpoints
+
+    out = []
+    for m in members:
+        for checkpoint in complete_checkpoints(m["dir"] / CHECKPOINTS_DIR):
+            model, tokenizer = load_model(m, args, checkpoint_model_dir(m["dir"], checkpoint))
+            stats = attention_sink_stats(model, sink_sequences(m, tokenizer, args))
+            out.append({"variant": name, "seed": m["config"]["train"]["seed"],
+                        "step": int(checkpoint.name.split("_")[-1]),
+                        "first_token_attention": stats["first_token_attention"],
+                        "max_activation": stats["max_activation"]})
+    return out
+
+
+def sinks_by_step_table(steps: list[dict]) -> str:
+    lines = [[s["variant"], str(s["seed"]), str(s["step"]), f"{s['first_token_attention']:.3f}",
+              f"{s['max_activation']:.1f}"] for s in sorted(steps, key=lambda s: (s["variant"], s["seed"], s["step"]))]
+    return markdown(["variant", "seed", "step", "first-token share", "max activation"], lines)
 
 
 # ---------------------------------------------------------------- length extrapolation
