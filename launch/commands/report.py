@@ -119,8 +119,11 @@ def flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
-# what seeds of one variant may differ in: the seed, where they write, how often they save
-NOT_THE_RECIPE = ("train.seed", "train.output_dir", "tokenizer.path", "train.save_interval", "train.keep_last")
+# what seeds of one variant may differ in: the seed, and settings that leave the training computation as it is
+# (where and how often a run writes, how it logs, the host allocator, CPU threads)
+NOT_THE_RECIPE = ("train.seed", "train.output_dir", "tokenizer.path", "train.save_interval", "train.keep_last",
+                  "train.async_save", "train.hf_interval", "train.log_interval", "train.progress_bar",
+                  "train.tensorboard", "train.host_mmap_threshold", "train.cpu_threads")
 
 
 def group_seeds(runs: list[dict]) -> dict[str, list[dict]]:
