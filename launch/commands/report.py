@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positions", default="256,1024,4096",
                         help="length-extrapolation: the table's positions (comma-separated, <= --max-length)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="length-extrapolation: loss-by-position plot")
+    parser.add_argument("--smooth", type=int, default=None, metavar="N",
+                        help="length-extrapolation: the plot averages N neighbouring positions (a position's loss "
+                             "over a few held-out sequences mostly follows their text); None: --max-length / 32")
     parser.add_argument("--by-step", action="store_true",
                         help="gated-attention: also the sink statistics at every checkpoint each run kept")
     parser.add_argument("--output", default=None, metavar="JSON", help="also write the measurements as JSON")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         from seedlm.eval.length_extrapolation import plot_loss_by_position
 
         curves = {row["variant"]: row["curve"] for row in rows}
-        print(f"wrote {plot_loss_by_position(curves, args.plot, smooth=max(1, args.max_length // 256))}")
+        smooth = args.smooth or max(1, args.max_length // 32)
+        print(f"wrote {plot_loss_by_position(curves, args.plot, smooth=smooth)}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
