@@ -109,7 +109,8 @@ def test_length_extrapolation_report_prints_the_table_and_the_plot(runs, capsys,
     capsys.readouterr()
     names = ["dp_nh1", "dp_nh2", "dp_nh3", "gated_attention"]
     assert seedlm(["report", "length-extrapolation", *(str(runs[n]) for n in names), "--max-length", "128",
-                   "--positions", "32,64,128", "--num-sequences", "2", "--plot", str(tmp_path / "len.png")]) == 0
+                   "--positions", "32,64,128", "--num-sequences", "2", "--plot", str(tmp_path / "len.png"),
+                   "--smooth", "8"]) == 0
     out = capsys.readouterr().out
     assert "| variant | params | seeds | sequences | loss @32 | loss @64 | loss @128 |" in out
     for name in names:
