@@ -33,7 +33,9 @@ def test_the_wheel_holds_only_the_seedlm_package(wheel):
                    "seedlm/eval/tasks/data/tiny_qa_test.jsonl", "seedlm/data_pipeline/loader.py",
                    "seedlm/configs/quickstart.yaml", "seedlm/configs/models/gated_moe_15a2b.yaml",
                    "seedlm/configs/state_tracking/s3_nh2_neg.yaml",
-                   "seedlm/configs/paper/gated_attention/elementwise.yaml"):
+                   "seedlm/configs/paper/gated_attention/elementwise.yaml",
+                   "seedlm/configs/paper/negative_eigenvalues/parity_nh1_neg.yaml",
+                   "seedlm/configs/state_tracking/s5_nh4_neg.yaml"):
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("seedlm/tests", "seedlm/benchmarks"))]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
