@@ -340,14 +340,16 @@ def _into_zero12(engine, saved: SavedTrainingState, ep_info) -> None:
         for param in params:
             name = name_of[id(param)]
             start, numel, shape = _local_range(name, saved, ep_info)
-            with torch.no_grad():  # the module weight (lp): every rank holds all of it under ZeRO 1/2
-                param.copy_(saved.read(name, "fp32", start, numel).view(shape))
+            weight = saved.read(name, "fp32", start, numel)  # every rank holds all of it (lp) under ZeRO 1/2
+            with torch.no_grad():
+                param.copy_(weight.view(shape))
             mapping = getattr(param, "_hp_mapping", None)
             if mapping is None:  # no piece of this parameter lies in this rank's partition
                 continue
             lp, hp = mapping.lp_fragment_address, mapping.get_hp_fragment_address()
-            for key, target in (("fp32", master), *moments.items()):
-                target.data.narrow(0, hp.start, hp.numel).copy_(saved.read(name, key, start + lp.start, lp.numel))
+            master.data.narrow(0, hp.start, hp.numel).copy_(weight.narrow(0, lp.start, lp.numel))
+            for key, target in moments.items():
+                target.narrow(0, hp.start, hp.numel).copy_(saved.read(name, key, start + lp.start, lp.numel))
             step = saved.steps[name]
         if step is None:  # an empty partition: the step of any parameter (they are all equal)
             step = next(iter(saved.steps.values()))
