@@ -44,12 +44,13 @@ def run_args(data, output_dir, **extra) -> list[str]:
     return ["gated_moe_tiny"] + tiny_run_overrides(corpus, tok, **fields)
 
 
-def torchrun(args: list[str], nproc: int) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int, program=("-m", "seedlm.launch.cli", "train")) -> subprocess.CompletedProcess:
+    """`seedlm train ARGS` (or `program ARGS`) on nproc gloo ranks; it must succeed."""
     from seedlm.launch.distributed import free_port
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "seedlm.launch.cli", "train", *args]
+           f"--master_port={free_port()}", *program, *args]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -228,7 +229,6 @@ def test_a_rank_loads_only_its_new_partition(data, tmp_path):
     wide = {"model_overrides.hidden_size": 256, "model_overrides.num_hidden_layers": 4,
             "model_overrides.num_experts": 16, "model_overrides.moe_intermediate_size": 512,
             "data.micro_batch_size": 1}
-    from seedlm.launch.distributed import free_port
     from seedlm.launch.reshard import saved_param_shapes, saved_topology
 
     run = tmp_path / "run"
@@ -237,13 +237,8 @@ def test_a_rank_loads_only_its_new_partition(data, tmp_path):
     topology = saved_topology(folder, json.loads((folder / "trainer_state.json").read_text()))
     params = sum(math.prod(s) for s in saved_param_shapes(folder, topology).values())
     assert params > 25e6
-    model, *overrides = run_args(data, run, max_steps=2, zero_stage=3, **wide)
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(REPO / "tests" / "reshard_load_memory.py"), str(tmp_path / "mem"),
-           model, *overrides]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = torchrun(run_args(data, run, max_steps=2, zero_stage=3, **wide), nproc=2,
+                      program=(str(REPO / "tests" / "reshard_load_memory.py"), str(tmp_path / "mem")))
     assert "resharding step_00000001: written by 1 rank(s)" in result.stderr
     state = 12 * params  # fp32 weight + exp_avg + exp_avg_sq
     for rank in range(2):

@@ -138,8 +138,9 @@ def group_seeds(runs: list[dict]) -> dict[str, list[dict]]:
     for name, members in groups.items():
         first = flat(members[0]["config"])
         for other in members[1:]:
-            differ = sorted(k for k in first.keys() | flat(other["config"]).keys()
-                            if k not in NOT_THE_RECIPE and first.get(k) != flat(other["config"]).get(k))
+            theirs = flat(other["config"])
+            differ = sorted(k for k in first.keys() | theirs.keys()
+                            if k not in NOT_THE_RECIPE and first.get(k) != theirs.get(k))
             if differ:
                 raise ReportError(f"{members[0]['dir']} and {other['dir']} are seeds of variant {name!r} by name "
                                   f"but differ in {', '.join(differ)}; rename one")
