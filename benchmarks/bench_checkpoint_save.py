@@ -2,13 +2,15 @@
 
 One process (or one torchrun job of --ranks gloo ranks) builds the Trainer once for a ~210M-parameter gated
 MoE with tiny batches (1 x --seq-len tokens), so that a step is short and the save of ~2.5 GB of state (fp32
-weights and AdamW moments) dominates. Each round then runs three segments of the same number of steps, in
-turn: no save; a synchronous save every --every steps; a background save every --every steps (the host copy
-at the step boundary into host buffers reused from save to save, the write and fsync in a thread of lowest
-priority; launch/checkpoint.py); one saver per mode saves once before the rounds. A segment
+weights and AdamW moments) dominates. Each round then runs four segments of the same number of steps, in
+turn: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); a
+synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save (the host copy at the
+step boundary into page-aligned host buffers reused from save to save, the O_DIRECT write and fsync in a
+thread of lowest priority; launch/checkpoint.py). One saver per mode saves once before the rounds. A segment
 saves --saves times, runs --every more steps after its last save, and ends by waiting for the save in flight,
-so the whole write is counted. Training time lost per save = (segment time - the same round's no-save
-segment) / saves. Goal (issue 15): background <= 20% of synchronous in the worst round.
+so the whole write is counted. Training time lost per save = (the segment's step and save-call seconds - as
+many steps at the median step of the round's no-save segment) / saves. Goal (issue 15): background <= 20% of
+synchronous in the worst round.
 
     python benchmarks/bench_checkpoint_save.py                 # 1 rank ZeRO-0, then 2 ranks ZeRO-2
     python benchmarks/bench_checkpoint_save.py --smoke         # a small model, 1 rank
@@ -31,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.rounds import Spread, add_rounds_argument, goal, resolve_rounds  # noqa: E402
 
 GOAL = 0.20  # background loss per save / synchronous loss per save
-MODES = ("none", "sync", "background")
+MODES = ("none", "sync_torch_save", "sync", "background")
 
 
 def model_overrides(a) -> list[str]:
@@ -51,13 +53,23 @@ def run_overrides(a, corpus: str, tok: str, output_dir: str) -> list[str]:
             "train.peak_tflops=1.0", "resume=none", *model_overrides(a)]
 
 
+def torch_save_and_fsync(obj, path) -> None:
+    """What DeepSpeed's default checkpoint engine does: torch.save (buffered, with the zip CRC), here fsynced."""
+    import torch
+
+    from seedlm.launch.checkpoint import fsync_path
+
+    torch.save(obj, path)
+    fsync_path(path)
+
+
 def worker(a) -> None:
-    """Under torchrun or alone: one Trainer, --rounds rounds of the three segments; rank 0 writes the times."""
+    """Under torchrun or alone: one Trainer, --rounds rounds of the four segments; rank 0 writes the times."""
     import dataclasses
 
     import torch
 
-    from seedlm.launch.checkpoint import CheckpointSaver
+    from seedlm.launch import checkpoint
     from seedlm.launch.config import load_run_config
     from seedlm.launch.distributed import barrier
     from seedlm.launch.trainer import Trainer
@@ -67,40 +79,51 @@ def worker(a) -> None:
     batches = iter(trainer.train_loader)
     trainer.engine.train()
     # one saver per mode for the whole run, as in training: the background saver's host buffers are reused
-    savers = {mode: CheckpointSaver(trainer.checkpoint_root, 2, trainer.dist.rank, background=mode == "background")
-              for mode in ("sync", "background")}
-    for saver in savers.values():  # warm-up: optimizer state exists, each saver has saved once
+    savers = {mode: checkpoint.CheckpointSaver(trainer.checkpoint_root, 2, trainer.dist.rank,
+                                               background=mode == "background") for mode in MODES if mode != "none"}
+    direct_writer = checkpoint.save_direct
+
+    def use(mode: str) -> None:
+        trainer.t = dataclasses.replace(trainer.t, async_save=mode == "background")
+        trainer.saver = savers.get(mode)
+        # the torch.save baseline: the same saver with DeepSpeed's writer in place of launch/direct_write.py's
+        checkpoint.save_direct = torch_save_and_fsync if mode == "sync_torch_save" else direct_writer
+
+    for mode in savers:  # warm-up: optimizer state exists, each saver has saved once
+        use(mode)
         trainer.count_step(trainer.train_step(batches))
-        trainer.saver = saver
         trainer.checkpoint()
         trainer.checkpoint_published(wait=True)
 
     def segment(mode: str) -> dict:
-        """Seconds for (saves + 1) x every steps with `mode` saves, and the seconds each save held the loop."""
-        background = mode == "background"
-        trainer.t = dataclasses.replace(trainer.t, async_save=background)
-        trainer.saver = savers.get(mode)
+        """Each step's seconds (with the poll for a finished background write) over (saves + 1) x every steps
+        with `mode` saves, and the seconds each save held the loop (boundary)."""
+        use(mode)
         written = len(trainer.saver.write_seconds) if trainer.saver else 0
-        boundary = []
+        steps, boundary = [], []
         barrier()
-        start = time.perf_counter()
         for i in range(1, (a.saves + 1) * a.every + 1):
+            t0 = time.perf_counter()
             trainer.count_step(trainer.train_step(batches))
+            if mode != "none" and i % a.every != 0:
+                trainer.checkpoint_published()
+            steps.append(time.perf_counter() - t0)
             if mode != "none" and i % a.every == 0 and i <= a.saves * a.every:
                 t0 = time.perf_counter()
                 trainer.checkpoint()
                 boundary.append(time.perf_counter() - t0)
-            elif mode != "none":
-                trainer.checkpoint_published()
         if trainer.saver:
+            t0 = time.perf_counter()
             trainer.checkpoint_published(wait=True)  # the last write counts in full
+            boundary.append(time.perf_counter() - t0)
         barrier()
         write = trainer.saver.write_seconds[written:] if trainer.saver else []
-        return {"seconds": time.perf_counter() - start, "boundary": boundary, "write": write}
+        return {"steps": steps, "boundary": boundary, "write": write}
 
     rounds = []
     for _ in range(a.rounds):
         rounds.append({mode: segment(mode) for mode in MODES})
+    checkpoint.save_direct = direct_writer
     if trainer.dist.rank == 0:
         saved = max(trainer.checkpoint_root.glob("step_*"), key=lambda p: p.name)
         state_bytes = sum(f.stat().st_size for f in saved.rglob("*.pt"))
@@ -171,8 +194,15 @@ def measure(a) -> dict:
 
 
 def lost_per_save(job: dict, mode: str, saves: int) -> list[float]:
-    """Seconds of training lost per save in each round: (segment - the round's no-save segment) / saves."""
-    return [(r[mode]["seconds"] - r["none"]["seconds"]) / saves for r in job["rounds"]]
+    """Seconds of training lost per save in each round: the segment's step and boundary seconds, less as many
+    steps at the median step of the round's no-save segment (a robust baseline: one slow step without a save
+    does not hide a save's cost), over the saves."""
+    lost = []
+    for r in job["rounds"]:
+        step = statistics.median(r["none"]["steps"])
+        segment = r[mode]
+        lost.append((sum(segment["steps"]) + sum(segment["boundary"]) - step * len(segment["steps"])) / saves)
+    return lost
 
 
 def report(result: dict, peak_flops: float | None = None) -> str:
@@ -180,29 +210,34 @@ def report(result: dict, peak_flops: float | None = None) -> str:
     steps = (a["saves"] + 1) * a["every"]
     lines = [f"Gated MoE of {jobs[0]['params'] / 1e6:.0f}M parameters (hidden {a['hidden']}, {a['layers']} layers, "
              f"{a['experts']} experts of {a['moe_intermediate']}), fp32 AdamW, batches of 1 x {a['seq_len']} tokens. "
-             f"Each of {a['rounds']} rounds runs three segments of {steps} steps in turn: no save, a synchronous save "
-             f"every {a['every']} steps, a background save every {a['every']} steps ({a['saves']} saves each, the "
-             "last one waited for). Lost per save = (segment - no-save segment) / saves, within a round; "
-             "min / median / max over the rounds. Boundary: how long each background save held the training "
-             "loop (the host copy); write: how long its writer thread took to write and fsync the files. Load "
-             "average (1 min) at the start and the end: " + " / ".join(f"{x:.1f}" for x in result["load_average"])
-             + ".", "",
-             "| ranks, ZeRO | state per save | step (no save) | lost per save, synchronous | "
-             "lost per save, background | boundary, background | write, background | background / synchronous |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"Each of {a['rounds']} rounds runs four segments of {steps} steps in turn: no save; a synchronous save "
+             f"with torch.save (DeepSpeed's default writer: buffered, zip CRC); a synchronous save with the O_DIRECT "
+             f"writer (launch/direct_write.py); a background save with that writer. Each saves every {a['every']} "
+             f"steps ({a['saves']} saves, the last one waited for). Lost per save = (the segment's step and "
+             "save-call seconds - as many steps at the no-save segment's median step) / saves, within a round; "
+             "min / median / max over the rounds. Boundary: how long each save call held the training loop (for "
+             "the background save, the host copy); write: how long the background writer took to write and fsync "
+             "the files. Load average (1 min) at the start and the end: "
+             + " / ".join(f"{x:.1f}" for x in result["load_average"]) + ".", "",
+             "| ranks, ZeRO | state per save | step (no save) | lost per save: synchronous, torch.save | "
+             "synchronous, O_DIRECT | background | boundary, background | write, background | "
+             "background / synchronous O_DIRECT | background / synchronous torch.save |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     goals = []
     for job in jobs:
-        sync, background = lost_per_save(job, "sync", a["saves"]), lost_per_save(job, "background", a["saves"])
-        ratio = Spread.of(b / s for b, s in zip(background, sync))
-        step = statistics.median(r["none"]["seconds"] / steps for r in job["rounds"])
-        boundary = Spread.of(statistics.median(r["background"]["boundary"]) for r in job["rounds"])
+        lost = {mode: lost_per_save(job, mode, a["saves"]) for mode in MODES if mode != "none"}
+        ratio = Spread.of(b / s for b, s in zip(lost["background"], lost["sync"]))
+        ratio_torch = Spread.of(b / s for b, s in zip(lost["background"], lost["sync_torch_save"]))
+        step = statistics.median(statistics.median(r["none"]["steps"]) for r in job["rounds"])
+        boundary = Spread.of(statistics.median(r["background"]["boundary"][:-1]) for r in job["rounds"])
         write = Spread.of(statistics.median(r["background"]["write"]) for r in job["rounds"])
         where = f"{job['ranks']} rank{'s' * (job['ranks'] > 1)}, ZeRO {job['zero_stage']}"
-        lines.append(f"| {where} | {job['state_bytes'] / 2**30:.2f} GiB | {step:.2f} s "
-                     f"| {Spread.of(sync).format('{:.2f}', ' s')} | {Spread.of(background).format('{:.2f}', ' s')} "
-                     f"| {boundary.format('{:.2f}', ' s')} | {write.format('{:.1f}', ' s')} "
-                     f"| {ratio.format('{:.2f}', 'x')} |")
-        goals.append(f"{where}: " + goal("background / synchronous", ratio, "<=", GOAL, "{:.2f}", "x"))
+        seconds = [Spread.of(lost[mode]).format("{:.2f}", " s") for mode in ("sync_torch_save", "sync", "background")]
+        lines.append(f"| {where} | {job['state_bytes'] / 2**30:.2f} GiB | {step:.2f} s | " + " | ".join(seconds)
+                     + f" | {boundary.format('{:.2f}', ' s')} | {write.format('{:.1f}', ' s')} "
+                     f"| {ratio.format('{:.2f}', 'x')} | {ratio_torch.format('{:.2f}', 'x')} |")
+        goals.append(f"{where}: " + goal("background / synchronous O_DIRECT", ratio, "<=", GOAL, "{:.2f}", "x")
+                     + "; " + goal("background / synchronous torch.save", ratio_torch, "<=", GOAL, "{:.2f}", "x"))
     lines += ["", "Goal (issue 15, min / median / max over the rounds): " + "; ".join(goals) + "."]
     return "\n".join(lines)
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from seedlm.launch.direct_write import aligned_storage, save_direct
 from seedlm.launch.distributed import all_ranks_true, barrier
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class HostStaging:
         i, self.used = self.used, self.used + 1
         if i < len(self.buffers) and self.buffers[i].nbytes() == storage.nbytes():
             return self.buffers[i].copy_(storage)
-        buffer = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+        buffer = aligned_storage(storage.nbytes()).copy_(storage)  # page-aligned: written with O_DIRECT as it is
         if i < len(self.buffers):
             self.buffers[i] = buffer
         else:
@@ -216,10 +217,9 @@ def fsync_path(path: Path) -> None:
 
 
 def write_and_fsync(files: list[tuple[Path, object]]) -> None:
-    """torch.save each (path, state), fsync each file and then the folders holding them."""
+    """torch.save each (path, state) with O_DIRECT, fsynced (launch/direct_write.py), then fsync the folders."""
     for path, state in files:
-        torch.save(state, path)
-        fsync_path(path)
+        save_direct(state, path)
     for folder in sorted({path.parent for path, _ in files}):
         fsync_path(folder)
 

@@ -14,6 +14,7 @@ gets the mode the umask gives a new file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -159,21 +160,26 @@ class TorchFile:
             def persistent_load(self, saved_id):  # ("storage", storage type, key, location, numel)
                 return saved_id[2], saved_id[1]._dtype  # ._dtype: .dtype warns that TypedStorage is deprecated
 
-        with self.zip.open(pickle_name) as f:
-            self.root = LazyUnpickler(f).load()
+        pickle_bytes = torch.empty(self.zip.getinfo(pickle_name).file_size, dtype=torch.uint8)
+        self.read_record(pickle_name, 0, pickle_bytes)  # not zip.open: background saves write no CRC to check
+        self.root = LazyUnpickler(io.BytesIO(pickle_bytes.numpy().tobytes())).load()
 
     def read_into(self, key: str, byte_offset: int, out: torch.Tensor) -> None:
-        info = self.zip.getinfo(f"{self.prefix}data/{key}")
+        self.read_record(f"{self.prefix}data/{key}", byte_offset, out)
+
+    def read_record(self, name: str, byte_offset: int, out: torch.Tensor) -> None:
+        """Fill `out` with the bytes of record `name` from `byte_offset` on."""
+        info = self.zip.getinfo(name)
         if info.compress_type != zipfile.ZIP_STORED:
-            raise CheckpointError(f"{self.path}: compressed tensor data; cannot stream it")
-        with open(self.path, "rb") as f:  # torch stores tensor data uncompressed after a local file header
+            raise CheckpointError(f"{self.path}: compressed record {name}; cannot stream it")
+        with open(self.path, "rb") as f:  # torch stores records uncompressed after a local file header
             f.seek(info.header_offset)
             header = f.read(30)
             name_len, extra_len = struct.unpack("<HH", header[26:30])
             f.seek(info.header_offset + 30 + name_len + extra_len + byte_offset)
             view = memoryview(out.view(torch.uint8).numpy())
             if f.readinto(view) != len(view):
-                raise CheckpointError(f"{self.path}: tensor data {key} is truncated")
+                raise CheckpointError(f"{self.path}: record {name} is truncated")
 
 
 @dataclass
