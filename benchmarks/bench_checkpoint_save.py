@@ -19,6 +19,7 @@ synchronous in the worst round.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -50,7 +51,10 @@ def run_overrides(a, corpus: str, tok: str, output_dir: str) -> list[str]:
             f"seq_len={a.seq_len}", "micro_batch_size=1", "data.num_workers=0", "data.shuffle_buffer=16",
             f"zero_stage={a.zero_stage}", "max_steps=100000", "save_interval=100000", "train.keep_last=2",
             "train.warmup_steps=0", "train.eval_interval=0", "train.progress_bar=false", "train.tensorboard=false",
-            "train.peak_tflops=1.0", "resume=none", *model_overrides(a)]
+            "train.peak_tflops=1.0", "resume=none",
+            # glibc keeps freed blocks: without it ~1.5 GiB of fresh pages are faulted in every step, and steps
+            # vary by up to 3x, more than a save costs (launch/host_memory.py)
+            "train.host_allocator_cache=true", *model_overrides(a)]
 
 
 def torch_save_and_fsync(obj, path) -> None:
@@ -76,7 +80,9 @@ def worker(a) -> None:
 
     trainer = Trainer(load_run_config("gated_moe_tiny", run_overrides(a, a.corpus, a.tok, a.output_dir)))
     params = sum(p.numel() for p in trainer.engine.module.parameters())
-    batches = iter(trainer.train_loader)
+    # the same 8 batches over and over: reading and tokenizing the stream would add slow steps of its own
+    loader = iter(trainer.train_loader)
+    batches = itertools.cycle([next(loader) for _ in range(8)])
     trainer.engine.train()
     # one saver per mode for the whole run, as in training: the background saver's host buffers are reused
     savers = {mode: checkpoint.CheckpointSaver(trainer.checkpoint_root, 2, trainer.dist.rank,
@@ -166,6 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--moe-intermediate", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--smoke", action="store_true", help="a ~5M-parameter model, 1 rank")
+    p.add_argument("--json", type=Path, help="also write every step's and save's seconds to this file")
     add_rounds_argument(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--zero-stage", type=int, default=0, help=argparse.SUPPRESS)
@@ -247,7 +254,10 @@ def main(argv=None):
     if a.worker:
         worker(a)
         return
-    print(report(measure(a)))
+    result = measure(a)
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1, default=str))
+    print(report(result))
 
 
 if __name__ == "__main__":

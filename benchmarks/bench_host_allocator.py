@@ -1,5 +1,6 @@
-"""glibc's malloc with its default (self-raising) mmap threshold against a fixed 1 MiB threshold, on a 2-rank
-`seedlm train`: per-rank peak resident memory and tokens/s, side by side.
+"""glibc's malloc with its default (self-raising) mmap threshold against a fixed 1 MiB threshold and against
+keeping freed blocks (train.host_allocator_cache), on a 2-rank `seedlm train`: per-rank peak resident memory and
+tokens/s, side by side.
 
 glibc serves allocations below its mmap threshold from the heap and raises the threshold (up to 32 MiB) each
 time a larger block is freed, so the blocks a training step frees (a ZeRO-3 layer's gathered weights, its
@@ -7,7 +8,8 @@ activations) stay in the heap, resident, after the first step. A fixed threshold
 or the environment variable MALLOC_MMAP_THRESHOLD_) maps every block of 1 MiB and more on its own and hands it
 back when freed, at the price of fresh zero-filled pages at every allocation. This measures both sides:
 `seedlm train` (ZeRO 3, 2 gloo ranks, a ~32M-parameter gated MoE in fp32) runs with glibc's default (seedlm's
-default too) and with the threshold fixed (`train.host_mmap_threshold`: null against 1 MiB), in turn, --rounds
+default too), with the threshold fixed (`train.host_mmap_threshold`: null against 1 MiB) and with glibc keeping
+every freed block for reuse (`train.host_allocator_cache=true`: no block mapped on its own), in turn, --rounds
 rounds; each rank runs under /usr/bin/time for its peak RSS, and metrics.jsonl gives tokens/s per step
 (median after the first two steps).
 
@@ -37,7 +39,9 @@ from benchmarks.rounds import (  # noqa: E402
     resolve_rounds,
 )
 
-MODES = {"glibc default": "null", "fixed 1 MiB": str(1 << 20)}  # train.host_mmap_threshold
+MODES = {"glibc default": {"train.host_mmap_threshold": "null"},
+         "fixed 1 MiB": {"train.host_mmap_threshold": str(1 << 20)},
+         "glibc cache": {"train.host_allocator_cache": "true"}}
 GOAL_SLOWDOWN = 1.05  # what a default-on fixed threshold would have to meet: at most 5% slower
 
 
@@ -58,10 +62,11 @@ def run(a, workdir: Path, corpus: Path, tok: Path, mode: str, index: int) -> dic
               "data.seq_len": a.seq_len, "data.micro_batch_size": 2, "data.num_workers": 0,
               "model_overrides.vocab_size": 512, "zero_stage": 3, "max_steps": a.steps, "save_interval": 100000,
               "train.eval_interval": 0, "train.log_interval": 1, "train.progress_bar": "false",
-              "train.tensorboard": "false", "train.peak_tflops": 1.0, "train.host_mmap_threshold": MODES[mode],
+              "train.tensorboard": "false", "train.peak_tflops": 1.0, **MODES[mode],
               **model_fields(a.smoke)}
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # it would override both modes
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(name, None)  # it would override the modes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-f", "peak_rss_kb=%M",
            sys.executable, "-m", "seedlm.launch.cli", "train", "gated_moe_tiny",
@@ -109,9 +114,14 @@ def measure(a) -> dict:
 
 def report(result: dict, peak_flops: float | None = None) -> str:
     a, results = result["args"], result["results"]
-    default, fixed = results["glibc default"], results["fixed 1 MiB"]
-    memory = ratio_spread([r["peak_rss"] for r in fixed], [r["peak_rss"] for r in default])
-    slowdown = ratio_spread([r["tokens_per_sec"] for r in default], [r["tokens_per_sec"] for r in fixed])
+    default = results["glibc default"]
+
+    def against_default(mode):  # (peak RSS, time per token) of `mode` / the default's, over the rounds
+        rows = results[mode]
+        return (ratio_spread([r["peak_rss"] for r in rows], [r["peak_rss"] for r in default]),
+                ratio_spread([r["tokens_per_sec"] for r in default], [r["tokens_per_sec"] for r in rows]))
+
+    (memory, slowdown), (cache_memory, cache_time) = against_default("fixed 1 MiB"), against_default("glibc cache")
     lines = [f"2 gloo ranks, ZeRO 3, {a['steps']} steps of 2 x {a['seq_len']} tokens, {a['rounds']} rounds "
              f"(load average at the end {result['load_average']:.2f}).", "",
              "| allocator | peak RSS, worst rank, per round | tokens/s, per round |", "|---|---|---|"]
@@ -120,7 +130,9 @@ def report(result: dict, peak_flops: float | None = None) -> str:
         speeds = " / ".join(f"{r['tokens_per_sec']:.0f}" for r in rows)
         lines.append(f"| {mode} | {peaks} MiB | {speeds} |")
     lines += ["", f"Peak RSS, fixed / default (min / median / max over the rounds): {memory.format('{:.2f}', 'x')}. "
-              + goal("Time per token, fixed / default", slowdown, "<=", GOAL_SLOWDOWN, "{:.3f}", "x") + "."]
+              + goal("Time per token, fixed / default", slowdown, "<=", GOAL_SLOWDOWN, "{:.3f}", "x") + ". "
+              f"With the cache (train.host_allocator_cache), against the default: peak RSS "
+              f"{cache_memory.format('{:.2f}', 'x')}, time per token {cache_time.format('{:.3f}', 'x')}."]
     return "\n".join(lines)
 
 

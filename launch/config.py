@@ -111,6 +111,9 @@ class TrainConfig:
     # glibc's mmap threshold in bytes, fixed: freed blocks this large go back to the OS instead of staying in the
     # heap (less resident memory, more page faults: launch/host_memory.py); null keeps glibc's self-raising default
     host_mmap_threshold: int | None = None
+    # glibc keeps freed blocks for the next step (none mapped on its own): no page faults each step, more resident
+    # memory (launch/host_memory.py); the opposite of host_mmap_threshold, so not with it
+    host_allocator_cache: bool = False
     progress_bar: bool = True
     export_at_end: bool = False  # export to <output_dir>/export when training ends, then load it and sample
     sample_prompt: str | None = None  # text to continue with the exported model (needs export_at_end)
@@ -303,6 +306,9 @@ def validate(run: RunConfig) -> None:
     if t.host_mmap_threshold is not None and t.host_mmap_threshold < 1:
         raise ConfigError(f"train.host_mmap_threshold must be a positive number of bytes (or null for glibc's "
                           f"default), got {t.host_mmap_threshold}")
+    if t.host_allocator_cache and t.host_mmap_threshold is not None:
+        raise ConfigError("train.host_allocator_cache=true keeps freed blocks and train.host_mmap_threshold hands "
+                          "them back: choose one (set the other to false / null)")
     if t.cpu_threads is not None and t.cpu_threads < 1:
         raise ConfigError(f"train.cpu_threads must be >= 1 (or null for torch's default), got {t.cpu_threads}")
     if len(t.betas) != 2:

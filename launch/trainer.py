@@ -45,7 +45,7 @@ from seedlm.launch.engine import (
     save_model_files_fn,
     single_process_train_config,
 )
-from seedlm.launch.host_memory import set_mmap_threshold
+from seedlm.launch.host_memory import keep_freed_blocks, set_mmap_threshold
 from seedlm.launch.metrics import MetricsLogger, measure_peak_flops, memory_stats, plot_loss_curve
 from seedlm.launch.training_data import training_data
 
@@ -122,6 +122,8 @@ class Trainer:
             torch.set_num_threads(self.t.cpu_threads)
         if self.t.host_mmap_threshold is not None:
             logger.info(set_mmap_threshold(self.t.host_mmap_threshold))
+        if self.t.host_allocator_cache:
+            logger.info(keep_freed_blocks())
         self.output_dir = Path(self.t.output_dir)
         self.checkpoint_root = self.output_dir / CHECKPOINTS_DIR
         self.progress = Progress()
