@@ -6,7 +6,7 @@ weights and AdamW moments) dominates. Each round then runs four segments of the 
 turn: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); a
 synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save (the host copy at the
 step boundary into page-aligned host buffers reused from save to save, the O_DIRECT write and fsync in a
-thread of lowest priority; launch/checkpoint.py). One saver per mode saves once before the rounds. A segment
+thread; launch/checkpoint.py). One saver per mode saves once before the rounds. A segment
 saves --saves times, runs --every more steps after its last save, and ends by waiting for the save in flight,
 so the whole write is counted. Training time lost per save = (the segment's step and save-call seconds - as
 many steps at the median step of the round's no-save segment) / saves. Goal (issue 15): background <= 20% of

@@ -108,3 +108,61 @@ def test_the_next_background_save_copies_into_the_previous_saves_host_buffers():
     third = host_copy({"embed": torch.zeros(3, 3), "moments": [torch.ones(4)]}, staging)
     assert third["embed"].shape == (3, 3) and staging.buffers[0].data_ptr() != buffers[0]
     assert staging.buffers[1].data_ptr() == buffers[1]
+
+
+def test_the_host_copies_are_page_aligned_and_written_with_o_direct(tmp_path):
+    """What the background writer writes (launch/direct_write.py): torch.load reads it back equal, with tied
+    tensors still sharing one storage, for aligned and unaligned storages, views, empty and odd-sized tensors.
+    The aligned storages reach the disk without the bounce buffer."""
+    from seedlm.launch import direct_write
+    from seedlm.launch.checkpoint import HostStaging, host_copy
+
+    weight = torch.randn(1000, 257)  # not a multiple of the block size
+    state = {"embed": weight, "lm_head": weight, "head": weight[3:10], "small": torch.arange(3),
+             "empty": torch.empty(0), "moments": [torch.randn(1 << 20), torch.randn(7)], "step": 12, "name": "x"}
+    staging = HostStaging()
+    staging.start_save()
+    copy = host_copy(state, staging)
+    assert all(b.data_ptr() % direct_write.BLOCK == 0 for b in staging.buffers if b.nbytes())
+    sizes = []
+    original = direct_write.DirectFile.write_all
+
+    def write_all(file, data):
+        sizes.append((len(data), direct_write.address(data) == direct_write.address(file.bounce)))
+        original(file, data)
+
+    direct_write.DirectFile.write_all = write_all
+    try:
+        direct_write.save_direct(copy, tmp_path / "state.pt")
+    finally:
+        direct_write.DirectFile.write_all = original
+    probe = direct_write.DirectFile(tmp_path / "probe")
+    probe.close()
+    if probe.direct:  # this filesystem takes O_DIRECT (ext4 and tmpfs here); otherwise all goes through the bounce
+        assert (4 << 20, False) in sizes  # the 4 MiB moment went from its own buffer
+    loaded = torch.load(tmp_path / "state.pt", weights_only=False)
+    for key, value in flatten(state).items():
+        assert (torch.equal(flatten(loaded)[key], value) if isinstance(value, torch.Tensor)
+                else flatten(loaded)[key] == value), key
+    assert loaded["embed"].untyped_storage().data_ptr() == loaded["lm_head"].untyped_storage().data_ptr()
+    assert (tmp_path / "state.pt").stat().st_size % direct_write.BLOCK != 0  # truncated to its real size
+
+
+def test_old_checkpoints_are_renamed_at_once_and_deleted_in_the_background(tmp_path):
+    """A checkpoint being pruned is never a resume candidate, even half deleted; what an interrupted prune
+    left is deleted by the next one."""
+    from seedlm.launch.checkpoint import complete_checkpoints, find_resume_checkpoint, prune, write_manifest
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        folder = root / f"step_{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / "rank_00000.pt").write_bytes(b"x" * 100)
+        write_manifest(folder)
+    (root / "step_00000000.pruned").mkdir()  # left by a prune that was killed
+    thread = prune(root, keep_last=1, background=True)
+    assert [p.name for p in complete_checkpoints(root)] == ["step_00000006"]  # at once, before the deletion
+    thread.join()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000006"]
+    (root / "step_00000006").rename(root / "step_00000006.pruned")
+    assert find_resume_checkpoint(root) is None
