@@ -11,11 +11,12 @@
         latest                        name of the newest complete step folder, replaced atomically
 
 A save (CheckpointSaver) runs in two halves. Start, at a step boundary on every rank: each rank copies its
-state to host memory (DeepSpeed's own save_checkpoint, its checkpoint engine swapped for one that keeps a
-copy of each file's state instead of writing it) and a background thread writes and fsyncs those files
-into `step_XXXXXXXX.tmp/` while training goes on. Publish, at a later step boundary once every rank's
-thread is done (learnt through a collective from the training thread, never from the writer): rank 0
-writes the manifest, renames the folder and only then replaces `latest`. At most one save is in flight;
+state to page-aligned host buffers (DeepSpeed's own save_checkpoint, its checkpoint engine swapped for one that
+keeps a copy of each file's state instead of writing it) and a background thread writes them with O_DIRECT
+(launch/direct_write.py) and fsyncs them into `step_XXXXXXXX.tmp/` while training goes on. Publish, at a
+later step boundary once every rank's thread is done (learnt through a collective from the training thread,
+never from the writer): rank 0 writes the manifest, renames the folder and only then replaces `latest`; older
+checkpoints beyond keep_last are renamed `*.pruned` and deleted in a thread. At most one save is in flight;
 the next save and the end of the run wait for it. train.async_save=false writes in the training thread.
 A process killed mid-write leaves only a `.tmp` folder: `latest` still names the previous complete
 checkpoint. On resume, a folder whose manifest is missing or whose files do not match it (a truncated
