@@ -67,14 +67,15 @@ def run(a, workdir: Path, corpus: Path, tok: Path, mode: str, index: int) -> dic
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(name, None)  # it would override the modes
+    peak_file = workdir / f"peak_rss_{index}.txt"  # one write per rank (on stderr the lines could interleave)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-f", "peak_rss_kb=%M",
-           sys.executable, "-m", "seedlm.launch.cli", "train", "gated_moe_tiny",
+           f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-a", "-o", str(peak_file),
+           "-f", "peak_rss_kb=%M", sys.executable, "-m", "seedlm.launch.cli", "train", "gated_moe_tiny",
            *[f"{k}={v}" for k, v in fields.items()]]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{mode} run failed:\n{result.stderr[-3000:]}")
-    peaks = [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", result.stderr)]
+    peaks = [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", peak_file.read_text())]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r and r.get("step", 0) > 2]
     return {"peak_rss": max(peaks), "tokens_per_sec": statistics.median(speeds)}

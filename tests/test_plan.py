@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -219,13 +220,15 @@ def peak_rss_per_rank(args: list[str], cwd: Path) -> list[int]:
 
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the run's own setting (train.host_mmap_threshold) is what counts
+    # each rank's line appended to one file in one write (on stderr the two ranks' lines could interleave)
+    peak_file = Path(tempfile.mkdtemp()) / "peak_rss.txt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-f", "peak_rss_kb=%M",
-           sys.executable, "-m", "seedlm.launch.cli", "train", *args]
+           f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-a", "-o", str(peak_file),
+           "-f", "peak_rss_kb=%M", sys.executable, "-m", "seedlm.launch.cli", "train", *args]
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    peaks = [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", result.stderr)]
-    assert len(peaks) == 2, result.stderr[-2000:]
+    peaks = [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", peak_file.read_text())]
+    assert len(peaks) == 2, peak_file.read_text()
     return peaks
 
 
