@@ -8,7 +8,7 @@ training). torch's zip writer hands each tensor's storage to `write()` in one ca
 page-aligned (`aligned_storage`, which the background save's host copies use), the storage goes to the disk
 as it is. Everything else (zip headers, the pickle, unaligned storages) is gathered in an aligned bounce buffer.
 The zip CRC is not computed: miniz's CRC costs about 3 s of CPU per GiB here, torch.load does not need it, and
-the checkpoint manifest (launch/checkpoint.py) checks each file's size. A filesystem without O_DIRECT (tmpfs)
+the checkpoint manifest (launch/checkpoint.py) checks each file's size. A filesystem without O_DIRECT (EINVAL)
 gets the same bytes through a plain buffered write.
 """
 
