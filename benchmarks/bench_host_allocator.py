@@ -53,10 +53,27 @@ def model_fields(smoke: bool) -> dict:
             "model_overrides.moe_intermediate_size": 512, "model_overrides.shared_expert_intermediate_size": 512}
 
 
-def run(a, workdir: Path, corpus: Path, tok: Path, mode: str, index: int) -> dict:
-    """One 2-rank ZeRO-3 run: {"peak_rss": worst rank's bytes, "tokens_per_sec": median after step 2}."""
+def two_rank_train_peak_rss(train_args: list[str], cwd: Path, timeout: float | None = None) -> list[int]:
+    """`seedlm train TRAIN_ARGS` on 2 gloo ranks (one thread each), each rank under /usr/bin/time: each rank's
+    peak RSS in bytes. glibc's own MALLOC_* variables are dropped: the run's settings are what is measured."""
     from seedlm.launch.distributed import free_port
 
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(name, None)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak_rss.txt"  # each rank appends its line in one write (stderr interleaves)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-a", "-o", str(peak_file),
+               "-f", "peak_rss_kb=%M", sys.executable, "-m", "seedlm.launch.cli", "train", *train_args]
+        result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"seedlm train on 2 ranks failed:\n{result.stderr[-4000:]}")
+        return [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", peak_file.read_text())]
+
+
+def run(a, workdir: Path, corpus: Path, tok: Path, mode: str, index: int) -> dict:
+    """One 2-rank ZeRO-3 run: {"peak_rss": worst rank's bytes, "tokens_per_sec": median after step 2}."""
     out = workdir / f"run_{index}"
     fields = {"output_dir": out, "tokenizer.path": tok, "data.sources": f"[{{kind: jsonl, path: {corpus}}}]",
               "data.seq_len": a.seq_len, "data.micro_batch_size": 2, "data.num_workers": 0,
@@ -64,18 +81,7 @@ def run(a, workdir: Path, corpus: Path, tok: Path, mode: str, index: int) -> dic
               "train.eval_interval": 0, "train.log_interval": 1, "train.progress_bar": "false",
               "train.tensorboard": "false", "train.peak_tflops": 1.0, **MODES[mode],
               **model_fields(a.smoke)}
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
-        env.pop(name, None)  # it would override the modes
-    peak_file = workdir / f"peak_rss_{index}.txt"  # one write per rank (on stderr the lines could interleave)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-a", "-o", str(peak_file),
-           "-f", "peak_rss_kb=%M", sys.executable, "-m", "seedlm.launch.cli", "train", "gated_moe_tiny",
-           *[f"{k}={v}" for k, v in fields.items()]]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"{mode} run failed:\n{result.stderr[-3000:]}")
-    peaks = [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", peak_file.read_text())]
+    peaks = two_rank_train_peak_rss(["gated_moe_tiny", *[f"{k}={v}" for k, v in fields.items()]], REPO)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r and r.get("step", 0) > 2]
     return {"peak_rss": max(peaks), "tokens_per_sec": statistics.median(speeds)}

@@ -41,7 +41,7 @@ class DirectFile:
     bounce buffer. close() pads the last block, truncates the file to its real size and fsyncs it."""
 
     def __init__(self, path: os.PathLike):
-        self.path, self.size = path, 0
+        self.size = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         try:
             self.fd, self.direct = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o644), hasattr(os, "O_DIRECT")

@@ -162,7 +162,7 @@ class TorchFile:
 
         pickle_bytes = torch.empty(self.zip.getinfo(pickle_name).file_size, dtype=torch.uint8)
         self.read_record(pickle_name, 0, pickle_bytes)  # not zip.open: background saves write no CRC to check
-        self.root = LazyUnpickler(io.BytesIO(pickle_bytes.numpy().tobytes())).load()
+        self.root = LazyUnpickler(io.BytesIO(pickle_bytes.numpy())).load()
 
     def read_into(self, key: str, byte_offset: int, out: torch.Tensor) -> None:
         self.read_record(f"{self.prefix}data/{key}", byte_offset, out)

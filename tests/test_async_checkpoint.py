@@ -18,6 +18,18 @@ from tests.helpers import tiny_run_overrides, write_tiny_corpus_and_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
+# `seedlm train ARGS` whose disk takes 50 ms per write call: an O_DIRECT write of the test's ~60 MB would
+# otherwise be done in tens of milliseconds, before a loaded machine's poll could see it start
+ON_A_SLOW_DISK = """
+import sys, time
+from seedlm.launch import direct_write
+from seedlm.launch.cli import main
+write_all = direct_write.DirectFile.write_all
+direct_write.DirectFile.write_all = lambda file, data: (time.sleep(0.05), write_all(file, data))[1]
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
 def test_a_kill_during_a_background_write_keeps_latest_on_the_previous_checkpoint(tmp_path):
     corpus, tok = write_tiny_corpus_and_tokenizer(tmp_path)
     run = tmp_path / "run"
@@ -26,7 +38,7 @@ def test_a_kill_during_a_background_write_keeps_latest_on_the_previous_checkpoin
                                                   **{"train.eval_interval": 0, "model_overrides.hidden_size": 256,
                                                      "model_overrides.num_experts": 16})]
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "seedlm.launch.cli", "train", *args], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", ON_A_SLOW_DISK, *args], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     writing = run / "checkpoints" / "step_00000004.tmp" / "ds"
     try:

@@ -3,16 +3,13 @@ activation model against bytes measured for backward (both families, each checkp
 JSON, every mistake refused with what to do, and the plan against the peak memory of real 2-rank runs."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks.bench_host_allocator import two_rank_train_peak_rss
 from seedlm.launch.cli import main as seedlm
 from seedlm.launch.config import TrainConfig, load_run_config, model_config_from_run
 from seedlm.launch.engine import apply_activation_checkpointing
@@ -215,20 +212,10 @@ FIXED_MMAP_THRESHOLD = 1 << 20
 
 
 def peak_rss_per_rank(args: list[str], cwd: Path) -> list[int]:
-    """Max RSS (bytes) of each of 2 gloo ranks of `seedlm train`, each rank under /usr/bin/time."""
-    from seedlm.launch.distributed import free_port
-
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the run's own setting (train.host_mmap_threshold) is what counts
-    # each rank's line appended to one file in one write (on stderr the two ranks' lines could interleave)
-    peak_file = Path(tempfile.mkdtemp()) / "peak_rss.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-a", "-o", str(peak_file),
-           "-f", "peak_rss_kb=%M", sys.executable, "-m", "seedlm.launch.cli", "train", *args]
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    peaks = [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", peak_file.read_text())]
-    assert len(peaks) == 2, peak_file.read_text()
+    """Max RSS (bytes) of each of 2 gloo ranks of `seedlm train`, each rank under /usr/bin/time. The run's own
+    setting (train.host_mmap_threshold) is what counts, not the caller's MALLOC_* variables."""
+    peaks = two_rank_train_peak_rss(args, cwd, timeout=600)
+    assert len(peaks) == 2, peaks
     return peaks
 
 
