@@ -122,9 +122,10 @@ def memory_worker(zero_stage: int, preset: str, vocab: int, out_dir: Path) -> No
     import torch
     from transformers import AutoModelForCausalLM
 
+    from seedlm.launch.distributed import init_distributed
     from seedlm.launch.presets import load_model_config
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # also tears the gloo group down before exit (see its comment)
     config = load_model_config(preset, vocab_size=vocab)
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config)

@@ -96,6 +96,7 @@ def _worker(out_dir):
     import deepspeed
     import torch.distributed as dist
 
+    from seedlm.launch.distributed import init_distributed
     from seedlm.launch.expert_parallel import (
         ExpertParallelError,
         apply_expert_parallel,
@@ -107,7 +108,7 @@ def _worker(out_dir):
         sync_expert_weights_after_load,
     )
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # also tears the gloo group down before exit (see its comment)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = slice(rank * MICRO, (rank + 1) * MICRO)
     results = {}
