@@ -154,8 +154,10 @@ def report(result: dict, peak_flops: float | None = None) -> str:
 def main(argv=None):
     a = parse_args(argv)
     if a.worker:
+        from seedlm.launch.distributed import exit_process
+
         worker(a)
-        return
+        exit_process(0)  # not the interpreter's teardown, where DeepSpeed's gloo groups can abort the rank
     print(report(measure(a)))
 
 

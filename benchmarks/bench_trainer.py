@@ -287,8 +287,10 @@ def report(result: dict, peak_flops: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_worker is not None:
+        from seedlm.launch.distributed import exit_process
+
         memory_worker(args.memory_worker, args.preset, args.vocab, args.memory_out)
-        return 0
+        exit_process(0)  # not the interpreter's teardown, where DeepSpeed's gloo groups can abort the rank
     if args.bare_worker is not None:
         import torch
 

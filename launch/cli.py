@@ -76,5 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     return int(args._run(args) or 0)
 
 
+def console_main() -> None:
+    """The `seedlm` command: main(), then an exit that survives gloo's teardown (launch.distributed.exit_process)."""
+    code = main()
+    distributed = sys.modules.get("seedlm.launch.distributed")  # imported only by commands that may start it
+    if distributed is not None:
+        distributed.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

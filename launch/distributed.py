@@ -12,7 +12,10 @@ import atexit
 import os
 import socket
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -89,6 +92,9 @@ def setup_environment(env=os.environ) -> str:
     return launcher
 
 
+_STARTED = [False]  # init_distributed started the process group in this process (see exit_process)
+
+
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
     import deepspeed
@@ -105,15 +111,38 @@ def init_distributed() -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        # gloo's worker threads torn down at interpreter exit sometimes abort the process ("terminate called
-        # without an active exception", exit -6) after its work is done: destroy the group first
         atexit.register(destroy_process_group)
+        _STARTED[0] = True
     return DistInfo(rank, world_size, local_rank, device, backend, launcher)
 
 
 def destroy_process_group() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """Exit with `code` as Python would, but without the interpreter's final teardown once torch.distributed ran.
+
+    After a DeepSpeed run the gloo process groups outlive destroy_process_group and gc.collect (their worker
+    threads were still running after both, ZeRO-3 on 2 ranks): they are freed in the interpreter's teardown,
+    and a worker thread that wants the GIL then aborts the process ("terminate called without an active
+    exception", exit -6) after a run that succeeded, 1 run in 2-4 of `bench_startup_memory.py --smoke` in CI.
+    So: join the non-daemon threads and run the atexit handlers (which destroy the group and flush the logs)
+    as the interpreter would, flush stdout and stderr, then leave with os._exit.
+    """
+    if not _STARTED[0]:
+        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 def all_ranks_true(flag: bool) -> bool:

@@ -41,4 +41,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from seedlm.launch.distributed import exit_process
+
+    exit_process(main())  # as `seedlm train` exits (launch.cli.console_main)

@@ -354,4 +354,7 @@ def test_optimizer_param_groups_split():
 
 
 if __name__ == "__main__":  # torchrun tests/test_expert_parallel.py OUT_DIR
+    from seedlm.launch.distributed import exit_process
+
     _worker(sys.argv[1])
+    exit_process(0)  # not the interpreter's teardown, where DeepSpeed's gloo groups can abort the rank

@@ -201,3 +201,32 @@ def test_metrics_after_a_resume_read_as_one_history(corpus_and_tokenizer, tmp_pa
     assert [r["step"] for r in history] == [1, 2, 2, 3, 4] and history[2] == raw[4]
     resumed = {r["step"]: r["loss"] for r in history if "loss" in r}
     assert resumed == pytest.approx(first_attempt, rel=1e-6)  # exact resume: the redone steps agree
+
+
+EXITING_CHILD = """
+import atexit, sys, threading, time
+from seedlm.launch.distributed import exit_process, init_distributed
+
+out = sys.argv[1]
+if sys.argv[2] == "distributed":
+    init_distributed()  # a world of one on gloo
+atexit.register(lambda: open(out + ".atexit", "w").write("ran"))
+threading.Thread(target=lambda: (time.sleep(0.5), open(out + ".thread", "w").write("done"))).start()
+print("buffered, not yet flushed", end="")  # stdout into a pipe is block-buffered
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("mode", ["distributed", "plain"])
+def test_exit_process_keeps_what_an_interpreter_exit_does(tmp_path, mode):
+    # seedlm exits through exit_process once torch.distributed ran (see its docstring): the exit code, the
+    # non-daemon threads' work, the atexit handlers and the buffered output must survive it
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    out = tmp_path / "child"
+    result = subprocess.run([sys.executable, "-c", EXITING_CHILD, str(out), mode], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout.endswith("buffered, not yet flushed")  # DeepSpeed may print before it
+    assert (tmp_path / "child.thread").read_text() == "done"
+    assert (tmp_path / "child.atexit").read_text() == "ran"
