@@ -166,7 +166,8 @@ def test_the_host_allocator_cache_reuses_freed_blocks_instead_of_faulting_in_fre
     lines, cache_faults = faults("cache")
     assert lines[0] == "host allocator: glibc keeps freed blocks for reuse (train.host_allocator_cache)"
     assert default_faults > 10 * 16_000  # every block faulted in afresh
-    assert cache_faults < default_faults / 4  # measured: one block's pages over the ten
+    # measured: 1-3 blocks' pages over the ten (a small allocation can land in a freed block and split it)
+    assert cache_faults < default_faults / 2
     env["MALLOC_MMAP_MAX_"] = "4"
     lines, _ = faults("cache")
     assert lines[0] == "host allocator: MALLOC_MMAP_MAX_=4 from the environment"

@@ -39,7 +39,7 @@ def test_the_wheel_holds_only_the_seedlm_package(wheel):
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("seedlm/tests", "seedlm/benchmarks"))]
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "seedlm = seedlm.launch.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "seedlm = seedlm.launch.cli:console_main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_an_installed_wheel_runs_beside_decoy_modules(wheel, tmp_path):

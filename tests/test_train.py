@@ -391,7 +391,10 @@ def test_a_failed_rank_fails_the_launcher_and_the_last_checkpoint_stays_valid(co
     assert len(survivor) == 1, log[-4000:]
     assert "another rank failed first" in survivor[0] and "Root Cause" in survivor[0]
     assert "the last complete checkpoint is" in survivor[0]
-    assert "Traceback" not in log.split("Root Cause")[0].split("torch.distributed.run")[0]
+    # no traceback from the survivor; the killed rank's orphaned loader worker may report its broken connection
+    survivor_log = [line for line in log.split("Root Cause")[0].split("torch.distributed.run")[0].splitlines()
+                    if not line.startswith("[rank1]")]
+    assert "Traceback" not in "\n".join(survivor_log)
     # whatever step the kill interrupted (a save included), `latest` names a complete checkpoint to resume from
     latest = find_resume_checkpoint(run / "checkpoints")
     assert latest is not None and latest.name == (run / "checkpoints" / "latest").read_text().strip()
