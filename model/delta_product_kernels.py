@@ -154,11 +154,20 @@ def recurrent_delta_product(
 # more flops.)
 
 
-def _times_token_rows(M, q_decay, n):
+def _baddbmm(input, b1, b2, beta=1.0, alpha=1.0, out=None):
+    """torch.baddbmm over any number of leading batch dims ([NC, BH, ...] here); flattening them is a view."""
+    flat = lambda t: t.flatten(0, -3) if t.dim() > 3 else t
+    result = torch.baddbmm(flat(input), flat(b1), flat(b2), beta=beta, alpha=alpha,
+                           out=flat(out) if out is not None else None)
+    return result.view(*b1.shape[:-1], b2.shape[-1])
+
+
+def _times_token_rows(M, q_decay, n, in_place=False):
     """M [.., C, C] times q_decay [.., Ct, C] repeated to the n_h rows of each token, without the repeated copy."""
-    if n == 1:
-        return M * q_decay
-    return (M.unflatten(-2, (-1, n)) * q_decay.unsqueeze(-2)).flatten(-3, -2)
+    rows = M.unflatten(-2, (-1, n)) if n > 1 else M
+    decay = q_decay.unsqueeze(-2) if n > 1 else q_decay
+    out = rows.mul_(decay) if in_place else rows * decay
+    return out.flatten(-3, -2) if n > 1 else out
 
 
 def _intra_chunk(q, k, v, beta, g, n):
@@ -173,6 +182,9 @@ def _intra_chunk(q, k, v, beta, g, n):
     # query of token i reads the state after all n_h steps of token i: positions j with j // n <= i
     sees = (torch.arange(C, device=dev)[None, :] // n) <= torch.arange(Ct, device=dev)[:, None]  # [Ct, C]
     x = {"kb": k * beta.unsqueeze(-1), "rv": v * beta.unsqueeze(-1)}  # beta_i k_i, beta_i v_i
+    # the matmul results are scaled in place where no autograd graph is recorded (the recompute path): autograd
+    # would keep a copy of each original, which the path without recompute must not add to its saved bytes
+    in_place = not torch.is_grad_enabled()
     kt = k.transpose(-1, -2)
     # solve_triangular(upper=False, unitriangular=True) reads only the strictly lower triangle, so A's
     # upper triangle and diagonal need no masking (and get no gradient)
@@ -183,16 +195,16 @@ def _intra_chunk(q, k, v, beta, g, n):
         gk = gq.repeat_interleave(n, dim=-1) if n > 1 else gq  # [NC, BH, C] same for a token's n_h positions
         glast = gq[..., -1:]  # [NC, BH, 1]
         # differences of cumulative sums are <= 0 where unmasked; mask to -inf before exp so nothing overflows
-        x["q_decay"] = (gq.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill(~sees, float("-inf")).exp()  # [Ct, C]
-        A = _times_token_rows(A, x["q_decay"], n)  # row i of A decays like token i // n
-        Aq = Aq * x["q_decay"]
+        x["q_decay"] = (gq.unsqueeze(-1) - gk.unsqueeze(-2)).masked_fill_(~sees, float("-inf")).exp_()  # [Ct, C]
+        A = _times_token_rows(A, x["q_decay"], n, in_place=in_place)  # row i of A decays like token i // n
+        Aq = Aq.mul_(x["q_decay"]) if in_place else Aq * x["q_decay"]
         x["exp_gk"], x["exp_gq"] = gk.exp().unsqueeze(-1), gq.exp().unsqueeze(-1)  # [.., C, 1], [.., Ct, 1]
         x["exp_rest"] = (glast - gk).exp().unsqueeze(-1)  # [.., C, 1] decay from position j to the chunk end
         x["rk"] = x["kb"] * x["exp_gk"]
         x["qd"], x["kd"] = q * x["exp_gq"], k * x["exp_rest"]
         x["chunk_decay"] = glast.exp().unsqueeze(-1)  # [NC, BH, 1, 1]
     else:
-        Aq = Aq.masked_fill(~sees, 0.0)
+        Aq = Aq.masked_fill_(~sees, 0.0) if in_place else Aq.masked_fill(~sees, 0.0)
         x["rk"], x["qd"], x["kd"], x["chunk_decay"] = x["kb"], q, k, None
     x["sees"], x["A"], x["Aq"] = sees, A, Aq
     # Tm = (I + tril(A, -1))^-1 by a unit lower-triangular solve, then U = Tm beta V, W = Tm beta exp(gamma) K.
@@ -209,20 +221,39 @@ def _state_scan(x, S0, resets, captures):
 
     S0 [BH, K, V]; resets {chunk: state [BH, K, V]} replace the carried state at document starts; captures
     {chunk: key} record the state after that chunk. Returns (S_starts [NC, BH, K, V], Vn [NC, BH, C, V],
-    {key: state}, state after the last chunk).
+    {key: state}, state after the last chunk). Without autograd each chunk writes straight into its slot of the
+    two outputs; autograd (the path without _RECOMPUTE_IN_BACKWARD) cannot record out= writes, so it stacks.
     """
-    U, W, kdt, dec = x["U"].unbind(0), x["W"].unbind(0), x["kd"].transpose(-1, -2).unbind(0), x["chunk_decay"]
-    S, starts, news, finals = S0, [], [], {}
-    for c in range(len(U)):
+    U, W, kdt, dec = x["U"], x["W"], x["kd"].transpose(-1, -2), x["chunk_decay"]
+    if torch.is_grad_enabled():
+        S, starts, news, finals = S0, [], [], {}
+        for c in range(len(U)):
+            S = resets.get(c, S)
+            starts.append(S)
+            news.append(torch.baddbmm(U[c], W[c], S, alpha=-1.0))
+            S = torch.baddbmm(S * dec[c] if dec is not None else S, kdt[c], news[c])
+            if c in captures:
+                finals[captures[c]] = S
+        return torch.stack(starts), torch.stack(news), finals, S
+    NC, BH, C, V = U.shape
+    K = W.shape[-1]
+    states = U.new_empty(NC + 1, BH, K, V)  # states[c]: entering chunk c; states[NC]: after the last one
+    news = torch.empty_like(U)  # [NC, BH, C, V]
+    states[0] = S0
+    finals = {}
+    for c in range(NC):
         if c in resets:
-            S = resets[c]
-        starts.append(S)
-        vn = torch.baddbmm(U[c], W[c], S, alpha=-1.0)  # [BH, C, V] what the delta rule writes
-        news.append(vn)
-        S = torch.baddbmm(S * dec[c] if dec is not None else S, kdt[c], vn)
+            states[c] = resets[c]
+        torch.baddbmm(U[c], W[c], states[c], alpha=-1.0, out=news[c])  # [BH, C, V] what the delta rule writes
+        if dec is not None:
+            torch.mul(states[c], dec[c], out=states[c + 1])
+            states[c + 1].baddbmm_(kdt[c], news[c])
+        else:
+            torch.baddbmm(states[c], kdt[c], news[c], out=states[c + 1])
         if c in captures:
-            finals[captures[c]] = S
-    return torch.stack(starts), torch.stack(news), finals, S
+            # a copy: a later reset may overwrite this slot, and the caller keeps it past this block
+            finals[captures[c]] = states[c + 1].clone()
+    return states[:NC], news, finals, states[NC].clone()  # a copy: a view would keep the whole buffer alive
 
 
 def _merge_heads(q, k, v, beta, g):
@@ -230,13 +261,14 @@ def _merge_heads(q, k, v, beta, g):
     return [x.flatten(1, 2) if x is not None else None for x in (q, k, v, beta, g)]
 
 
-def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
+def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures, out=None):
     """Chunk math on pre-chunked, chunk-major inputs.
 
     q [NC, B, H, Ct, K] (already scaled); k [NC, B, H, C, K]; v [NC, B, H, C, V]; beta [NC, B, H, C];
     g [NC, B, H, Ct] or None. S0: state entering chunk 0 [B, H, K, V]. resets: {chunk: state} replaces
     the carried state at document starts; captures: {chunk: key} records the state after that chunk.
-    Returns (o [NC, B, H, Ct, V], {key: state [B, H, K, V]}, state after the last chunk [B, H, K, V]).
+    Returns (o [NC, B, H, Ct, V], {key: state [B, H, K, V]}, state after the last chunk [B, H, K, V]);
+    o is written into `out` (contiguous, o's shape) when given.
     """
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
@@ -245,18 +277,19 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures):
     S_starts, Vn, finals, S = _state_scan(
         x, merged(S0), {c: merged(s) for c, s in resets.items()}, captures)
     o = torch.baddbmm(torch.bmm(x["Aq"].flatten(0, 1), Vn.flatten(0, 1)), x["qd"].flatten(0, 1),
-                      S_starts.flatten(0, 1))
+                      S_starts.flatten(0, 1), out=out.flatten(0, 2) if out is not None else None)
     unmerged = lambda S: S.view(B, H, K, V)
     return o.view(NC, B, H, Ct, V), {key: unmerged(s) for key, s in finals.items()}, unmerged(S)
 
 
-def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captured):
+def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captured, out):
     """Gradients of _chunk_scan, written out (no autograd): one block's intermediates are recomputed from
     its inputs and entry state, then the state gradient runs back chunk by chunk and the rest is batched.
 
     d_o [NC, B, H, Ct, V]; d_S_last: gradient of the state after the last chunk [B, H, K, V]; d_captured
-    {chunk: gradient of that captured state}. Returns (dq, dk, dv, dbeta, dg or None, dS0, {chunk: d reset})
-    in the shapes of the inputs.
+    {chunk: gradient of that captured state}. The gradients of q, k, v, beta and g are written into `out`,
+    contiguous tensors in the inputs' shapes (this block's slice of the whole gradient, so that no
+    concatenation follows; None for g=None). Returns (dS0, {chunk: d reset}).
     """
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
@@ -284,7 +317,8 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
             dS = torch.zeros_like(dS)
 
     # everything else, all chunks at once
-    dW = -(dVn @ S_starts.transpose(-1, -2))  # [NC, BH, C, K]
+    # baddbmm with beta=0 ignores its (uninitialised) input: a product and its sign in one pass
+    dW = _baddbmm(torch.empty_like(W), dVn, S_starts.transpose(-1, -2), beta=0.0, alpha=-1.0)  # [NC, BH, C, K]
     dAq = dO @ Vn.transpose(-1, -2)  # [NC, BH, Ct, C]
     dqd = dO @ S_starts.transpose(-1, -2)  # [NC, BH, Ct, K]
     dkd = Vn @ dS1.transpose(-1, -2)  # [NC, BH, C, K]
@@ -292,19 +326,21 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
     drv, drk = Tmt @ dVn, Tmt @ dW  # U = Tm rv, W = Tm rk
     # Tm = (I + L)^-1, L the strictly lower part of A: dL = -Tm^T dTm Tm^T with dTm = dU rv^T + dW rk^T,
     # which is -(drv U^T + drk W^T): two matmuls instead of four
-    dA = (drv @ x["U"].transpose(-1, -2) + drk @ W.transpose(-1, -2)).tril_(-1).neg_()
+    dA = _baddbmm(drv @ x["U"].transpose(-1, -2), drk, W.transpose(-1, -2), beta=-1.0, alpha=-1.0).tril_(-1)
     if g is not None:
         dE, dAq_raw = _times_token_rows(dA, x["q_decay"], n), dAq * x["q_decay"]
     else:
         dE, dAq_raw = dA, dAq.masked_fill(~x["sees"], 0.0)
     kb = x["kb"]
-    dkb = dE @ k + (drk * x["exp_gk"] if g is not None else drk)
-    dk = dE.transpose(-1, -2) @ kb + dAq_raw.transpose(-1, -2) @ q + dkb * beta.unsqueeze(-1)
-    dk = dk + (dkd * x["exp_rest"] if g is not None else dkd)
-    dq = dAq_raw @ k + (dqd * x["exp_gq"] if g is not None else dqd)
-    dv = drv * beta.unsqueeze(-1)
-    dbeta = (drv * v).sum(-1) + (dkb * k).sum(-1)
-    dg = None
+    dq, dk, dv, dbeta, dg = (t.flatten(1, 2) if t is not None else None for t in out)  # views, B and H merged
+    # the sums below accumulate into the first term's buffer (baddbmm out=, addcmul_): no pass per addition
+    dkb = _baddbmm(drk * x["exp_gk"] if g is not None else drk, dE, k)
+    _baddbmm(dkb * beta.unsqueeze(-1), dE.transpose(-1, -2), kb, out=dk)
+    _baddbmm(dk, dAq_raw.transpose(-1, -2), q, out=dk)
+    dk.addcmul_(dkd, x["exp_rest"]) if g is not None else dk.add_(dkd)
+    _baddbmm(dqd * x["exp_gq"] if g is not None else dqd, dAq_raw, k, out=dq)
+    torch.mul(drv, beta.unsqueeze(-1), out=dv)
+    torch.add((drv * v).sum(-1), (dkb * k).sum(-1), out=dbeta)
     if g is not None:
         # log-space decays: each factor exp(a - b) passes (gradient * value) to a and minus that to b
         Mq, Ma = dAq * Aq, dA * x["A"]
@@ -313,9 +349,8 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
         dgq = Mq.sum(-1) + (dqd * x["qd"]).sum(-1) + dgk.view(NC, B * H, Ct, n).sum(-1)
         dglast = to_end.sum(-1) + (dS1 * S_starts).sum((-1, -2)) * dec.view(NC, B * H)
         dgq[..., -1] += dglast
-        dg = dgq.flip(-1).cumsum(-1).flip(-1)  # gq = cumsum(g)
-    unmerged = lambda x: x.view(NC, B, H, *x.shape[2:]) if x is not None else None
-    return (*(unmerged(x) for x in (dq, dk, dv, dbeta, dg)), dS.view(B, H, K, V), d_resets)
+        dg.copy_(dgq.flip(-1).cumsum(-1).flip(-1))  # gq = cumsum(g)
+    return dS.view(B, H, K, V), d_resets
 
 
 # On CPU, chunks are processed in blocks whose intermediates fit in cache: one pass over the whole
@@ -379,19 +414,19 @@ class _RecomputedScan(torch.autograd.Function):
         block = _block_size(chunks)
         resets = dict(zip(reset_chunks, reset_states))
         captures = {c: i for i, c in enumerate(capture_chunks)}
-        outs, finals, entry_states, S = [], {}, [], S0
-        for i, piece in enumerate(_split_blocks(chunks, block)):
+        NC, B, H, Ct, _ = q.shape
+        o = q.new_empty(NC, B, H, Ct, v.shape[-1])  # each block writes its slice: no concatenation
+        finals, entry_states, S = {}, [], S0
+        for i, (piece, o_piece) in enumerate(zip(_split_blocks(chunks, block), o.split(block, dim=0))):
             lo, hi = i * block, (i + 1) * block
             entry_states.append(S)
-            o, f, S = _chunk_scan(*piece, n, S, _local(resets, lo, hi), _local(captures, lo, hi))
-            outs.append(o)
+            _, f, S = _chunk_scan(*piece, n, S, _local(resets, lo, hi), _local(captures, lo, hi), out=o_piece)
             finals.update(f)
         ctx.n, ctx.block, ctx.reset_chunks, ctx.capture_chunks = n, block, reset_chunks, capture_chunks
         ctx.has_g = g is not None
         # g=None cannot be saved; an empty tensor stands in for it
         ctx.save_for_backward(q, k, v, beta, g if g is not None else q.new_empty(0), torch.stack(entry_states),
                               *reset_states)
-        o = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         return (o, *(finals[i] for i in range(len(capture_chunks))))
 
     @staticmethod
@@ -401,7 +436,10 @@ class _RecomputedScan(torch.autograd.Function):
         block = ctx.block
         pieces = _split_blocks((q, k, v, beta, g), block)
         d_o_pieces = d_o.split(block, dim=0)
-        grads = [[None] * len(pieces) for _ in range(5)]  # per input, per block
+        # each block writes its slice of the whole gradients (contiguous, in the inputs' shapes)
+        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if x is not None else None
+                 for x in (q, k, v, beta, g)]
+        grad_pieces = _split_blocks(grads, block)
         d_resets = [None] * len(reset_states)
         dS = torch.zeros_like(entry_states[0])  # nothing reads the state after the last chunk
         for i in reversed(range(len(pieces))):
@@ -409,15 +447,12 @@ class _RecomputedScan(torch.autograd.Function):
             resets = {c - lo: j for j, c in enumerate(ctx.reset_chunks) if lo <= c < hi}
             captured = {c - lo: d_captured[j] for j, c in enumerate(ctx.capture_chunks)
                         if lo <= c < hi and d_captured[j] is not None}
-            *piece_grads, dS, d_local_resets = _chunk_scan_backward(
+            dS, d_local_resets = _chunk_scan_backward(
                 *pieces[i], ctx.n, entry_states[i], {c: reset_states[j] for c, j in resets.items()},
-                d_o_pieces[i], dS, captured)
-            for j, grad in enumerate(piece_grads):
-                grads[j][i] = grad
+                d_o_pieces[i], dS, captured, grad_pieces[i])
             for c, j in resets.items():
                 d_resets[j] = d_local_resets[c]
-        d_inputs = [torch.cat(gs, dim=0) if gs[0] is not None else None for gs in grads]
-        return (None, None, None, *d_inputs, dS, *d_resets)
+        return (None, None, None, *grads, dS, *d_resets)
 
 
 def _scan(chunks, n, S0, resets, captures):
