@@ -302,19 +302,22 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
 
     # state gradient, last chunk first: o = Qd S0 + Aq Vn, Vn = U - W S0, S1 = decay S0 + Kd^T Vn
     dVn = Aq.transpose(-1, -2) @ dO  # [NC, BH, C, V], the o part; the S1 part is added in the loop
-    dS_from_o = x["qd"].transpose(-1, -2) @ dO  # [NC, BH, K, V]
-    dS1 = torch.empty_like(S_starts)  # gradient of the state after each chunk
-    dS, d_resets = merged(d_S_last), {}
+    # dS[c]: gradient of the state entering chunk c, so dS[c + 1] is that of the state after it. It starts as
+    # the o part and each chunk adds the rest in place: three ops per chunk, no copies
+    dS = S_starts.new_empty(NC + 1, *S_starts.shape[1:])  # [NC + 1, BH, K, V]
+    _baddbmm(dS[:NC], x["qd"].transpose(-1, -2), dO, beta=0.0, out=dS[:NC])
+    dS[NC] = merged(d_S_last)
+    d_resets = {}
     for c in reversed(range(NC)):
         if c in d_captured:
-            dS = dS + merged(d_captured[c])
-        dS1[c] = dS
-        dVn[c].baddbmm_(kd[c], dS)  # in place: dVn and dS_from_o are this function's own buffers
-        dS_carried = dS * dec[c] if dec is not None else dS
-        dS = dS_from_o[c].baddbmm_(W[c].transpose(-1, -2), dVn[c], alpha=-1.0).add_(dS_carried)
+            dS[c + 1] += merged(d_captured[c])
+        dVn[c].baddbmm_(kd[c], dS[c + 1])
+        dS[c].baddbmm_(W[c].transpose(-1, -2), dVn[c], alpha=-1.0)
+        dS[c].addcmul_(dS[c + 1], dec[c]) if dec is not None else dS[c].add_(dS[c + 1])
         if c in resets:  # the state entering this chunk was the reset state, not the carried one
-            d_resets[c] = dS.view(B, H, K, V)
-            dS = torch.zeros_like(dS)
+            d_resets[c] = dS[c].clone().view(B, H, K, V)
+            dS[c].zero_()
+    dS1, dS = dS[1:], dS[0].clone()  # after each chunk; entering the block (a copy frees the buffer)
 
     # everything else, all chunks at once
     # baddbmm with beta=0 ignores its (uninitialised) input: a product and its sign in one pass
