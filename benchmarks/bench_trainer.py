@@ -125,7 +125,7 @@ def memory_worker(zero_stage: int, preset: str, vocab: int, out_dir: Path) -> No
     from seedlm.launch.distributed import init_distributed
     from seedlm.launch.presets import load_model_config
 
-    init_distributed()  # also tears the gloo group down before exit (see its comment)
+    init_distributed()  # seedlm's start of the group, which exit_process below relies on
     config = load_model_config(preset, vocab_size=vocab)
     torch.manual_seed(0)
     net = AutoModelForCausalLM.from_config(config)

@@ -92,11 +92,12 @@ def setup_environment(env=os.environ) -> str:
     return launcher
 
 
-_STARTED = [False]  # init_distributed started the process group in this process (see exit_process)
+_started_here = False  # init_distributed started the process group in this process (see exit_process)
 
 
 def init_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA)."""
+    global _started_here
     import deepspeed
 
     launcher = setup_environment()
@@ -112,7 +113,7 @@ def init_distributed() -> DistInfo:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         atexit.register(destroy_process_group)
-        _STARTED[0] = True
+        _started_here = True
     return DistInfo(rank, world_size, local_rank, device, backend, launcher)
 
 
@@ -131,7 +132,7 @@ def exit_process(code: int) -> NoReturn:
     So: join the non-daemon threads and run the atexit handlers (which destroy the group and flush the logs)
     as the interpreter would, flush stdout and stderr, then leave with os._exit.
     """
-    if not _STARTED[0]:
+    if not _started_here:
         sys.exit(code)
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:

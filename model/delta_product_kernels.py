@@ -317,7 +317,7 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
         if c in resets:  # the state entering this chunk was the reset state, not the carried one
             d_resets[c] = dS[c].clone().view(B, H, K, V)
             dS[c].zero_()
-    dS1, dS = dS[1:], dS[0].clone()  # after each chunk; entering the block (a copy frees the buffer)
+    dS1, dS = dS[1:], dS[0].clone()  # after each chunk; entering the block (returned: a copy, not a view)
 
     # everything else, all chunks at once
     # baddbmm with beta=0 ignores its (uninitialised) input: a product and its sign in one pass

@@ -108,7 +108,7 @@ def _worker(out_dir):
         sync_expert_weights_after_load,
     )
 
-    init_distributed()  # also tears the gloo group down before exit (see its comment)
+    init_distributed()  # seedlm's start of the group, which exit_process below relies on
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = slice(rank * MICRO, (rank + 1) * MICRO)
     results = {}
