@@ -124,7 +124,8 @@ def worker(a) -> None:
             boundary.append(time.perf_counter() - t0)
         barrier()
         write = trainer.saver.write_seconds[written:] if trainer.saver else []
-        return {"steps": steps, "boundary": boundary, "write": write}
+        write_cpu = trainer.saver.write_cpu_seconds[written:] if trainer.saver else []
+        return {"steps": steps, "boundary": boundary, "write": write, "write_cpu": write_cpu}
 
     rounds = []
     for _ in range(a.rounds):
@@ -224,12 +225,13 @@ def report(result: dict, peak_flops: float | None = None) -> str:
              "save-call seconds - as many steps at the no-save segment's median step) / saves, within a round; "
              "min / median / max over the rounds. Boundary: how long each save call held the training loop (for "
              "the background save, the host copy); write: how long the background writer took to write and fsync "
-             "the files. Load average (1 min) at the start and the end: "
+             "the files, and the CPU (user + system) its thread used meanwhile, which training lost at most to it "
+             "when the cores are shared. Load average (1 min) at the start and the end: "
              + " / ".join(f"{x:.1f}" for x in result["load_average"]) + ".", "",
              "| ranks, ZeRO | state per save | step (no save) | lost per save: synchronous, torch.save | "
-             "synchronous, O_DIRECT | background | boundary, background | write, background | "
+             "synchronous, O_DIRECT | background | boundary, background | write, background | writer CPU, background | "
              "background / synchronous O_DIRECT | background / synchronous torch.save |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     goals = []
     for job in jobs:
         lost = {mode: lost_per_save(job, mode, a["saves"]) for mode in MODES if mode != "none"}
@@ -238,10 +240,12 @@ def report(result: dict, peak_flops: float | None = None) -> str:
         step = statistics.median(statistics.median(r["none"]["steps"]) for r in job["rounds"])
         boundary = Spread.of(statistics.median(r["background"]["boundary"][:-1]) for r in job["rounds"])
         write = Spread.of(statistics.median(r["background"]["write"]) for r in job["rounds"])
+        write_cpu = Spread.of(statistics.median(r["background"]["write_cpu"]) for r in job["rounds"])
         where = f"{job['ranks']} rank{'s' * (job['ranks'] > 1)}, ZeRO {job['zero_stage']}"
         seconds = [Spread.of(lost[mode]).format("{:.2f}", " s") for mode in ("sync_torch_save", "sync", "background")]
         lines.append(f"| {where} | {job['state_bytes'] / 2**30:.2f} GiB | {step:.2f} s | " + " | ".join(seconds)
                      + f" | {boundary.format('{:.2f}', ' s')} | {write.format('{:.1f}', ' s')} "
+                     f"| {write_cpu.format('{:.2f}', ' s')} "
                      f"| {ratio.format('{:.2f}', 'x')} | {ratio_torch.format('{:.2f}', 'x')} |")
         goals.append(f"{where}: " + goal("background / synchronous O_DIRECT", ratio, "<=", GOAL, "{:.2f}", "x")
                      + "; " + goal("background / synchronous torch.save", ratio_torch, "<=", GOAL, "{:.2f}", "x"))

@@ -280,6 +280,7 @@ class PendingSave:
         self.step, self.tmp, self.final, self.trainer_state = step, tmp, final, trainer_state
         self.error: BaseException | None = None
         self.write_seconds = 0.0  # how long the write and fsync took (benchmarks/bench_checkpoint_save.py)
+        self.write_cpu_seconds = 0.0  # and the CPU the writing thread used meanwhile, user + system
         self.thread = None
         if background:
             self.thread = threading.Thread(target=self.write, args=(files,), name=f"seedlm-save-{step}", daemon=True)
@@ -291,12 +292,12 @@ class PendingSave:
         # At normal priority: an O_DIRECT write costs the CPU almost nothing, the thread mostly waits for the disk,
         # and at nice 19 each wake-up waited behind training's threads (3.3 s instead of 1.3 s for 2.4 GiB, so the
         # next save waited for it; bench_checkpoint_save.py)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         try:
             write_and_fsync(files)
         except (OSError, RuntimeError) as err:  # a full disk; torch.save says "iostream error"
             self.error = err
-        self.write_seconds = time.perf_counter() - start
+        self.write_seconds, self.write_cpu_seconds = time.perf_counter() - start, time.thread_time() - cpu_start
 
     def done(self) -> bool:
         return self.thread is None or not self.thread.is_alive()
@@ -316,6 +317,7 @@ class CheckpointSaver:
         self.staging = HostStaging() if background else None
         self.pruning: threading.Thread | None = None  # rank 0: the deletion of old checkpoints in flight
         self.write_seconds: list[float] = []  # per published save, how long its write took
+        self.write_cpu_seconds: list[float] = []  # per published save, the CPU its write used
 
     def save(self, step: int, engine, trainer_state: dict, rank_state: dict, save_model_files,
              save_hf_folder=None) -> None:
@@ -364,6 +366,7 @@ class CheckpointSaver:
             return None
         pending.join()
         self.write_seconds.append(pending.write_seconds)
+        self.write_cpu_seconds.append(pending.write_cpu_seconds)
 
         def check_written():
             if pending.error is not None:
