@@ -150,3 +150,26 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+def plot_heldout_curves(curves: dict[str, list[tuple[int, float]]], out_png: Path, title: str = "") -> Path:
+    """Held-out loss against step for several runs ({label: [(step, eval_loss), ...]}), as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in curves.items():
+        ax.plot(*zip(*points), "o-", markersize=3, linewidth=1, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png

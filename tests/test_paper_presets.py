@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from seedlm.launch.cli import main as seedlm
+from seedlm.launch.commands.report import fall_over_last_quarter
 from seedlm.launch.config import load_run_config
 from seedlm.launch.presets import build_model_config
 from tests.helpers import tiny_run_overrides, write_tiny_corpus_and_tokenizer
@@ -34,8 +35,8 @@ def test_gate_presets_differ_only_in_the_gate_and_the_lr():
         saves = run["train"].pop("max_steps"), run["train"].pop("save_interval"), run["train"].pop("keep_last")
         if path.stem.endswith("_lr_high"):  # the stability pair: 400 steps, saved at its end
             assert saves == (400, 400, 2)
-        else:  # every 250 steps, all kept: the sink statistics by step
-            assert saves == (1000, 250, 4)
+        else:  # every 1000 steps, all kept: the sink statistics by step
+            assert saves == (4000, 1000, 4)
         assert run["model"]["num_experts"] == 0 and run["data"]["sources"] == ["stdlib"]
         rest.append(run)
     assert rows == {"none": ("none", 3e-3), "headwise": ("headwise", 3e-3), "elementwise": ("elementwise", 3e-3),
@@ -64,6 +65,8 @@ def runs(tmp_path_factory):
     steps): {name: folder}."""
     root = tmp_path_factory.mktemp("paper")
     corpus, tok = write_tiny_corpus_and_tokenizer(root)
+    cache = pytest.MonkeyPatch()
+    cache.setenv("SEEDLM_DATA_CACHE", str(root / "data_cache"))  # the gated-attention presets prepare their data
     folders = {}
     jobs = [(p, p.stem, {}) for p in GATE_PRESETS + LENGTH_PRESETS]
     jobs.append((PAPER / "gated_attention" / "none.yaml", "none_seed1", {"train.seed": 1, "train.save_interval": 1}))
@@ -73,6 +76,7 @@ def runs(tmp_path_factory):
             "train.eval_interval": 2, "train.save_interval": 2, "train.eval_batches": 1, **TINY_MODEL, **extra})
         assert seedlm(["train", str(preset), *args]) == 0, name
         folders[name] = out
+    cache.undo()
     return folders
 
 
@@ -80,17 +84,26 @@ def test_gated_attention_report_prints_a_row_per_variant_with_seeds(runs, capsys
     names = ["none", "none_seed1", "headwise", "elementwise", "none_lr_high", "elementwise_lr_high"]
     capsys.readouterr()
     assert seedlm(["report", "gated-attention", *(str(runs[n]) for n in names), "--num-sequences", "4",
-                   "--output", str(tmp_path / "rows.json")]) == 0
+                   "--output", str(tmp_path / "rows.json"), "--plot", str(tmp_path / "heldout.png")]) == 0
     table = capsys.readouterr().out.splitlines()
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table if line.startswith("| ")}
     assert set(rows) >= {"none", "headwise", "elementwise", "none_lr_high", "elementwise_lr_high"}
     assert rows["none"][1:4] == ["none", "0.003", "0, 1"]
     assert rows["elementwise_lr_high"][1:3] == ["elementwise", "0.03"]
     assert "(" in rows["none"][4] and "(" not in rows["headwise"][4]  # two seeds: mean (min-max)
-    assert len(rows["headwise"][7].split(" / ")) == 2  # one share per layer
+    assert rows["none"][5] == "0.000 (0.000-0.000)"  # one eval per run: nothing fell
+    assert len(rows["headwise"][8].split(" / ")) == 2  # one share per layer
+    assert (tmp_path / "heldout.png").stat().st_size > 0
     saved = {r["variant"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
     assert saved["none"]["seeds"] == [0, 1]
     assert all(0 <= s <= 1 for s in saved["none"]["first_token_attention_per_layer"][0])
+
+
+def test_fall_over_last_quarter_starts_from_the_last_eval_at_three_quarters():
+    evals = [(250, 5.0), (500, 4.5), (750, 4.2), (1000, 4.1)]
+    assert fall_over_last_quarter(evals) == pytest.approx(0.1)  # from step 750
+    assert fall_over_last_quarter([(300, 5.0), (800, 4.4), (1000, 4.0)]) == pytest.approx(1.0)  # from step 300
+    assert fall_over_last_quarter([(1000, 4.0)]) == 0.0  # one eval: nothing to compare
 
 
 def test_gated_attention_report_by_step_reads_every_kept_checkpoint(runs, capsys):

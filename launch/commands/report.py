@@ -8,10 +8,12 @@ table gives their mean and min-max. Every number is measured on the run's own he
 holdout_fraction, as in training) with the run's own tokenizer, on its latest checkpoint (as `seedlm eval`).
 A folder that is not a finished text run, or data without a held-out split, is refused (exit 2).
 
-gated-attention: held-out loss (the run's last logged eval_loss), the largest finite gradient norm of the run
+gated-attention: held-out loss (the run's last logged eval_loss) and how much it fell over the last quarter of
+  the run's steps (whether it has flattened), the largest finite gradient norm of the run
   (before clipping: training stability), the first token's attention share and the largest activation of the
   residual stream (eval/attention_sinks.py), mean over layers and per layer, on held-out documents from their
-  start ([bos] + the first seq_len - 1 tokens: position 0 is a document start, as in training).
+  start ([bos] + the first seq_len - 1 tokens: position 0 is a document start, as in training); --plot: the
+  held-out loss of every run against step.
 length-extrapolation: held-out loss by position up to --max-length (eval/length_extrapolation.py) on held-out
   documents concatenated as in training ([bos] doc [eos] ...), the mean over positions (7/8 p, p] at each of
   --positions, and one PNG of all variants.
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=4096, help="length-extrapolation: tokens per sequence")
     parser.add_argument("--positions", default="256,1024,4096",
                         help="length-extrapolation: the table's positions (comma-separated, <= --max-length)")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="length-extrapolation: loss-by-position plot")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="length-extrapolation: loss by position; gated-attention: held-out loss by step")
     parser.add_argument("--smooth", type=int, default=None, metavar="N",
                         help="length-extrapolation: the plot averages N neighbouring positions (a position's loss "
                              "over a few held-out sequences mostly follows their text); None: --max-length / 32")
@@ -72,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"seedlm report: {err}", file=sys.stderr)
         return 2
     print(table, end="")
+    if args.kind == "gated-attention" and args.plot:
+        from seedlm.launch.metrics import plot_heldout_curves
+
+        curves = {f"{r['variant']} seed {seed}": curve for r in rows for seed, curve in zip(r["seeds"], r["curves"])}
+        print(f"wrote {plot_heldout_curves(curves, Path(args.plot), title='held-out loss by step')}")
     if args.kind == "length-extrapolation" and args.plot:
         from seedlm.eval.length_extrapolation import plot_loss_by_position
 
@@ -192,9 +200,10 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
     from seedlm.eval.attention_sinks import attention_sink_stats
 
     row = {"variant": name, "runs": [str(m["dir"]) for m in members], "seeds": [], "heldout_loss": [],
-           "max_grad_norm": [], "first_token_attention_per_layer": [], "max_activation_per_layer": []}
+           "heldout_drop_last_quarter": [], "curves": [], "max_grad_norm": [], "first_token_attention_per_layer": [],
+           "max_activation_per_layer": []}
     for m in members:
-        evals = [r["eval_loss"] for r in m["metrics"] if "eval_loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in m["metrics"] if "eval_loss" in r]
         if not evals:
             raise ReportError(f"{m['dir']} logged no held-out loss (train.eval_interval=0?)")
         model, tokenizer = load_model(m, args)
@@ -202,7 +211,9 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
         if not stats["attention_layers"]:
             raise ReportError(f"{m['dir']}: {model.config.model_type} has no attention layers: no attention sinks")
         row["seeds"].append(m["config"]["train"]["seed"])
-        row["heldout_loss"].append(evals[-1])
+        row["heldout_loss"].append(evals[-1][1])
+        row["heldout_drop_last_quarter"].append(fall_over_last_quarter(evals))
+        row["curves"].append(evals)
         norms = [r["grad_norm"] for r in m["metrics"] if math.isfinite(r.get("grad_norm") or math.nan)]
         row["max_grad_norm"].append(max(norms, default=math.nan))  # training stability
         row["first_token_attention_per_layer"].append(stats["first_token_attention_per_layer"])
@@ -211,16 +222,25 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
     return row
 
 
+def fall_over_last_quarter(evals: list[tuple[int, float]]) -> float:
+    """How much the held-out loss fell from the last eval at or before 3/4 of the last eval's step (the first
+    eval if none is that early) to the last eval: near 0 once the loss has flattened."""
+    quarter = max((e for e in evals if e[0] <= 0.75 * evals[-1][0]), default=evals[0], key=lambda e: e[0])
+    return quarter[1] - evals[-1][1]
+
+
 def gated_attention_table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         share = [sum(v) / len(v) for v in r["first_token_attention_per_layer"]]
         act = [max(v) for v in r["max_activation_per_layer"]]
         lines.append([r["variant"], r["gate"], f"{r['lr']:g}", ", ".join(map(str, r["seeds"])),
-                      spread(r["heldout_loss"], 3), spread(r["max_grad_norm"], 2), spread(share, 3),
+                      spread(r["heldout_loss"], 3), spread(r["heldout_drop_last_quarter"], 3),
+                      spread(r["max_grad_norm"], 2), spread(share, 3),
                       per_layer(r["first_token_attention_per_layer"], 2), spread(act, 1),
                       per_layer(r["max_activation_per_layer"], 1)])
-    header = ["variant", "gate", "lr", "seeds", "held-out loss", "max grad norm", "first-token share", "per layer",
+    header = ["variant", "gate", "lr", "seeds", "held-out loss", "fall, last quarter", "max grad norm",
+              "first-token share", "per layer",
               "max activation", "per layer"]
     return markdown(header, lines)
 
