@@ -13,6 +13,7 @@ many steps at the median step of the round's no-save segment) / saves. Goal (iss
 synchronous in the worst round.
 
     python benchmarks/bench_checkpoint_save.py                 # 1 rank ZeRO-0, then 2 ranks ZeRO-2
+    python benchmarks/bench_checkpoint_save.py --jobs 2:2:2    # 2 ranks, ZeRO-2, expert parallel 2
     python benchmarks/bench_checkpoint_save.py --smoke         # a small model, 1 rank
 """
 
@@ -49,7 +50,8 @@ def model_overrides(a) -> list[str]:
 def run_overrides(a, corpus: str, tok: str, output_dir: str) -> list[str]:
     return [f"output_dir={output_dir}", f"tokenizer.path={tok}", f"data.sources=[{{kind: jsonl, path: {corpus}}}]",
             f"seq_len={a.seq_len}", "micro_batch_size=1", "data.num_workers=0", "data.shuffle_buffer=16",
-            f"zero_stage={a.zero_stage}", "max_steps=100000", "save_interval=100000", "train.keep_last=2",
+            f"zero_stage={a.zero_stage}", f"train.expert_parallel_size={a.expert_parallel}", "max_steps=100000",
+            "save_interval=100000", "train.keep_last=2",
             "train.warmup_steps=0", "train.eval_interval=0", "train.progress_bar=false", "train.tensorboard=false",
             "train.peak_tflops=1.0", "resume=none",
             # glibc keeps freed blocks: without it ~1.5 GiB of fresh pages are faulted in every step, and steps
@@ -138,11 +140,11 @@ def worker(a) -> None:
                                            "threads": torch.get_num_threads()}))
 
 
-def run_job(a, ranks: int, zero_stage: int, corpus: Path, tok: Path, workdir: Path) -> dict:
+def run_job(a, ranks: int, zero_stage: int, ep: int, corpus: Path, tok: Path, workdir: Path) -> dict:
     """One worker process (a torchrun job when ranks > 1); its result."""
     from seedlm.launch.distributed import free_port
 
-    out = workdir / f"result_{ranks}_{zero_stage}.json"
+    out = workdir / f"result_{ranks}_{zero_stage}_{ep}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     launcher = [sys.executable]
@@ -150,21 +152,24 @@ def run_job(a, ranks: int, zero_stage: int, corpus: Path, tok: Path, workdir: Pa
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
                      f"--master_port={free_port()}"]
-    worker_args = ["--worker", "--zero-stage", str(zero_stage), "--corpus", str(corpus), "--tok", str(tok),
-                   "--output-dir", str(workdir / f"run_{ranks}_{zero_stage}"), "--out", str(out),
+    worker_args = ["--worker", "--zero-stage", str(zero_stage), "--expert-parallel", str(ep),
+                   "--corpus", str(corpus), "--tok", str(tok),
+                   "--output-dir", str(workdir / f"run_{ranks}_{zero_stage}_{ep}"), "--out", str(out),
                    "--rounds", str(a.rounds), "--every", str(a.every), "--saves", str(a.saves),
                    "--hidden", str(a.hidden), "--layers", str(a.layers), "--experts", str(a.experts),
                    "--moe-intermediate", str(a.moe_intermediate), "--seq-len", str(a.seq_len)]
     result = subprocess.run([*launcher, str(Path(__file__).resolve()), *worker_args], cwd=REPO, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"checkpoint-save job ({ranks} ranks, ZeRO {zero_stage}) failed:\n{result.stderr[-3000:]}")
-    return {"ranks": ranks, "zero_stage": zero_stage, **json.loads(out.read_text())}
+        raise RuntimeError(f"checkpoint-save job ({ranks} ranks, ZeRO {zero_stage}, EP {ep}) failed:\n"
+                           f"{result.stderr[-3000:]}")
+    return {"ranks": ranks, "zero_stage": zero_stage, "expert_parallel": ep, **json.loads(out.read_text())}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--jobs", default="1:0,2:2", help="RANKS:ZERO_STAGE,... one job each")
+    p.add_argument("--jobs", default="1:0,2:2",
+                   help="RANKS:ZERO_STAGE[:EXPERT_PARALLEL],... one job each (expert parallel 1 unless given)")
     p.add_argument("--every", type=int, default=3, help="steps between saves")
     p.add_argument("--saves", type=int, default=2, help="saves per segment")
     p.add_argument("--hidden", type=int, default=512)
@@ -177,14 +182,31 @@ def parse_args(argv=None):
     add_rounds_argument(p)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--zero-stage", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--expert-parallel", type=int, default=1, help=argparse.SUPPRESS)
     for hidden in ("--corpus", "--tok", "--output-dir", "--out"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     resolve_rounds(args)
+    parse_jobs(args.jobs)  # a mistyped --jobs stops here, before any model is built
     if args.smoke:
         args.jobs, args.hidden, args.layers, args.experts, args.moe_intermediate = "1:0", 128, 2, 8, 128
         args.every, args.saves = 2, 1
     return args
+
+
+def parse_jobs(spec: str) -> list[tuple[int, int, int]]:
+    """"1:0,2:2:2" -> [(ranks, zero stage, expert parallel size), ...]."""
+    jobs = []
+    for job in spec.split(","):
+        fields = job.split(":")
+        if not 2 <= len(fields) <= 3 or not all(f.isdigit() for f in fields):
+            raise SystemExit(f"--jobs: {job!r} is not RANKS:ZERO_STAGE[:EXPERT_PARALLEL] (e.g. 2:2 or 2:2:2)")
+        ranks, stage, ep = (int(f) for f in (*fields, "1")[:3])
+        if ranks < 1 or stage not in (0, 1, 2, 3) or ep < 1 or ranks % ep:
+            raise SystemExit(f"--jobs: {job!r}: ranks >= 1, ZeRO stage 0-3, and an expert-parallel size that "
+                             "divides the ranks")
+        jobs.append((ranks, stage, ep))
+    return jobs
 
 
 def measure(a) -> dict:
@@ -194,9 +216,8 @@ def measure(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         corpus, tok, _ = tiny_corpus_and_tokenizer(workdir)
-        for job in a.jobs.split(","):
-            ranks, stage = (int(x) for x in job.split(":"))
-            jobs.append(run_job(a, ranks, stage, corpus, tok, workdir))
+        for ranks, stage, ep in parse_jobs(a.jobs):
+            jobs.append(run_job(a, ranks, stage, ep, corpus, tok, workdir))
     return {"args": {k: v for k, v in vars(a).items() if k not in ("corpus", "tok", "output_dir", "out")},
             "jobs": jobs, "load_average": [load_before, os.getloadavg()[0]]}
 
@@ -242,6 +263,8 @@ def report(result: dict, peak_flops: float | None = None) -> str:
         write = Spread.of(statistics.median(r["background"]["write"]) for r in job["rounds"])
         write_cpu = Spread.of(statistics.median(r["background"]["write_cpu"]) for r in job["rounds"])
         where = f"{job['ranks']} rank{'s' * (job['ranks'] > 1)}, ZeRO {job['zero_stage']}"
+        if job.get("expert_parallel", 1) > 1:
+            where += f", EP {job['expert_parallel']}"
         seconds = [Spread.of(lost[mode]).format("{:.2f}", " s") for mode in ("sync_torch_save", "sync", "background")]
         lines.append(f"| {where} | {job['state_bytes'] / 2**30:.2f} GiB | {step:.2f} s | " + " | ".join(seconds)
                      + f" | {boundary.format('{:.2f}', ' s')} | {write.format('{:.1f}', ' s')} "
