@@ -142,6 +142,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     shuffle_buffer: int = 256
+    # documents packed side by side, a row from each in turn (packing.LanePacker): None = micro_batch_size, so
+    # the rows of a batch come from different documents; 1 packs each document into consecutive rows
+    packing_lanes: int | None = None
     seed: int = 0
     strict: bool = False
     num_epochs: int | None = None
@@ -156,8 +159,8 @@ class DataConfig:
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig.from_dict(s) for s in self.sources]
         if not self.sources:
             raise DataError("data.sources is empty; name at least one source (or leave it out for the stdlib default)")
-        for key in ("seq_len", "micro_batch_size", "shuffle_buffer"):
-            if getattr(self, key) < 1:
+        for key in ("seq_len", "micro_batch_size", "shuffle_buffer", "packing_lanes"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise DataError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.num_workers < 0:
             raise DataError(f"data.num_workers must be >= 0, got {self.num_workers}")
@@ -188,6 +191,10 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def lanes(self) -> int:
+        """Documents packed side by side (packing_lanes; None: one per row of a micro-batch)."""
+        return self.packing_lanes if self.packing_lanes is not None else self.micro_batch_size
 
 
 def _prepared_sets(value: Any) -> list[dict[str, Any]]:

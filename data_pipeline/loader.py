@@ -40,7 +40,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .config import DataConfig, DataError
-from .packing import Packer, make_batch
+from .packing import LanePacker, make_batch
 from .sources import PROBLEMS, Source, open_source
 
 logger = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class PackedDataset(IterableDataset):
             args = (self.config, self.num_epochs, self.shuffle, tokenize, bad)
             readers.append(SourceReader(src, k, reader, num_readers, *args))
         stream = DocumentStream(readers, [s.config.weight for s in self.sources], self.config.seed, reader)
-        packer = Packer(self.config.seq_len, self.bos_id, self.eos_id, self.pad_id)
+        packer = LanePacker(self.config.lanes(), self.config.seq_len, self.bos_id, self.eos_id, self.pad_id)
 
         def pull() -> tuple[np.ndarray, Any] | None:
             before = stream.state()
@@ -372,18 +372,20 @@ class PackedDataset(IterableDataset):
         if resume is not None:
             if resume["reader"] != reader:
                 raise DataError(f"data state of reader {resume['reader']} was given to reader {reader}")
-            if resume["packer"] is not None:
-                stream.load_state(resume["packer"]["stream_before"])
+            lanes, packer.next_lane = LanePacker.lane_states(resume["packer"])
+            for lane, saved in enumerate(lanes):  # each lane's pending document, drawn again
+                if saved is None:
+                    continue
+                stream.load_state(saved["stream_before"])
                 item = stream.next()
                 if item is None:
                     raise DataError("the data source ended before the saved position; did its files change?")
-                packer.restore(item[0], resume["packer"]["offset"], resume["packer"]["stream_before"])
-                if stream.state() != resume["stream"]:
-                    raise DataError(
-                        "the data no longer matches the saved state (files changed?); cannot resume exactly"
-                    )
-            else:
-                stream.load_state(resume["stream"])
+                try:
+                    packer.restore_lane(lane, item[0], saved["offset"], saved["stream_before"])
+                except ValueError as err:
+                    raise DataError(f"the data no longer matches the saved state (files changed?): {err}; "
+                                    "cannot resume exactly") from err
+            stream.load_state(resume["stream"])
         B = self.config.micro_batch_size
         while True:
             rows = []
@@ -563,7 +565,10 @@ def check_meta(saved: dict[str, Any], current: dict[str, Any]) -> None:
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if diff:
         lines = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in diff)
-        raise DataError(f"the data settings changed since the state was saved ({lines}); resume with the same settings")
+        hint = (" (a state saved before data.packing_lanes existed packed with one lane: set data.packing_lanes=1)"
+                if "packing_lanes" in diff and "packing_lanes" not in saved else "")
+        raise DataError(f"the data settings changed since the state was saved ({lines}); resume with the same "
+                        f"settings{hint}")
 
 
 def open_sources(config: DataConfig, split: str = "train", num_readers: int = 1) -> list[Source]:
@@ -603,6 +608,7 @@ def build_dataloader(
         "micro_batch_size": config.micro_batch_size,
         "shuffle": config.shuffle,
         "shuffle_buffer": config.shuffle_buffer,
+        **({"packing_lanes": config.lanes()} if config.lanes() != 1 else {}),  # states saved before lanes had one
         "seed": config.seed,
         "num_epochs": config.num_epochs,
         "tokenizer": {"size": len(tokenizer), "bos": dataset.bos_id, "eos": dataset.eos_id, "pad": dataset.pad_id},

@@ -11,8 +11,15 @@ Conventions of a packed batch (B = micro_batch_size, T = seq_len):
   position where `position_ids == 0`. Under the shift, the label at position t is predicted from
   position t-1, so the -100 at a segment start means "do not predict the first token of a segment
   from the previous document". (At t = 0 of a row it is never used.) Padding is -100 too.
-Padding appears only in the last row of a finite stream (validation): pad tokens form their own
-segment with labels -100.
+Padding appears only at the end of a finite stream (validation), in each lane's last row (below): pad
+tokens form their own segment with labels -100.
+
+Lanes. One Packer fills consecutive rows from the same document until it ends, so a batch of B rows cut
+from a long document (a 25k-token source file is 100 rows of 256) is B pieces of one file, and the next
+batches too: the gradient then follows one file at a time. `LanePacker` keeps L Packers ("lanes") fed
+from one document stream and takes rows from them in turn, so with L >= B the rows of a batch come from
+L different documents (`data.packing_lanes`, default B). Every token is still packed once, in the
+stream's order per lane.
 """
 
 from __future__ import annotations
@@ -44,7 +51,10 @@ class Packer:
         return np.concatenate([np.asarray(head, np.int64), np.asarray(tokens, np.int64), [self.eos_id]])
 
     def restore(self, tokens: np.ndarray, offset: int, state_before: Any) -> None:
-        self.pending, self.offset, self.pending_state = self._frame(tokens), offset, state_before
+        pending = self._frame(tokens)
+        if not 0 <= offset < len(pending):  # a saved position inside this document is not inside it
+            raise ValueError(f"offset {offset} is outside the pending document ({len(pending)} tokens with bos/eos)")
+        self.pending, self.offset, self.pending_state = pending, offset, state_before
 
     def state_dict(self) -> dict[str, Any] | None:
         """None when no document is pending (the stream's own state is then the whole state)."""
@@ -77,6 +87,44 @@ class Packer:
         if fill < T:
             pos[fill:] = np.arange(T - fill)  # padding is its own segment
         return ids, pos, fill
+
+
+class LanePacker:
+    """`lanes` Packers drawing from one document stream, a row from each in turn (see the module docstring).
+
+    Its state is each lane's Packer state (None for a lane with no pending document) and the next lane; to
+    resume, the caller restores each lane as for a Packer (`restore_lane`), then its stream to the saved state.
+    """
+
+    def __init__(self, lanes: int, seq_len: int, bos_id: int | None, eos_id: int, pad_id: int):
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
+        self.lanes = [Packer(seq_len, bos_id, eos_id, pad_id) for _ in range(lanes)]
+        self.next_lane = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lanes": [lane.state_dict() for lane in self.lanes], "next_lane": self.next_lane}
+
+    @staticmethod
+    def lane_states(state: dict[str, Any] | None) -> tuple[list[dict[str, Any] | None], int]:
+        """(each lane's Packer state, next lane) of a saved state; a single Packer's state (saved before lanes
+        existed) is one lane."""
+        if state is None or "lanes" not in state:
+            return [state], 0
+        return state["lanes"], state["next_lane"]
+
+    def restore_lane(self, lane: int, tokens: np.ndarray, offset: int, state_before: Any) -> None:
+        self.lanes[lane].restore(tokens, offset, state_before)
+
+    def next_row(self, pull: Callable[[], tuple[np.ndarray, Any] | None]) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """The next lane's row (a lane with nothing left is passed over); None once every lane is empty."""
+        for _ in range(len(self.lanes)):
+            lane = self.lanes[self.next_lane]
+            self.next_lane = (self.next_lane + 1) % len(self.lanes)
+            row = lane.next_row(pull)
+            if row is not None:
+                return row
+        return None
 
 
 def make_batch(rows: list[tuple[np.ndarray, np.ndarray, int]]) -> dict[str, torch.Tensor]:

@@ -73,17 +73,33 @@ def assert_same_batches(a: list[dict[str, torch.Tensor]], b: list[dict[str, torc
             assert torch.equal(x[k], y[k]), f"batch {i} differs in {k}"
 
 
-def reader_documents(batches: list[dict[str, torch.Tensor]], tok) -> list[str]:
-    """The documents of ONE reader's batches (num_workers=0, one rank), in order, rejoined across rows."""
-    stream = [t for b in batches for t in b["input_ids"].reshape(-1).tolist() if t != tok.pad_token_id]
-    docs, cur = [], None
-    for t in stream:
-        if t == tok.bos_token_id:
-            assert cur is None, "a document started before the previous one ended"
-            cur = []
-        elif t == tok.eos_token_id:
-            docs.append(tok.decode(cur))
-            cur = None
-        else:
-            cur.append(t)
-    return docs
+def lane_documents(batches: list[dict[str, torch.Tensor]], tok, lanes: int = 1) -> tuple[list[str], list[str]]:
+    """(complete documents, texts of the documents cut at the end) of ONE reader's batches (num_workers=0, one
+    rank), rejoined across rows per packing lane: rows come from the lanes in turn, and a lane with nothing
+    left is passed over once the stream has ended (data_pipeline.packing.LanePacker)."""
+    rows = [[t for t in row.tolist() if t != tok.pad_token_id] for b in batches for row in b["input_ids"]]
+    pending: list[list[int] | None] = [None] * lanes
+    ended = [False] * lanes
+    docs, lane = [], 0
+    for row in rows:
+        # a lane with no pending document starts a new one (bos) unless the stream has ended: then it is passed over
+        while ended[lane] or (pending[lane] is None and row[0] != tok.bos_token_id):
+            ended[lane] = True
+            assert not all(ended), "a row continues a document that no lane was packing"
+            lane = (lane + 1) % lanes
+        for t in row:
+            if t == tok.bos_token_id:
+                assert pending[lane] is None, "a document started before the previous one ended"
+                pending[lane] = []
+            elif t == tok.eos_token_id:
+                docs.append(tok.decode(pending[lane]))
+                pending[lane] = None
+            else:
+                pending[lane].append(t)
+        lane = (lane + 1) % lanes
+    return docs, [tok.decode(d) for d in pending if d is not None]
+
+
+def reader_documents(batches: list[dict[str, torch.Tensor]], tok, lanes: int = 1) -> list[str]:
+    """The complete documents of ONE reader's batches (see lane_documents)."""
+    return lane_documents(batches, tok, lanes)[0]

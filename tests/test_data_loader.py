@@ -191,7 +191,7 @@ def test_mixture_proportions(tmp_path, tok):
         ],
         seq_len=64, micro_batch_size=8, num_workers=0, shuffle_buffer=8,
     )  # fmt: skip
-    counts = Counter(d[:4] for d in reader_documents(take(build_dataloader(cfg, tok), 60), tok))
+    counts = Counter(d[:4] for d in reader_documents(take(build_dataloader(cfg, tok), 60), tok, cfg.lanes()))
     n = counts["alph"] + counts["beta"]
     assert n == sum(counts.values()) and n > 1500
     assert abs(counts["alph"] / n - 0.75) < 0.04  # binomial std at n=1500 is 0.011
@@ -206,7 +206,7 @@ def test_validation_split_is_disjoint_and_complete(tmp_path, tok):
     cfg = DataConfig(sources=[src], seq_len=32, micro_batch_size=2, num_workers=0, num_epochs=1)
 
     def doc_ids(batches):
-        return Counter(d.split(":")[0] for d in reader_documents(batches, tok))
+        return Counter(d.split(":")[0] for d in reader_documents(batches, tok, cfg.lanes()))
 
     val = doc_ids(all_batches(cfg, tok, 1, split="validation"))
     train = doc_ids(all_batches(cfg, tok, 1, split="train"))

@@ -24,7 +24,7 @@ def texts(source):
 
 def one_pass(cfg, tok):
     loader = build_dataloader(cfg, tok)
-    docs = reader_documents(list(loader), tok)
+    docs = reader_documents(list(loader), tok, cfg.lanes())
     return docs, loader.bad_record_counts()
 
 
@@ -150,7 +150,7 @@ def test_hub_code_path_on_local_dataset_folder(tmp_path, tok):
     n_bos = sum(int((b["input_ids"] == tok.bos_token_id).sum()) for b in got)
     assert n_bos == len(docs)  # 3 shards < 4 readers: round-robin, each document once
     val_loader = build_dataloader(dataclasses.replace(cfg, num_workers=0), tok, split="validation")
-    val = reader_documents(list(val_loader), tok)
+    val = reader_documents(list(val_loader), tok, cfg.lanes())
     assert val == ["held out A", "held out B"]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_data_helpers import make_docs, take, tiny_tokenizer, write_jsonl
+from test_data_helpers import lane_documents, make_docs, take, tiny_tokenizer, write_jsonl
 
 from seedlm.data_pipeline import DataConfig, DataError, SourceConfig, build_dataloader, open_source
 from seedlm.data_pipeline.loader import can_change_topology, reader_pieces
@@ -84,21 +84,6 @@ def _same(a, b):
     return len(a) == len(b) and all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(a, b))
 
 
-def stream_docs(batches, tok):
-    """(complete documents, the text of a document cut at the end or None) of ONE reader's batches."""
-    stream = [t for b in batches for t in b["input_ids"].reshape(-1).tolist() if t != tok.pad_token_id]
-    docs, cur = [], None
-    for t in stream:
-        if t == tok.bos_token_id:
-            cur = []
-        elif t == tok.eos_token_id:
-            docs.append(tok.decode(cur))
-            cur = None
-        else:
-            cur.append(t)
-    return docs, None if cur is None else tok.decode(cur)
-
-
 def topology_config(tmp_path):
     write_jsonl(tmp_path / "one.jsonl", make_docs("alpha", 70))  # one shard: split by byte range
     (tmp_path / "t.txt").write_text("".join(f"{d}\n\n" for d in make_docs("beta", 50)))  # paragraphs
@@ -114,16 +99,16 @@ def test_resume_on_another_world_size_reads_each_document_once(tmp_path, tok, be
     states, seen, cut = [], [], []
     for rank in range(before):
         loader = build_dataloader(cfg, tok, rank, before)
-        complete, tail = stream_docs(take(loader, steps), tok)
+        complete, tails = lane_documents(take(loader, steps), tok, cfg.lanes())
         seen += complete
-        cut += [tail] if tail is not None else []
+        cut += tails
         states.append(loader.state_dict())
     assert all(can_change_topology(s) for s in states)
     for rank in range(after):
         loader = build_dataloader(cfg, tok, rank, after)
         loader.load_state_dicts(states)
-        complete, tail = stream_docs(list(loader), tok)
-        assert tail is None
+        complete, tails = lane_documents(list(loader), tok, cfg.lanes())
+        assert not tails
         seen += complete
     assert len(seen) == len(set(seen))  # no document twice
     missing = sorted(set(docs) - set(seen))
