@@ -111,6 +111,13 @@ class SourceReader:
         }  # fmt: skip
 
     def load_state(self, st: dict[str, Any]) -> None:
+        position = (st["epoch"], st["piece_pos"], st["key"], st["block_no"])
+        if self.block is not None and position == (self.epoch, self.piece_pos, self.key, self.block_no) \
+                and self.skip == [s for s in st["skip"] if s[0] >= st["epoch"]]:
+            # the block already read for an earlier state of this resume (another lane's pending document): the
+            # same documents in the same order, not read, tokenised or counted again
+            self.idx, self.exhausted = st["idx"], st["exhausted"]
+            return
         self.epoch, self.piece_pos, self.key = st["epoch"], st["piece_pos"], st["key"]
         self.block_no, self.idx, self.exhausted = st["block_no"], st["idx"], st["exhausted"]
         self.block = self.order = None
@@ -373,9 +380,9 @@ class PackedDataset(IterableDataset):
             if resume["reader"] != reader:
                 raise DataError(f"data state of reader {resume['reader']} was given to reader {reader}")
             lanes, packer.next_lane = LanePacker.lane_states(resume["packer"])
-            for lane, saved in enumerate(lanes):  # each lane's pending document, drawn again
-                if saved is None:
-                    continue
+            pending = sorted((saved["stream_before"]["draw"], lane) for lane, saved in enumerate(lanes) if saved)
+            for _, lane in pending:  # each lane's pending document drawn again, in stream order (blocks read once)
+                saved = lanes[lane]
                 stream.load_state(saved["stream_before"])
                 item = stream.next()
                 if item is None:

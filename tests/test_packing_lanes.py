@@ -73,6 +73,23 @@ def test_exact_resume_with_documents_pending_in_several_lanes(tmp_path, tok, num
     assert_same_batches(head + take(resumed, 19), full)
 
 
+def test_resume_reads_a_block_shared_by_several_lanes_once(tmp_path, tok, monkeypatch):
+    from seedlm.data_pipeline import loader as loader_module
+
+    cfg, _ = long_docs_config(tmp_path, packing_lanes=4, shuffle_buffer=64)  # all 30 documents in one block
+    loader = build_dataloader(cfg, tok)
+    take(loader, 3)
+    state = save_load(loader.state_dict())
+    calls = []
+    make_tokenize = loader_module.make_tokenize
+    monkeypatch.setattr(loader_module, "make_tokenize", lambda t: lambda texts: calls.append(len(texts)) or
+                        make_tokenize(t)(texts))
+    resumed = build_dataloader(cfg, tok)
+    resumed.load_state_dict(state)
+    take(resumed, 1)
+    assert calls == [30]  # four pending documents and the position after them: one block, tokenised once
+
+
 def test_a_state_saved_before_lanes_resumes_with_one_lane(tmp_path, tok):
     cfg, _ = long_docs_config(tmp_path, packing_lanes=1)
     full = take(build_dataloader(cfg, tok), 12)
