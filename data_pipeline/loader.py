@@ -11,19 +11,21 @@ Order. Per reader and source, each epoch visits the reader's shards in a seeded 
 taken in blocks of `shuffle_buffer` documents, each block tokenised in one batched call and shuffled
 with a seed of (seed, source, reader, epoch, block). Several sources are mixed per document by a
 seeded sampler with the normalised weights; each source repeats its own epochs (training), or stops
-after `num_epochs` passes, when the mixture goes on with the sources that are left.
+after `num_epochs` passes, when the mixture goes on with the sources that are left. The documents are packed
+into rows by `data.packing_lanes` packers side by side, a row from each in turn (packing.LanePacker).
 
 State. A reader's position is a few integers per source (epoch, piece, the record key at the block's
-start, block number, index in the block), the sampler's draw count, and the packer's pending
+start, block number, index in the block), the sampler's draw count, and each lane's pending
 document (the stream position before it was drawn, plus how many of its tokens are already packed).
 Restoring seeks to the block's start (a row group, a byte offset) and re-reads and re-tokenises that
-block, then continues exactly: a resumed run yields the same batches, token for token, as the
+block (once for all the lanes' documents in it), then continues exactly: a resumed run yields the same batches, token for token, as the
 uninterrupted one. torchdata's `StatefulDataLoader` carries each worker's state with every batch and
 knows which worker is next.
 
 Another topology. Keys do not depend on who reads them, so every reader's state together says which
 records of which epochs were consumed (`portable_position`); the readers of another world size or
 worker count start at the earliest epoch and skip those records (`PackedDataLoader.load_state_dicts`).
+A document pending in a lane counts as consumed: the rest of it is dropped, never read twice.
 """
 
 from __future__ import annotations
