@@ -152,16 +152,23 @@ def plot_loss_curve(metrics_path: Path, out_png: Path, title: str = "") -> Path 
     return out_png
 
 
-def plot_heldout_curves(curves: dict[str, list[tuple[int, float]]], out_png: Path, title: str = "") -> Path:
-    """Held-out loss against step for several runs ({label: [(step, eval_loss), ...]}), as one PNG."""
+def plot_heldout_curves(curves: dict[str, list[tuple[int, float]]], out_png: Path, title: str = "",
+                        groups: dict[str, str] | None = None) -> Path:
+    """Held-out loss against step for several runs ({label: [(step, eval_loss), ...]}), as one PNG; runs of one
+    group (groups: {label: group}, e.g. the seeds of a variant) share a colour and differ in line style."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    groups = groups or {label: label for label in curves}
+    colours = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(groups.values()))}
+    seen: dict[str, int] = {}
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in curves.items():
-        ax.plot(*zip(*points), "o-", markersize=3, linewidth=1, label=label)
+        n = seen[groups[label]] = seen.get(groups[label], -1) + 1
+        ax.plot(*zip(*points), marker="o", linestyle=("-", "--", ":", "-.")[n % 4], markersize=3, linewidth=1,
+                color=colours[groups[label]], label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title(title)

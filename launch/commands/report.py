@@ -78,8 +78,11 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "gated-attention" and args.plot:
         from seedlm.launch.metrics import plot_heldout_curves
 
-        curves = {f"{r['variant']} seed {seed}": curve for r in rows for seed, curve in zip(r["seeds"], r["curves"])}
-        print(f"wrote {plot_heldout_curves(curves, Path(args.plot), title='held-out loss by step')}")
+        curves, groups = {}, {}
+        for r in rows:
+            for seed, curve in zip(r["seeds"], r["curves"]):
+                curves[f"{r['variant']} seed {seed}"], groups[f"{r['variant']} seed {seed}"] = curve, r["variant"]
+        print(f"wrote {plot_heldout_curves(curves, Path(args.plot), 'held-out loss by step', groups)}")
     if args.kind == "length-extrapolation" and args.plot:
         from seedlm.eval.length_extrapolation import plot_loss_by_position
 
