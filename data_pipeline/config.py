@@ -125,6 +125,9 @@ class SourceConfig:
         return cls(**d)
 
 
+DEFAULT_PACKING_LANES = 64  # the least, when data.packing_lanes is not given
+
+
 @dataclass
 class DataConfig:
     """Everything from text sources to batches.
@@ -142,8 +145,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     shuffle_buffer: int = 256
-    # documents packed side by side, a row from each in turn (packing.LanePacker): None = micro_batch_size, so
-    # the rows of a batch come from different documents; 1 packs each document into consecutive rows
+    # documents packed side by side, a row from each in turn (packing.LanePacker): None = max(64, micro_batch_size),
+    # so the rows of a batch, and of the next few batches, come from different documents; 1 packs each document
+    # into consecutive rows (README, Data: held-out loss after 1,000 steps 4.79 with 1 lane, 4.05 with 8, 3.59 with 64)
     packing_lanes: int | None = None
     seed: int = 0
     strict: bool = False
@@ -193,8 +197,10 @@ class DataConfig:
         return dataclasses.asdict(self)
 
     def lanes(self) -> int:
-        """Documents packed side by side (packing_lanes; None: one per row of a micro-batch)."""
-        return self.packing_lanes if self.packing_lanes is not None else self.micro_batch_size
+        """Documents packed side by side (packing_lanes; None: max(64, micro_batch_size))."""
+        if self.packing_lanes is not None:
+            return self.packing_lanes
+        return max(DEFAULT_PACKING_LANES, self.micro_batch_size)
 
 
 def _prepared_sets(value: Any) -> list[dict[str, Any]]:

@@ -18,9 +18,9 @@ State. A reader's position is a few integers per source (epoch, piece, the recor
 start, block number, index in the block), the sampler's draw count, and each lane's pending
 document (the stream position before it was drawn, plus how many of its tokens are already packed).
 Restoring seeks to the block's start (a row group, a byte offset) and re-reads and re-tokenises that
-block (once for all the lanes' documents in it), then continues exactly: a resumed run yields the same batches, token for token, as the
-uninterrupted one. torchdata's `StatefulDataLoader` carries each worker's state with every batch and
-knows which worker is next.
+block (once for all the lanes' documents in it), then continues exactly: a resumed run yields the same
+batches, token for token, as the uninterrupted one. torchdata's `StatefulDataLoader` carries each
+worker's state with every batch and knows which worker is next.
 
 Another topology. Keys do not depend on who reads them, so every reader's state together says which
 records of which epochs were consumed (`portable_position`); the readers of another world size or

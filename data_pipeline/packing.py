@@ -17,8 +17,8 @@ tokens form their own segment with labels -100.
 Lanes. One Packer fills consecutive rows from the same document until it ends, so a batch of B rows cut
 from a long document (a 25k-token source file is 100 rows of 256) is B pieces of one file, and the next
 batches too: the gradient then follows one file at a time. `LanePacker` keeps L Packers ("lanes") fed
-from one document stream and takes rows from them in turn, so with L >= B the rows of a batch come from
-L different documents (`data.packing_lanes`, default B). Every token is still packed once, in the
+from one document stream and takes rows from them in turn, so the rows of L / B batches in a row come from
+L different documents (`data.packing_lanes`, default max(64, B)). Every token is still packed once, in the
 stream's order per lane.
 """
 

@@ -34,7 +34,12 @@ def test_train_encode_view(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("=== row") == 3
     assert "new document" in out and "<s>doc0" in out and "</s>" in out
-    assert "continues the document cut at the previous row's end" in out
+    assert "continues the document cut at the end of row 0" in out
+    view = ["data", "view", "--tokenizer", str(tok_dir), "--source", str(data), "--seq-len", "24", "--rows", "3"]
+    assert main([*view, "--packing-lanes", "2"]) == 0
+    rows = capsys.readouterr().out.split("=== row")[1:]
+    assert "<s>doc0" in rows[0] and "<s>doc0" in rows[1]  # two documents side by side
+    assert "continues the document cut at the end of row 0" in rows[2]
 
 
 def test_clear_error_exit_code(tmp_path, capsys):

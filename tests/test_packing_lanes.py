@@ -40,11 +40,11 @@ def save_load(state):
 
 
 def test_rows_of_a_batch_come_from_different_documents(tmp_path, tok):
-    cfg, docs = long_docs_config(tmp_path)
-    assert cfg.lanes() == cfg.micro_batch_size == 4  # the default: a lane per row
-    first = next(iter(build_dataloader(cfg, tok)))
-    assert (first["input_ids"][:, 0] == tok.bos_token_id).all()  # each lane starts its own document
-    assert len(set(row_documents(first, tok))) == 4
+    cfg, docs = long_docs_config(tmp_path, packing_lanes=8)
+    first, second = take(build_dataloader(cfg, tok), 2)
+    for batch in (first, second):
+        assert (batch["input_ids"][:, 0] == tok.bos_token_id).all()  # each lane starts its own document
+    assert len(set(row_documents(first, tok) + row_documents(second, tok))) == 8
     one_lane = next(iter(build_dataloader(dataclasses.replace(cfg, packing_lanes=1), tok)))
     assert (one_lane["input_ids"][1:, 0] != tok.bos_token_id).all()  # one document fills the rows in turn
 
@@ -102,7 +102,7 @@ def test_a_state_saved_before_lanes_resumes_with_one_lane(tmp_path, tok):
     resumed = build_dataloader(cfg, tok)
     resumed.load_state_dict(state)
     assert_same_batches(head + take(resumed, 8), full)
-    with pytest.raises(DataError, match=r"packing_lanes: saved None, now 4.*set data.packing_lanes=1"):
+    with pytest.raises(DataError, match=r"packing_lanes: saved None, now 64.*set data.packing_lanes=1"):
         build_dataloader(dataclasses.replace(cfg, packing_lanes=None), tok).load_state_dict(state)
 
 
@@ -121,4 +121,5 @@ def test_a_changed_file_under_a_pending_document_is_refused(tmp_path, tok):
 def test_packing_lanes_must_be_positive():
     with pytest.raises(DataError, match="packing_lanes must be >= 1, got 0"):
         DataConfig(packing_lanes=0)
-    assert DataConfig(micro_batch_size=6).lanes() == 6 and DataConfig(micro_batch_size=6, packing_lanes=2).lanes() == 2
+    assert DataConfig(micro_batch_size=6).lanes() == 64 and DataConfig(micro_batch_size=6, packing_lanes=2).lanes() == 2
+    assert DataConfig(micro_batch_size=128).lanes() == 128  # at least a lane per row

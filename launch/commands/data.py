@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     view.add_argument("--skip", type=int, default=0, help="rows to skip first")
     view.add_argument("--split", choices=["train", "validation"], default="train", help="which split's rows")
     view.add_argument("--seed", type=int, default=0, help="data seed")
+    view.add_argument("--packing-lanes", type=int, default=1,
+                      help="documents packed side by side, a row from each in turn (a run's data.packing_lanes, "
+                           "64 by default); 1 shows each document's rows one after another")
     view.add_argument("--max-chars", type=int, default=400, help="cut each printed segment to this many characters")
 
 
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             micro_batch_size=1,
             num_workers=0,
             seed=args.seed,
+            packing_lanes=args.packing_lanes,
         )
         return _view(cfg, args)
     except DataError as err:
@@ -98,7 +102,7 @@ def _view(cfg, args: argparse.Namespace) -> int:
             elif first == tok.pad_token_id != tok.eos_token_id:
                 kind = "padding"
             else:
-                kind = "continues the document cut at the previous row's end"
+                kind = f"continues the document cut at the end of row {n - cfg.lanes()}"
             end = " (ends the document)" if int(seg[-1]) == tok.eos_token_id else ""
             print(f"--- segment {k}: tokens {start}-{start + len(seg) - 1}, {kind}{end} ---")
             text = tok.decode(seg.tolist())  # special tokens shown: <s> starts, </s> ends a document
