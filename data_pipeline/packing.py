@@ -52,7 +52,7 @@ class Packer:
 
     def restore(self, tokens: np.ndarray, offset: int, state_before: Any) -> None:
         pending = self._frame(tokens)
-        if not 0 <= offset < len(pending):  # a saved position inside this document is not inside it
+        if not 0 <= offset < len(pending):  # the saved offset must lie inside the document drawn again
             raise ValueError(f"offset {offset} is outside the pending document ({len(pending)} tokens with bos/eos)")
         self.pending, self.offset, self.pending_state = pending, offset, state_before
 
