@@ -81,7 +81,7 @@ def worker(a) -> None:
     from seedlm.launch.trainer import Trainer
 
     trainer = Trainer(load_run_config("gated_moe_tiny", run_overrides(a, a.corpus, a.tok, a.output_dir)))
-    params = sum(p.numel() for p in trainer.engine.module.parameters())
+    params = trainer.engine.module.config.parameter_counts().total  # the whole model (a rank holds 1/EP of the experts)
     # the same 8 batches over and over: reading and tokenizing the stream would add slow steps of its own
     loader = iter(trainer.train_loader)
     batches = itertools.cycle([next(loader) for _ in range(8)])
