@@ -203,7 +203,7 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
     from seedlm.eval.attention_sinks import attention_sink_stats
 
     row = {"variant": name, "runs": [str(m["dir"]) for m in members], "seeds": [], "heldout_loss": [],
-           "heldout_drop_last_quarter": [], "curves": [], "max_grad_norm": [], "first_token_attention_per_layer": [],
+           "heldout_fall_last_quarter": [], "curves": [], "max_grad_norm": [], "first_token_attention_per_layer": [],
            "max_activation_per_layer": []}
     for m in members:
         evals = [(r["step"], r["eval_loss"]) for r in m["metrics"] if "eval_loss" in r]
@@ -215,7 +215,7 @@ def gated_attention_row(name: str, members: list[dict], args) -> dict:
             raise ReportError(f"{m['dir']}: {model.config.model_type} has no attention layers: no attention sinks")
         row["seeds"].append(m["config"]["train"]["seed"])
         row["heldout_loss"].append(evals[-1][1])
-        row["heldout_drop_last_quarter"].append(fall_over_last_quarter(evals))
+        row["heldout_fall_last_quarter"].append(fall_over_last_quarter(evals))
         row["curves"].append(evals)
         norms = [r["grad_norm"] for r in m["metrics"] if math.isfinite(r.get("grad_norm") or math.nan)]
         row["max_grad_norm"].append(max(norms, default=math.nan))  # training stability
@@ -238,13 +238,12 @@ def gated_attention_table(rows: list[dict]) -> str:
         share = [sum(v) / len(v) for v in r["first_token_attention_per_layer"]]
         act = [max(v) for v in r["max_activation_per_layer"]]
         lines.append([r["variant"], r["gate"], f"{r['lr']:g}", ", ".join(map(str, r["seeds"])),
-                      spread(r["heldout_loss"], 3), spread(r["heldout_drop_last_quarter"], 3),
+                      spread(r["heldout_loss"], 3), spread(r["heldout_fall_last_quarter"], 3),
                       spread(r["max_grad_norm"], 2), spread(share, 3),
                       per_layer(r["first_token_attention_per_layer"], 2), spread(act, 1),
                       per_layer(r["max_activation_per_layer"], 1)])
     header = ["variant", "gate", "lr", "seeds", "held-out loss", "fall, last quarter", "max grad norm",
-              "first-token share", "per layer",
-              "max activation", "per layer"]
+              "first-token share", "per layer", "max activation", "per layer"]
     return markdown(header, lines)
 
 
