@@ -2,15 +2,16 @@
 
 One process (or one torchrun job of --ranks gloo ranks) builds the Trainer once for a ~210M-parameter gated
 MoE with tiny batches (1 x --seq-len tokens), so that a step is short and the save of ~2.5 GB of state (fp32
-weights and AdamW moments) dominates. Each round then runs four segments of the same number of steps, in
-turn: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); a
-synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save (the host copy at the
-step boundary into page-aligned host buffers reused from save to save, the O_DIRECT write and fsync in a
-thread; launch/checkpoint.py). One saver per mode saves once before the rounds. A segment
-saves --saves times, runs --every more steps after its last save, and ends by waiting for the save in flight,
-so the whole write is counted. Training time lost per save = (the segment's step and save-call seconds - as
-many steps at the median step of the round's no-save segment) / saves. Goal (issue 15): background <= 20% of
-synchronous in the worst round.
+weights and AdamW moments) dominates. Four modes: no save; a synchronous save with torch.save (DeepSpeed's
+default writer: buffered, zip CRC); a synchronous save with the O_DIRECT writer (launch/direct_write.py); a
+background save (the host copy at the step boundary into page-aligned host buffers reused from save to save,
+the O_DIRECT write and fsync in a thread; launch/checkpoint.py). One saver per mode saves once before the
+rounds. A cycle is one save of a mode, --every steps, and the wait for that save and for the deletion of the
+checkpoint it pruned, so everything a save costs training falls inside its cycle. Each round runs --saves
+turns of one cycle per mode, the order rotated from turn to turn, so a slow stretch of the machine hits the
+modes alike. Training time lost per save = the mean over the round's turns of (the cycle's seconds - the
+no-save cycle's seconds of the same turn): a mean, so the no-save cycles' own slow steps count as they do in
+the others. Goal (issue 15): background <= 20% of synchronous in the worst round.
 
     python benchmarks/bench_checkpoint_save.py                 # 1 rank ZeRO-0, then 2 ranks ZeRO-2
     python benchmarks/bench_checkpoint_save.py --jobs 2:2:2    # 2 ranks, ZeRO-2, expert parallel 2
@@ -70,7 +71,8 @@ def torch_save_and_fsync(obj, path) -> None:
 
 
 def worker(a) -> None:
-    """Under torchrun or alone: one Trainer, --rounds rounds of the four segments; rank 0 writes the times."""
+    """Under torchrun or alone: one Trainer, --rounds rounds of --saves turns of the four modes' cycles; rank 0
+    writes the times."""
     import dataclasses
 
     import torch
@@ -103,35 +105,43 @@ def worker(a) -> None:
         trainer.checkpoint()
         trainer.checkpoint_published(wait=True)
 
-    def segment(mode: str) -> dict:
-        """Each step's seconds (with the poll for a finished background write) over (saves + 1) x every steps
-        with `mode` saves, and the seconds each save held the loop (boundary)."""
+    def cycle(mode: str) -> dict:
+        """One save of `mode` (none: no save), then --every steps, then the wait for the save in flight and for
+        the deletion of the checkpoint it pruned: everything the save costs training falls inside the cycle."""
         use(mode)
         written = len(trainer.saver.write_seconds) if trainer.saver else 0
-        steps, boundary = [], []
+        steps, boundary, wait = [], 0.0, 0.0
         barrier()
-        for i in range(1, (a.saves + 1) * a.every + 1):
+        start = time.perf_counter()
+        if trainer.saver:
+            trainer.checkpoint()
+            boundary = time.perf_counter() - start
+        for _ in range(a.every):
             t0 = time.perf_counter()
             trainer.count_step(trainer.train_step(batches))
-            if mode != "none" and i % a.every != 0:
+            if trainer.saver:
                 trainer.checkpoint_published()
             steps.append(time.perf_counter() - t0)
-            if mode != "none" and i % a.every == 0 and i <= a.saves * a.every:
-                t0 = time.perf_counter()
-                trainer.checkpoint()
-                boundary.append(time.perf_counter() - t0)
         if trainer.saver:
             t0 = time.perf_counter()
-            trainer.checkpoint_published(wait=True)  # the last write counts in full
-            boundary.append(time.perf_counter() - t0)
+            trainer.checkpoint_published(wait=True)  # the write counts in full
+            if trainer.saver.pruning is not None:
+                trainer.saver.pruning.join()  # rank 0's deletion of the pruned checkpoint, in a thread
+            wait = time.perf_counter() - t0
+        seconds = time.perf_counter() - start
         barrier()
-        write = trainer.saver.write_seconds[written:] if trainer.saver else []
-        write_cpu = trainer.saver.write_cpu_seconds[written:] if trainer.saver else []
-        return {"steps": steps, "boundary": boundary, "write": write, "write_cpu": write_cpu}
+        record = {"seconds": seconds, "steps": steps, "boundary": boundary, "wait": wait}
+        if trainer.saver:
+            record.update(write=trainer.saver.write_seconds[written], write_cpu=trainer.saver.write_cpu_seconds[written])
+        return record
 
     rounds = []
     for _ in range(a.rounds):
-        rounds.append({mode: segment(mode) for mode in MODES})
+        cycles = {mode: [] for mode in MODES}
+        for rep in range(a.saves):  # the modes in turn, the order rotated from save to save
+            for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
+                cycles[mode].append(cycle(mode))
+        rounds.append(cycles)
     checkpoint.save_direct = direct_writer
     if trainer.dist.rank == 0:
         saved = max(trainer.checkpoint_root.glob("step_*"), key=lambda p: p.name)
@@ -170,8 +180,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", default="1:0,2:2",
                    help="RANKS:ZERO_STAGE[:EXPERT_PARALLEL],... one job each (expert parallel 1 unless given)")
-    p.add_argument("--every", type=int, default=3, help="steps between saves")
-    p.add_argument("--saves", type=int, default=2, help="saves per segment")
+    p.add_argument("--every", type=int, default=2, help="steps after each save, in its cycle")
+    p.add_argument("--saves", type=int, default=4, help="saves per mode and round (turns of the four modes)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--experts", type=int, default=32)
@@ -190,7 +200,7 @@ def parse_args(argv=None):
     parse_jobs(args.jobs)  # a mistyped --jobs stops here, before any model is built
     if args.smoke:
         args.jobs, args.hidden, args.layers, args.experts, args.moe_intermediate = "1:0", 128, 2, 8, 128
-        args.every, args.saves = 2, 1
+        args.every, args.saves = 1, 1
     return args
 
 
@@ -222,46 +232,39 @@ def measure(a) -> dict:
             "jobs": jobs, "load_average": [load_before, os.getloadavg()[0]]}
 
 
-def lost_per_save(job: dict, mode: str, saves: int) -> list[float]:
-    """Seconds of training lost per save in each round: the segment's step and boundary seconds, less as many
-    steps at the median step of the round's no-save segment (a robust baseline: one slow step without a save
-    does not hide a save's cost), over the saves."""
-    lost = []
-    for r in job["rounds"]:
-        step = statistics.median(r["none"]["steps"])
-        segment = r[mode]
-        lost.append((sum(segment["steps"]) + sum(segment["boundary"]) - step * len(segment["steps"])) / saves)
-    return lost
+def lost_per_save(job: dict, mode: str) -> list[float]:
+    """Seconds of training lost per save in each round: the mean, over the round's saves, of a cycle with that
+    save less the no-save cycle of the same turn (the same steps, run next to it)."""
+    return [statistics.mean(c["seconds"] - n["seconds"] for c, n in zip(r[mode], r["none"])) for r in job["rounds"]]
 
 
 def report(result: dict, peak_flops: float | None = None) -> str:
     a, jobs = result["args"], result["jobs"]
-    steps = (a["saves"] + 1) * a["every"]
     lines = [f"Gated MoE of {jobs[0]['params'] / 1e6:.0f}M parameters (hidden {a['hidden']}, {a['layers']} layers, "
              f"{a['experts']} experts of {a['moe_intermediate']}), fp32 AdamW, batches of 1 x {a['seq_len']} tokens. "
-             f"Each of {a['rounds']} rounds runs four segments of {steps} steps in turn: no save; a synchronous save "
-             f"with torch.save (DeepSpeed's default writer: buffered, zip CRC); a synchronous save with the O_DIRECT "
-             f"writer (launch/direct_write.py); a background save with that writer. Each saves every {a['every']} "
-             f"steps ({a['saves']} saves, the last one waited for). Lost per save = (the segment's step and "
-             "save-call seconds - as many steps at the no-save segment's median step) / saves, within a round; "
-             "min / median / max over the rounds. Boundary: how long each save call held the training loop (for "
-             "the background save, the host copy); write: how long the background writer took to write and fsync "
-             "the files, and the CPU (user + system) its thread used meanwhile, which training lost at most to it "
-             "when the cores are shared. Load average (1 min) at the start and the end: "
-             + " / ".join(f"{x:.1f}" for x in result["load_average"]) + ".", "",
+             "Modes: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); a "
+             "synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save with that "
+             f"writer. A cycle: one save, {a['every']} step{'s' * (a['every'] > 1)}, the wait for the save in flight and for the pruned "
+             f"checkpoint's deletion. Each of {a['rounds']} rounds runs {a['saves']} turns of one cycle per mode "
+             "(order rotated). Lost per save = mean over a round's turns of (the cycle's seconds - the same turn's "
+             "no-save cycle's seconds); min / median / max over the rounds. Boundary: how long a save call held "
+             "the training loop (for the background save, the host copy); write: how long the background writer "
+             "took to write and fsync the files, and the CPU (user + system) its thread used meanwhile. Load "
+             "average (1 min) at the start and the end: " + " / ".join(f"{x:.1f}" for x in result["load_average"])
+             + ".", "",
              "| ranks, ZeRO | state per save | step (no save) | lost per save: synchronous, torch.save | "
              "synchronous, O_DIRECT | background | boundary, background | write, background | writer CPU, background | "
              "background / synchronous O_DIRECT | background / synchronous torch.save |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     goals = []
     for job in jobs:
-        lost = {mode: lost_per_save(job, mode, a["saves"]) for mode in MODES if mode != "none"}
+        lost = {mode: lost_per_save(job, mode) for mode in MODES if mode != "none"}
         ratio = Spread.of(b / s for b, s in zip(lost["background"], lost["sync"]))
         ratio_torch = Spread.of(b / s for b, s in zip(lost["background"], lost["sync_torch_save"]))
-        step = statistics.median(statistics.median(r["none"]["steps"]) for r in job["rounds"])
-        boundary = Spread.of(statistics.median(r["background"]["boundary"][:-1]) for r in job["rounds"])
-        write = Spread.of(statistics.median(r["background"]["write"]) for r in job["rounds"])
-        write_cpu = Spread.of(statistics.median(r["background"]["write_cpu"]) for r in job["rounds"])
+        step = statistics.median(s for r in job["rounds"] for c in r["none"] for s in c["steps"])
+        boundary = Spread.of(statistics.median(c["boundary"] for c in r["background"]) for r in job["rounds"])
+        write = Spread.of(statistics.median(c["write"] for c in r["background"]) for r in job["rounds"])
+        write_cpu = Spread.of(statistics.median(c["write_cpu"] for c in r["background"]) for r in job["rounds"])
         where = f"{job['ranks']} rank{'s' * (job['ranks'] > 1)}, ZeRO {job['zero_stage']}"
         if job.get("expert_parallel", 1) > 1:
             where += f", EP {job['expert_parallel']}"

@@ -160,6 +160,32 @@ def test_the_host_copies_are_page_aligned_and_written_with_o_direct(tmp_path):
     assert (tmp_path / "state.pt").stat().st_size % direct_write.BLOCK != 0  # truncated to its real size
 
 
+def test_parts_of_a_flat_buffer_are_copied_compactly_and_written_without_the_rest(tmp_path):
+    """DeepSpeed's ZeRO parameters are views of one flat buffer, and a background save skips the engine's clone
+    of them (CollectingCheckpointEngine.preserves_storage_sharing): host_copy copies each view's bytes alone,
+    so the file holds the parameters, not the flat buffer once per parameter; a tied view stays one tensor."""
+    from seedlm.launch.checkpoint import CollectingCheckpointEngine, HostStaging, host_copy
+    from seedlm.launch.direct_write import save_direct
+
+    flat = torch.randn(1 << 20)  # 4 MiB
+    state = {"embed": flat[:1000].view(10, 100), "lm_head": flat[:1000].view(10, 100),
+             "norm": flat[1000:1100], "transposed": flat[2000:2600].view(20, 30).t(), "moments": [torch.ones(5)]}
+    staging = HostStaging()
+    staging.start_save()
+    copy = host_copy(state, staging)
+    assert copy["embed"] is copy["lm_head"]
+    assert sum(b.nbytes() for b in staging.buffers) == 4 * (1000 + 100 + 600 + 5)
+    flat.add_(1.0)  # training goes on
+    save_direct(copy, tmp_path / "state.pt")
+    assert (tmp_path / "state.pt").stat().st_size < 64 << 10  # the 4 MiB buffer is not in the file
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    for key in ("embed", "norm", "transposed"):
+        assert torch.equal(loaded[key] + 1.0, state[key]), key
+    assert loaded["embed"].untyped_storage().data_ptr() == loaded["lm_head"].untyped_storage().data_ptr()
+    assert not CollectingCheckpointEngine(staging).preserves_storage_sharing()  # DeepSpeed does not clone first
+    assert CollectingCheckpointEngine(None).preserves_storage_sharing()  # a synchronous save: it does
+
+
 def test_old_checkpoints_are_renamed_at_once_and_deleted_in_the_background(tmp_path):
     """A checkpoint being pruned is never a resume candidate, even half deleted; what an interrupted prune
     left is deleted by the next one."""
