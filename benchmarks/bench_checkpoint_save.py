@@ -132,7 +132,8 @@ def worker(a) -> None:
         barrier()
         record = {"seconds": seconds, "steps": steps, "boundary": boundary, "wait": wait}
         if trainer.saver:
-            record.update(write=trainer.saver.write_seconds[written], write_cpu=trainer.saver.write_cpu_seconds[written])
+            record.update(write=trainer.saver.write_seconds[written],
+                          write_cpu=trainer.saver.write_cpu_seconds[written])
         return record
 
     rounds = []
@@ -242,16 +243,16 @@ def report(result: dict, peak_flops: float | None = None) -> str:
     a, jobs = result["args"], result["jobs"]
     lines = [f"Gated MoE of {jobs[0]['params'] / 1e6:.0f}M parameters (hidden {a['hidden']}, {a['layers']} layers, "
              f"{a['experts']} experts of {a['moe_intermediate']}), fp32 AdamW, batches of 1 x {a['seq_len']} tokens. "
-             "Modes: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); a "
-             "synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save with that "
-             f"writer. A cycle: one save, {a['every']} step{'s' * (a['every'] > 1)}, the wait for the save in flight and for the pruned "
-             f"checkpoint's deletion. Each of {a['rounds']} rounds runs {a['saves']} turns of one cycle per mode "
-             "(order rotated). Lost per save = mean over a round's turns of (the cycle's seconds - the same turn's "
-             "no-save cycle's seconds); min / median / max over the rounds. Boundary: how long a save call held "
-             "the training loop (for the background save, the host copy); write: how long the background writer "
-             "took to write and fsync the files, and the CPU (user + system) its thread used meanwhile. Load "
-             "average (1 min) at the start and the end: " + " / ".join(f"{x:.1f}" for x in result["load_average"])
-             + ".", "",
+             "Modes: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); "
+             "a synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save with that "
+             f"writer. A cycle: one save, {a['every']} step{'s' * (a['every'] > 1)}, the wait for the save in "
+             f"flight and for the pruned checkpoint's deletion. Each of {a['rounds']} rounds runs {a['saves']} "
+             "turns of one cycle per mode (order rotated). Lost per save = mean over a round's turns of (the "
+             "cycle's seconds - the same turn's no-save cycle's seconds); min / median / max over the rounds. "
+             "Boundary: how long a save call held the training loop (for the background save, the host copy); "
+             "write: how long the background writer took to write and fsync the files, and the CPU (user + "
+             "system) its thread used meanwhile. Load average (1 min) at the start and the end: "
+             + " / ".join(f"{x:.1f}" for x in result["load_average"]) + ".", "",
              "| ranks, ZeRO | state per save | step (no save) | lost per save: synchronous, torch.save | "
              "synchronous, O_DIRECT | background | boundary, background | write, background | writer CPU, background | "
              "background / synchronous O_DIRECT | background / synchronous torch.save |",
