@@ -1,17 +1,18 @@
 """Training time lost per checkpoint save: synchronous against background (train.async_save), side by side.
 
-One process (or one torchrun job of --ranks gloo ranks) builds the Trainer once for a ~210M-parameter gated
-MoE with tiny batches (1 x --seq-len tokens), so that a step is short and the save of ~2.5 GB of state (fp32
-weights and AdamW moments) dominates. Four modes: no save; a synchronous save with torch.save (DeepSpeed's
-default writer: buffered, zip CRC); a synchronous save with the O_DIRECT writer (launch/direct_write.py); a
-background save (the host copy at the step boundary into page-aligned host buffers reused from save to save,
-the O_DIRECT write and fsync in a thread; launch/checkpoint.py). One saver per mode saves once before the
-rounds. A cycle is one save of a mode, --every steps, and the wait for that save and for the deletion of the
-checkpoint it pruned, so everything a save costs training falls inside its cycle. Each round runs --saves
-turns of one cycle per mode, the order rotated from turn to turn, so a slow stretch of the machine hits the
-modes alike. Training time lost per save = the mean over the round's turns of (the cycle's seconds - the
-no-save cycle's seconds of the same turn): a mean, so the no-save cycles' own slow steps count as they do in
-the others. Goal (issue 15): background <= 20% of synchronous in the worst round.
+One process (or one torchrun job of --ranks gloo ranks) builds the Trainer once for a ~210M-parameter gated MoE
+with tiny batches (1 x --seq-len tokens), so that a step is short and the save of ~2.5 GB of state (fp32 weights
+and AdamW moments) dominates. Four modes: no save; a synchronous save with torch.save (DeepSpeed's default writer:
+buffered, zip CRC); a synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save (the
+host copy at the step boundary into page-aligned host buffers reused from save to save, the O_DIRECT write and
+fsync in a thread; launch/checkpoint.py). One saver per mode saves once before the rounds. A cycle is one save of a
+mode, --every steps, and the wait for that save, so everything a save costs training falls inside its cycle. No
+cycle deletes an old checkpoint: between turns, untimed, all but the newest are deleted and the disk is given
+--settle seconds (ext4 `discard` trims freed blocks seconds after a delete). Each round runs --saves turns of one
+cycle per mode, the order rotated from turn to turn, so a slow stretch of the machine hits the modes alike.
+Training time lost per save = the mean over the round's turns of (the cycle's seconds - the no-save cycle's seconds
+of the same turn): a mean, so the no-save cycles' own slow steps count as they do in the others. Goal (issue 15):
+background <= 20% of synchronous in the worst round.
 
     python benchmarks/bench_checkpoint_save.py                 # 1 rank ZeRO-0, then 2 ranks ZeRO-2
     python benchmarks/bench_checkpoint_save.py --jobs 2:2:2    # 2 ranks, ZeRO-2, expert parallel 2
@@ -89,7 +90,8 @@ def worker(a) -> None:
     batches = itertools.cycle([next(loader) for _ in range(8)])
     trainer.engine.train()
     # one saver per mode for the whole run, as in training: the background saver's host buffers are reused
-    savers = {mode: checkpoint.CheckpointSaver(trainer.checkpoint_root, 2, trainer.dist.rank,
+    # keep_last above a turn's saves: no save deletes an older checkpoint inside a timed cycle (settle() does)
+    savers = {mode: checkpoint.CheckpointSaver(trainer.checkpoint_root, len(MODES), trainer.dist.rank,
                                                background=mode == "background") for mode in MODES if mode != "none"}
     direct_writer = checkpoint.save_direct
 
@@ -99,15 +101,28 @@ def worker(a) -> None:
         # the torch.save baseline: the same saver with DeepSpeed's writer in place of launch/direct_write.py's
         checkpoint.save_direct = torch_save_and_fsync if mode == "sync_torch_save" else direct_writer
 
+    def settle() -> None:
+        """Between turns, untimed: delete all but the newest checkpoint, flush, and give the disk --settle
+        seconds. On ext4 mounted with `discard` (these machines) the freed blocks are trimmed after the next
+        journal commit, seconds later, and that work would land in whichever cycle ran then; deleting old
+        checkpoints costs every mode the same and is not what is measured here."""
+        barrier()
+        if trainer.dist.rank == 0:
+            checkpoint.prune(trainer.checkpoint_root, keep_last=1)
+        os.sync()
+        time.sleep(a.settle)
+        barrier()
+
     for mode in savers:  # warm-up: optimizer state exists, each saver has saved once
         use(mode)
         trainer.count_step(trainer.train_step(batches))
         trainer.checkpoint()
         trainer.checkpoint_published(wait=True)
+    settle()
 
     def cycle(mode: str) -> dict:
-        """One save of `mode` (none: no save), then --every steps, then the wait for the save in flight and for
-        the deletion of the checkpoint it pruned: everything the save costs training falls inside the cycle."""
+        """One save of `mode` (none: no save), then --every steps, then the wait for the save in flight: all the
+        save costs training falls inside the cycle."""
         use(mode)
         written = len(trainer.saver.write_seconds) if trainer.saver else 0
         steps, boundary, wait = [], 0.0, 0.0
@@ -125,8 +140,6 @@ def worker(a) -> None:
         if trainer.saver:
             t0 = time.perf_counter()
             trainer.checkpoint_published(wait=True)  # the write counts in full
-            if trainer.saver.pruning is not None:
-                trainer.saver.pruning.join()  # rank 0's deletion of the pruned checkpoint, in a thread
             wait = time.perf_counter() - t0
         seconds = time.perf_counter() - start
         barrier()
@@ -142,6 +155,7 @@ def worker(a) -> None:
         for rep in range(a.saves):  # the modes in turn, the order rotated from save to save
             for mode in MODES[rep % len(MODES):] + MODES[:rep % len(MODES)]:
                 cycles[mode].append(cycle(mode))
+            settle()
         rounds.append(cycles)
     checkpoint.save_direct = direct_writer
     if trainer.dist.rank == 0:
@@ -168,7 +182,8 @@ def run_job(a, ranks: int, zero_stage: int, ep: int, corpus: Path, tok: Path, wo
                    "--output-dir", str(workdir / f"run_{ranks}_{zero_stage}_{ep}"), "--out", str(out),
                    "--rounds", str(a.rounds), "--every", str(a.every), "--saves", str(a.saves),
                    "--hidden", str(a.hidden), "--layers", str(a.layers), "--experts", str(a.experts),
-                   "--moe-intermediate", str(a.moe_intermediate), "--seq-len", str(a.seq_len)]
+                   "--moe-intermediate", str(a.moe_intermediate), "--seq-len", str(a.seq_len),
+                   "--settle", str(a.settle)]
     result = subprocess.run([*launcher, str(Path(__file__).resolve()), *worker_args], cwd=REPO, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
@@ -188,6 +203,8 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=32)
     p.add_argument("--moe-intermediate", type=int, default=512)
     p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--settle", type=float, default=6.0,
+                   help="untimed seconds between turns, after deleting the turn's checkpoints (ext4 discard)")
     p.add_argument("--smoke", action="store_true", help="a ~5M-parameter model, 1 rank")
     p.add_argument("--json", type=Path, help="also write every step's and save's seconds to this file")
     add_rounds_argument(p)
@@ -201,7 +218,7 @@ def parse_args(argv=None):
     parse_jobs(args.jobs)  # a mistyped --jobs stops here, before any model is built
     if args.smoke:
         args.jobs, args.hidden, args.layers, args.experts, args.moe_intermediate = "1:0", 128, 2, 8, 128
-        args.every, args.saves = 1, 1
+        args.every, args.saves, args.settle = 1, 1, 0.0
     return args
 
 
@@ -246,13 +263,13 @@ def report(result: dict, peak_flops: float | None = None) -> str:
              "Modes: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); "
              "a synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save with that "
              f"writer. A cycle: one save, {a['every']} step{'s' * (a['every'] > 1)}, the wait for the save in "
-             f"flight and for the pruned checkpoint's deletion. Each of {a['rounds']} rounds runs {a['saves']} "
-             "turns of one cycle per mode (order rotated). Lost per save = mean over a round's turns of (the "
-             "cycle's seconds - the same turn's no-save cycle's seconds); min / median / max over the rounds. "
-             "Boundary: how long a save call held the training loop (for the background save, the host copy); "
-             "write: how long the background writer took to write and fsync the files, and the CPU (user + "
-             "system) its thread used meanwhile. Load average (1 min) at the start and the end: "
-             + " / ".join(f"{x:.1f}" for x in result["load_average"]) + ".", "",
+             "flight (old checkpoints are deleted between turns, untimed). Each of "
+             f"{a['rounds']} rounds runs {a['saves']} turns of one cycle per mode (order rotated). Lost per save = "
+             "mean over a round's turns of (the cycle's seconds - the same turn's no-save cycle's seconds); "
+             "min / median / max over the rounds. Boundary: how long a save call held the training loop (for the "
+             "background save, the host copy); write: how long the background writer took to write and fsync the "
+             "files, and the CPU (user + system) its thread used meanwhile. Load average (1 min) at the start and "
+             "the end: " + " / ".join(f"{x:.1f}" for x in result["load_average"]) + ".", "",
              "| ranks, ZeRO | state per save | step (no save) | lost per save: synchronous, torch.save | "
              "synchronous, O_DIRECT | background | boundary, background | write, background | writer CPU, background | "
              "background / synchronous O_DIRECT | background / synchronous torch.save |",
