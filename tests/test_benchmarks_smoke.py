@@ -29,7 +29,7 @@ TABLES = {
     "delta_product_memory": "| T | kernel, recompute | kernel, old |",
     "activation_checkpointing": "| family | activation_checkpointing | saved KiB / token |",
     "startup_memory": "| construction | build | start-up | first step |",
-    "checkpoint_save": "| ranks, ZeRO | state per save | step (no save) |",
+    "checkpoint_save": "| ranks, ZeRO | mode | state per save |",
     "host_allocator": "| allocator | peak RSS, worst rank, per round | tokens/s, per round |",
 }
 
