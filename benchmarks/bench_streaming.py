@@ -40,7 +40,7 @@ def read_all(source, pieces) -> int:
 
 
 def readers_table(source, path: Path, num_readers: int) -> list[tuple[str, int, float]]:
-    from seedlm.data_pipeline.loader import reader_pieces
+    from seedlm.data_pipeline.readers import reader_pieces
 
     used = path.stat().st_size
     split = sum(read_all(source, reader_pieces(source, r, num_readers)) for r in range(num_readers))

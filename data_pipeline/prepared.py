@@ -84,7 +84,7 @@ def prepare(config: DataConfig, tokenizer_dir: str | os.PathLike, out_dir: str |
             num_proc: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS, show_progress: bool = True) -> dict:
     """Tokenise the train (and validation) split of `config.sources` into `out_dir`; returns the manifest.
     A rerun on a folder of the same sources and tokenizer continues where the last one stopped."""
-    from .loader import make_tokenize
+    from .readers import make_tokenize
     from .tokenizer import load_tokenizer
 
     if shard_tokens < 1:
@@ -231,7 +231,7 @@ _worker_tokenize = None
 
 def _init_worker(tokenizer_dir: str) -> None:
     global _worker_tokenize
-    from .loader import make_tokenize
+    from .readers import make_tokenize
     from .tokenizer import load_tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already

@@ -7,7 +7,7 @@ import pytest
 from test_data_helpers import tiny_tokenizer
 
 from seedlm.data_pipeline import DataError, check_vocab_fits, load_tokenizer
-from seedlm.data_pipeline.loader import make_tokenize
+from seedlm.data_pipeline.readers import make_tokenize
 
 TEXTS = [
     "plain ASCII text, with punctuation!  And  double  spaces.",

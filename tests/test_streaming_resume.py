@@ -9,7 +9,8 @@ import pytest
 from test_data_helpers import lane_documents, make_docs, take, tiny_tokenizer, write_jsonl
 
 from seedlm.data_pipeline import DataConfig, DataError, SourceConfig, build_dataloader, open_source
-from seedlm.data_pipeline.loader import can_change_topology, reader_pieces
+from seedlm.data_pipeline.loader import can_change_topology
+from seedlm.data_pipeline.readers import reader_pieces
 
 
 @pytest.fixture(scope="module")
