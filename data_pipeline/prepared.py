@@ -61,6 +61,7 @@ SPLITS = ("train", "validation")
 DEFAULT_SHARD_TOKENS = 64 * 2**20
 _BLOCK_DOCS, _BLOCK_CHARS = 256, 1_000_000  # a tokenisation task: this many records or characters, what comes first
 _MIX_CHUNK = 65536  # mixture draws come from a counter-based RNG in chunks of this size
+VALIDATION_ORDER_SEED = 0  # the validation rows' order: fixed, not the run's seed, so every run evaluates alike
 _SHARD_FILE = re.compile(r"^\d{5}\.(bin|idx\.npy)$")
 
 
@@ -563,8 +564,12 @@ class PreparedLoader:
             yield batch
 
     def _validation(self):
+        """One pass over every validation row in a fixed shuffled order, rank r taking rows r, r + W, ... of it:
+        the first eval_batches are a sample of the whole split (in document order they were its first documents
+        only), the same rows for every run seed, and the same set of rows for any world size at one global batch."""
         rows = [(k, r) for k, s in enumerate(self.sets) for r in range(s.num_rows(padded_last=True))]
-        mine = rows[self.rank :: self.world_size]
+        order = np.random.default_rng(VALIDATION_ORDER_SEED).permutation(len(rows))
+        mine = [rows[i] for i in order[self.rank :: self.world_size]]
         B = self.config.micro_batch_size
         for first in range(0, len(mine), B):
             yield make_batch([self.sets[k].row(r) for k, r in mine[first : first + B]])

@@ -153,6 +153,30 @@ def test_mixture_of_prepared_sets(tiny, tmp_path):
     assert sum(int((b["labels"] != -100).sum()) for b in validation) > 0
 
 
+def test_validation_rows_come_in_a_fixed_shuffled_order(tiny):
+    """The first eval_batches of the held-out split are a sample of all of it (in document order they were the
+    first documents only), the same rows whatever the run's seed, and the same rows at any world size."""
+    _, tok_dir, out, _ = tiny
+    tok = load_tokenizer(tok_dir)
+    split = PreparedSplit(out, "validation")
+    split.set_framing(SEQ_LEN, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok))
+    in_doc_order = [torch.as_tensor(split.row(r)[0]) for r in range(split.num_rows(padded_last=True))]
+
+    def rows(seed, rank=0, world=1):
+        cfg = DataConfig(prepared=[{"path": str(out)}], seq_len=SEQ_LEN, micro_batch_size=2, seed=seed)
+        return [r for b in build_dataloader(cfg, tok, rank, world, split="validation") for r in b["input_ids"]]
+
+    shuffled = rows(seed=0)
+    assert len(in_doc_order) >= 8 and len(shuffled) == len(in_doc_order)
+    position = [next(i for i, row in enumerate(in_doc_order) if torch.equal(row, x)) for x in shuffled]
+    assert sorted(position) == list(range(len(in_doc_order)))  # every row once
+    assert max(position[:4]) >= len(in_doc_order) // 2  # the first two batches reach past the first half
+    assert all(torch.equal(a, b) for a, b in zip(rows(seed=7), shuffled))
+    two_ranks = [rows(0, rank, 2) for rank in (0, 1)]
+    interleaved = [row for pair in zip(*two_ranks) for row in pair]
+    assert all(torch.equal(a, b) for a, b in zip(interleaved, shuffled))
+
+
 def test_interrupted_prepare_continues(tiny, tmp_path):
     corpus, tok_dir, out, manifest = tiny
     part = copy_set(out, tmp_path)
