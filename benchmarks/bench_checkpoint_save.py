@@ -173,6 +173,11 @@ def run_job(a, ranks: int, zero_stage: int, ep: int, corpus: Path, tok: Path, wo
     out = workdir / f"result_{ranks}_{zero_stage}_{ep}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    if a.nt_threshold:
+        from seedlm.launch.host_memory import NON_TEMPORAL_TUNABLE
+
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(NON_TEMPORAL_TUNABLE)]
+        env["GLIBC_TUNABLES"] = ":".join([*tunables, f"{NON_TEMPORAL_TUNABLE}={a.nt_threshold}"])
     launcher = [sys.executable]
     if ranks > 1:  # the cores are split between the ranks
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
@@ -208,6 +213,9 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--settle", type=float, default=6.0,
                    help="untimed seconds between turns, after deleting the turn's checkpoints (ext4 discard)")
+    p.add_argument("--nt-threshold", type=int, default=4 << 20,
+                   help="glibc's non-temporal threshold in bytes for the jobs (GLIBC_TUNABLES, launch/host_memory.py: "
+                        "the host copies stream above it); 0 leaves glibc's own (~180 MiB on these VMs)")
     p.add_argument("--smoke", action="store_true", help="a ~5M-parameter model, 1 rank")
     p.add_argument("--json", type=Path, help="also write every step's and save's seconds to this file")
     add_rounds_argument(p)
@@ -291,7 +299,10 @@ def report(result: dict, peak_flops: float | None = None) -> str:
              f"{a['experts']} experts of {a['moe_intermediate']}), fp32 AdamW, batches of 1 x {a['seq_len']} tokens. "
              "Modes: no save; a synchronous save with torch.save (DeepSpeed's default writer: buffered, zip CRC); "
              "a synchronous save with the O_DIRECT writer (launch/direct_write.py); a background save with that "
-             f"writer. A cycle: one save, {a['every']} step{'s' * (a['every'] > 1)}, the wait for the save in "
+             f"writer. glibc's non-temporal threshold: "
+             + (f"{a['nt_threshold'] / 2**20:g} MiB (GLIBC_TUNABLES: the background save's host copies stream past "
+                "the caches). " if a.get("nt_threshold") else "glibc's own. ")
+             + f"A cycle: one save, {a['every']} step{'s' * (a['every'] > 1)}, the wait for the save in "
              "flight (old checkpoints are deleted between turns, untimed). Each of "
              f"{a['rounds']} rounds runs {a['saves']} turns of one cycle per mode (order rotated). "
              "Lost per save: the seconds the save call and the final wait held the loop + the steps of a cycle at "

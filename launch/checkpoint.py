@@ -44,6 +44,7 @@ import torch
 
 from seedlm.launch.direct_write import aligned_storage, save_direct
 from seedlm.launch.distributed import all_ranks_true, barrier
+from seedlm.launch.host_memory import copy_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +207,15 @@ def host_copy(obj, staging: HostStaging, copies: dict | None = None):
         storage = obj.untyped_storage()
         if obj.storage_offset() == 0 and obj.numel() * obj.element_size() == storage.nbytes():
             if storage.data_ptr() not in copies:
-                copies[storage.data_ptr()] = staging.buffer(storage.nbytes()).copy_(storage)
+                as_bytes = lambda s: torch.empty(0, dtype=torch.uint8, device=s.device).set_(s)
+                buffer = staging.buffer(storage.nbytes())
+                copy_bytes(as_bytes(buffer), as_bytes(storage))
+                copies[storage.data_ptr()] = buffer
             return torch.empty(0, dtype=obj.dtype).set_(copies[storage.data_ptr()], 0, obj.shape, obj.stride())
         part = (storage.data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
         if part not in copies:
             buffer = staging.buffer(obj.numel() * obj.element_size())
-            copies[part] = torch.empty(0, dtype=obj.dtype).set_(buffer, 0, obj.shape).copy_(obj)
+            copies[part] = copy_bytes(torch.empty(0, dtype=obj.dtype).set_(buffer, 0, obj.shape), obj)
         return copies[part]
     if type(obj) in (dict, OrderedDict):
         return type(obj)((k, host_copy(v, staging, copies)) for k, v in obj.items())

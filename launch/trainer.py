@@ -45,7 +45,7 @@ from seedlm.launch.engine import (
     save_model_files_fn,
     single_process_train_config,
 )
-from seedlm.launch.host_memory import keep_freed_blocks, set_mmap_threshold
+from seedlm.launch.host_memory import host_copy_line, keep_freed_blocks, set_mmap_threshold
 from seedlm.launch.metrics import MetricsLogger, measure_peak_flops, memory_stats, plot_loss_curve
 from seedlm.launch.training_data import training_data
 
@@ -210,6 +210,8 @@ class Trainer:
         self.save_hf = save_hf_folder_fn(self.engine, self.tokenizer, self.dist, self.ep_info)
         self.save_model_files = save_model_files_fn(self.engine, self.tokenizer, self.dist)
         self.saver = CheckpointSaver(self.checkpoint_root, self.t.keep_last, self.dist.rank, self.t.async_save)
+        if self.t.async_save and self.device.type == "cpu":
+            logger.info(host_copy_line())
 
     # ------------------------------------------------------------------ one step
 

@@ -204,3 +204,26 @@ def test_old_checkpoints_are_renamed_at_once_and_deleted_in_the_background(tmp_p
     assert sorted(p.name for p in root.iterdir()) == ["step_00000006"]
     (root / "step_00000006").rename(root / "step_00000006.pruned")
     assert find_resume_checkpoint(root) is None
+
+
+def test_copy_bytes_is_an_exact_copy_on_every_path():
+    """launch/host_memory.copy_bytes: glibc's memmove split over threads (large), in the calling thread (small), or
+    torch's copy_ (strided, another dtype); pieces of a copy whose size is no multiple of the threads or pages."""
+    from seedlm.launch.host_memory import THREADED_COPY_MIN_BYTES, copy_bytes
+
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            flat = torch.randn(THREADED_COPY_MIN_BYTES // 4 + 3001)
+            cases = [flat, flat[7:], flat[:100], flat[:0], flat.view(-1, 1)[:1000].expand(1000, 3),
+                     torch.randn(64, 65).t()]
+            for src in cases:
+                dst = torch.full(src.shape, float("nan"))
+                assert copy_bytes(dst, src) is dst
+                assert torch.equal(dst, src)
+            dst = torch.zeros(1000, dtype=torch.float64)
+            copy_bytes(dst, flat[:1000])
+            assert torch.equal(dst, flat[:1000].double())
+    finally:
+        torch.set_num_threads(threads)
