@@ -18,7 +18,8 @@ The kernels do not normalise q or k (the layer does). Math runs in fp32 (fp64 wh
 fp64); the final state is returned in that dtype.
 
 This file is copied into the Hugging Face module cache for ``trust_remote_code`` loading: it imports
-only the standard library and torch, and flash-linear-attention stays an optional, guarded import.
+only the standard library and torch; flash-linear-attention and the fused CPU kernel (delta_product_cpu.py,
+which builds delta_product_cpu.cpp) are optional, guarded imports.
 """
 
 from __future__ import annotations
@@ -29,6 +30,28 @@ try:  # optional CUDA backend; the torch paths below never need it
     from fla.ops.gated_delta_product import chunk_gated_delta_product as _fla_chunk_gated_delta_product
 except Exception:  # ImportError, or a broken triton install
     _fla_chunk_gated_delta_product = None
+
+
+
+def _sibling_module(name: str):
+    """model/<name>.py loaded by path, for when this file is loaded by path itself (tests, benchmarks); None if
+    it is not beside this file (remote code copies only this one)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name(f"{name}.py")
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(f"{__name__}_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+try:  # the fused CPU kernel (delta_product_cpu.py/.cpp): optional, the torch ops below serve without it
+    from . import delta_product_cpu
+except ImportError:  # not a package module
+    delta_product_cpu = _sibling_module("delta_product_cpu")
 
 __all__ = ["chunk_delta_product", "recurrent_delta_product"]
 
@@ -256,6 +279,21 @@ def _state_scan(x, S0, resets, captures):
     return states[:NC], news, finals, states[NC].clone()  # a copy: a view would keep the whole buffer alive
 
 
+# Blocks on CPU in fp32 run through the fused kernel (delta_product_cpu.cpp) when it builds: the same math per
+# (chunk, head), its tiles kept in cache through every step. False: always the torch ops (tests, benchmarks).
+_FUSED_CPU = True
+
+
+def _fused(q, resets, captures, inputs) -> bool:
+    """Whether this block takes the fused CPU kernel: it has no autograd graph to record (inputs needing grad under
+    grad mode take the torch ops, which autograd can follow) and delta_product_cpu.qualifies."""
+    if not _FUSED_CPU or delta_product_cpu is None:
+        return False
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
+        return False
+    return delta_product_cpu.qualifies(q, resets, captures)
+
+
 def _merge_heads(q, k, v, beta, g):
     """[NC, B, H, ...] -> [NC, B*H, ...] (views: _to_chunks made q, k, v contiguous)."""
     return [x.flatten(1, 2) if x is not None else None for x in (q, k, v, beta, g)]
@@ -270,6 +308,9 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures, out=None):
     Returns (o [NC, B, H, Ct, V], {key: state [B, H, K, V]}, state after the last chunk [B, H, K, V]);
     o is written into `out` (contiguous, o's shape) when given.
     """
+    if _fused(q, resets, captures, (q, k, v, beta, g, S0)):
+        o, S = delta_product_cpu.block_forward(q, k, v, beta, g, n, S0, out)
+        return o, {key: S for key in captures.values()}, S
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
     x = _intra_chunk(*_merge_heads(q, k, v, beta, g), n)
@@ -291,6 +332,9 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
     contiguous tensors in the inputs' shapes (this block's slice of the whole gradient, so that no
     concatenation follows; None for g=None). Returns (dS0, {chunk: d reset}).
     """
+    if _fused(q, resets, d_captured, ()):
+        d_last = d_S_last + sum(d_captured.values()) if d_captured else d_S_last  # captured: after the last chunk
+        return delta_product_cpu.block_backward(q, k, v, beta, g, n, S0, d_o, d_last, out), {}
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
     merged = lambda S: S.reshape(B * H, K, V)

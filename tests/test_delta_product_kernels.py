@@ -324,3 +324,95 @@ def test_bad_chunk_options_raise():
         chunk_delta_product(q, k, v, beta, g, backend="triton")
     with pytest.raises(ValueError, match="backend='fla'"):
         chunk_delta_product(q, k, v, beta, g, backend="fla")  # CPU fp32: fla cannot serve it
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused CPU kernel (model/delta_product_cpu.cpp), fp32, against the float64 recurrence
+# ----------------------------------------------------------------------------------------------
+
+fused = kernels.delta_product_cpu
+
+
+def _count_fused_blocks(monkeypatch):
+    """Counts the blocks the fused kernel ran, forward and backward."""
+    calls = {"forward": 0, "backward": 0}
+    for direction in calls:
+        real = getattr(fused, f"block_{direction}")
+
+        def counted(*args, _real=real, _direction=direction, **kw):
+            calls[_direction] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(fused, f"block_{direction}", counted)
+    return calls
+
+
+def test_fused_cpu_kernel_builds_where_a_compiler_is():
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine: the torch ops serve (the fallback is tested below)")
+    assert fused.library() is not None
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("use_g", [False, True])
+def test_fused_cpu_kernel_matches_recurrence_fwd_bwd(monkeypatch, n, use_g):
+    if fused.library() is None:
+        pytest.skip("the fused kernel is not built here")
+    calls = _count_fused_blocks(monkeypatch)
+    inputs = make_inputs(B=2, T=45, H=3, K=16, V=12, n=n, use_g=use_g, seed=40 + n)
+    gen = torch.Generator().manual_seed(140 + n)
+    d_o = torch.randn(2, 45, 3, 12, generator=gen, dtype=F64)
+    d_s = torch.randn(2, 3, 16, 12, generator=gen, dtype=F64)
+    o_r, s_r, g_r = _run_with_grads(recurrent_delta_product, inputs, n, d_o, d_s)
+    f32 = [x.float() if x is not None else None for x in inputs]
+    o_c, s_c, g_c = _run_with_grads(chunk_delta_product, f32, n, d_o.float(), d_s.float(), chunk_size=16)
+    assert calls == {"forward": 1, "backward": 1}
+    names = ["o", "state", "q", "k", "v", "beta"] + (["g"] if use_g else []) + ["initial_state"]
+    for name, a, b in zip(names, [o_c, s_c, *g_c], [o_r, s_r, *g_r]):
+        assert a.dtype == torch.float32
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < 2e-6, f"{name}: max error {err:.2e} of its largest value"
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_fused_cpu_blocks_hand_over_to_each_other_and_to_the_torch_ops(monkeypatch, varlen):
+    """Blocks of 2 chunks: the state passes between fused blocks, and with packed documents the blocks where a
+    document starts take the torch ops while the others run fused."""
+    if fused.library() is None:
+        pytest.skip("the fused kernel is not built here")
+    calls = _count_fused_blocks(monkeypatch)
+    n, B, T, H, K, V, C = 2, 1, 61, 2, 8, 6, 8
+    monkeypatch.setattr(kernels, "_CPU_BLOCK_ELEMENTS", 2 * B * H * C * (C + 2 * (K + V)))
+    offsets = [0, 3, 40, 61] if varlen else None
+    N = len(offsets) - 1 if varlen else B
+    inputs = make_inputs(B=B, T=T, H=H, K=K, V=V, n=n, N=N, seed=23)
+    cu = torch.tensor(offsets) if varlen else None
+    gen = torch.Generator().manual_seed(24)
+    d_o = torch.randn(B, T, H, V, generator=gen, dtype=F64)
+    d_s = torch.randn(N, H, K, V, generator=gen, dtype=F64)
+    o_r, s_r, g_r = _run_with_grads(recurrent_delta_product, inputs, n, d_o, d_s, cu_seqlens=cu)
+    f32 = [x.float() for x in inputs]
+    o_c, s_c, g_c = _run_with_grads(chunk_delta_product, f32, n, d_o.float(), d_s.float(), cu_seqlens=cu,
+                                    chunk_size=C)
+    # 4 tokens a chunk: 16 chunks in 8 blocks; packed, 1 + 10 + 6 = 17 chunks in 9 blocks, documents starting in
+    # blocks 0, 0 and 5 (those two take the torch ops)
+    assert calls["forward"] == calls["backward"] == (7 if varlen else 8)
+    for a, b in zip([o_c, s_c, *g_c], [o_r, s_r, *g_r]):
+        assert (a.double() - b).abs().max() / b.abs().max() < 2e-6
+
+
+def test_fused_cpu_kernel_that_fails_to_build_falls_back_with_a_warning(monkeypatch, tmp_path):
+    broken = tmp_path / "delta_product_cpu.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(fused, "SOURCE", broken)
+    monkeypatch.setattr(fused, "_library", False)
+    monkeypatch.setenv("SEEDLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    inputs = [x.float() for x in make_inputs(B=1, T=20, n=2, use_g=True)]
+    with pytest.warns(UserWarning, match="could not be built, the torch ops serve instead"):
+        o, s = chunk_delta_product(*inputs[:5], initial_state=inputs[5], output_final_state=True, num_householder=2)
+    o_r, s_r = recurrent_delta_product(*inputs[:5], initial_state=inputs[5], output_final_state=True,
+                                       num_householder=2)
+    torch.testing.assert_close(o, o_r, rtol=0, atol=1e-5)
+    assert fused.library() is None  # tried once: no warning, no build at every call

@@ -1,0 +1,332 @@
+// DeltaProduct chunk kernel for one block of chunks on CPU, fp32: forward, and backward with the block recomputed
+// from its entry state. The same math as _chunk_scan / _chunk_scan_backward in delta_product_kernels.py (read the
+// comments there for the derivation), fused per (chunk, head): each one's 64 x 64 tiles stay in the core's cache
+// through all their products and elementwise steps, the matmuls are single-threaded MKL sgemm calls (torch's MKL)
+// and the (chunk, head) pairs are spread over torch's OpenMP threads. Built and loaded by delta_product_kernels.py
+// with ctypes (no torch headers); plain C ABI.
+//
+// Shapes, row-major, P = chunks in the block x B*H pairs, pair p = chunk * BH + head:
+//   q [P, Ct, K] (already scaled), k [P, C, K], v [P, C, V], beta [P, C], g [P, Ct] (log decay; zeros when
+//   ungated), C = Ct * n, the n keys of a token side by side. States S [BH, K, V].
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+
+namespace {
+
+// Row-major C[M, N] = alpha * op(A) op(B) + beta * C, op(X) = X or X^T (ta / tb), leading dims as stored.
+void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, int lda, const float* B, int ldb,
+          float beta, float* C, int ldc) {
+  // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
+  const char a_op = ta ? 'T' : 'N', b_op = tb ? 'T' : 'N';
+  sgemm_(&b_op, &a_op, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+}
+
+struct Dims {
+  int P, BH, Ct, n, C, K, V;
+};
+
+// Scratch memory, kept from call to call by the calling thread: a fresh allocation per block was mapped and
+// zero-filled each time (page faults on megabytes per block).
+float* scratch(size_t n) {
+  thread_local std::vector<float> arena;
+  if (arena.size() < n) arena.resize(n);
+  return arena.data();
+}
+
+// Everything of one (chunk, head) pair that does not depend on the state entering the chunk (_intra_chunk), for
+// all pairs of the block; `extra` more floats of scratch after them for the caller (state scan and backward).
+struct Intra {
+  float *A, *Tm, *Aq, *qdec, *U, *W, *rv, *rk, *kb, *qd, *kd, *exp_gk, *exp_gq, *exp_rest, *dec, *rest;
+  Intra(const Dims& d, size_t extra) {
+    const size_t P = d.P, C = d.C, Ct = d.Ct, K = d.K, V = d.V;
+    const size_t sizes[] = {P * C * C, P * C * C, P * Ct * C, P * Ct * C, P * C * V, P * C * K, P * C * V,
+                            P * C * K, P * C * K, P * Ct * K, P * C * K, P * C, P * Ct, P * C, P, extra};
+    float** slots[] = {&A, &Tm, &Aq, &qdec, &U, &W, &rv, &rk, &kb, &qd, &kd, &exp_gk, &exp_gq, &exp_rest, &dec, &rest};
+    size_t total = 0;
+    for (size_t size : sizes) total += (size + 15) / 16 * 16;  // each array on a 64-byte boundary
+    float* at = scratch(total);
+    for (int i = 0; i < 16; ++i) {
+      *slots[i] = at;
+      at += (sizes[i] + 15) / 16 * 16;
+    }
+  }
+};
+
+void intra_pair(const Dims& d, int p, const float* q, const float* k, const float* v, const float* beta,
+                const float* g, Intra& x) {
+  const int Ct = d.Ct, C = d.C, K = d.K, V = d.V, n = d.n;
+  const float* qp = q + (size_t)p * Ct * K;
+  const float* kp = k + (size_t)p * C * K;
+  const float* vp = v + (size_t)p * C * V;
+  const float* bp = beta + (size_t)p * C;
+  const float* gp = g + (size_t)p * Ct;
+  float* A = x.A + (size_t)p * C * C;
+  float* Tm = x.Tm + (size_t)p * C * C;
+  float* Aq = x.Aq + (size_t)p * Ct * C;
+  float* qdec = x.qdec + (size_t)p * Ct * C;
+  float* U = x.U + (size_t)p * C * V;
+  float* W = x.W + (size_t)p * C * K;
+  float* rv = x.rv + (size_t)p * C * V;
+  float* rk = x.rk + (size_t)p * C * K;
+  float* kb = x.kb + (size_t)p * C * K;
+  float* qd = x.qd + (size_t)p * Ct * K;
+  float* kd = x.kd + (size_t)p * C * K;
+  float* egk = x.exp_gk + (size_t)p * C;
+  float* egq = x.exp_gq + (size_t)p * Ct;
+  float* erest = x.exp_rest + (size_t)p * C;
+
+  float gq[256];  // cumulative log decay up to token i (Ct <= 256, checked by the caller)
+  float acc = 0.f;
+  for (int i = 0; i < Ct; ++i) gq[i] = (acc += gp[i]);
+  const float glast = gq[Ct - 1];
+  x.dec[p] = std::exp(glast);
+  for (int i = 0; i < Ct; ++i) egq[i] = std::exp(gq[i]);
+  for (int j = 0; j < C; ++j) {
+    egk[j] = std::exp(gq[j / n]);
+    erest[j] = std::exp(glast - gq[j / n]);
+  }
+  // query of token i sees positions j with j / n <= i; decay exp(gq_i - gk_j) there, 0 elsewhere
+  for (int i = 0; i < Ct; ++i)
+    for (int j = 0; j < C; ++j) qdec[i * C + j] = (j / n <= i) ? std::exp(gq[i] - gq[j / n]) : 0.f;
+  for (int j = 0; j < C; ++j) {
+    const float b = bp[j];
+    for (int c = 0; c < K; ++c) {
+      kb[j * K + c] = b * kp[j * K + c];
+      rk[j * K + c] = kb[j * K + c] * egk[j];
+      kd[j * K + c] = kp[j * K + c] * erest[j];
+    }
+    for (int c = 0; c < V; ++c) rv[j * V + c] = b * vp[j * V + c];
+  }
+  for (int i = 0; i < Ct; ++i)
+    for (int c = 0; c < K; ++c) qd[i * K + c] = qp[i * K + c] * egq[i];
+  gemm(false, true, C, C, K, 1.f, kb, K, kp, K, 0.f, A, C);    // A = (beta K) K^T
+  gemm(false, true, Ct, C, K, 1.f, qp, K, kp, K, 0.f, Aq, C);  // Aq = Q K^T
+  for (int i = 0; i < C; ++i)
+    for (int j = 0; j < C; ++j) A[i * C + j] *= qdec[(i / n) * C + j];  // row i decays like token i / n
+  for (int i = 0; i < Ct * C; ++i) Aq[i] *= qdec[i];
+  // Tm = (I + tril(A, -1))^-1 by forward substitution: row i = e_i - sum_{j<i} A[i, j] row j
+  std::fill(Tm, Tm + (size_t)C * C, 0.f);
+  for (int i = 0; i < C; ++i) {
+    float* row = Tm + (size_t)i * C;
+    row[i] = 1.f;
+    for (int j = 0; j < i; ++j) {
+      const float a = A[i * C + j];
+      const float* rj = Tm + (size_t)j * C;
+      for (int m = 0; m <= j; ++m) row[m] -= a * rj[m];
+    }
+  }
+  gemm(false, false, C, V, C, 1.f, Tm, C, rv, V, 0.f, U, V);  // U = Tm beta V
+  gemm(false, false, C, K, C, 1.f, Tm, C, rk, K, 0.f, W, K);  // W = Tm beta exp(gamma) K
+}
+
+void intra_all(const Dims& d, const float* q, const float* k, const float* v, const float* beta, const float* g,
+               Intra& x) {
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < d.P; ++p) intra_pair(d, p, q, k, v, beta, g, x);
+}
+
+// The sequential part, per head: Vn = U - W S, S <- dec S + Kd^T Vn. starts [P, K, V] gets the state entering
+// each chunk, Vn [P, C, V]; S [BH, K, V] holds the entry state and is left holding the state after the block.
+void state_scan(const Dims& d, const Intra& x, float* S, float* starts, float* Vn) {
+  const int C = d.C, K = d.K, V = d.V, NC = d.P / d.BH;
+#pragma omp parallel for schedule(static)
+  for (int h = 0; h < d.BH; ++h) {
+    float* Sh = S + (size_t)h * K * V;
+    for (int c = 0; c < NC; ++c) {
+      const int p = c * d.BH + h;
+      float* start = starts + (size_t)p * K * V;
+      float* vn = Vn + (size_t)p * C * V;
+      std::memcpy(start, Sh, sizeof(float) * K * V);
+      std::memcpy(vn, x.U + (size_t)p * C * V, sizeof(float) * C * V);
+      gemm(false, false, C, V, K, -1.f, x.W + (size_t)p * C * K, K, start, V, 1.f, vn, V);
+      const float dec = x.dec[p];
+      for (int i = 0; i < K * V; ++i) Sh[i] = dec * start[i];
+      gemm(true, false, K, V, C, 1.f, x.kd + (size_t)p * C * K, K, vn, V, 1.f, Sh, V);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int delta_product_block_max_tokens() { return 256; }
+
+// o [P, Ct, V] = the block's output; S [BH, K, V]: the entry state in, the state after the block out.
+void delta_product_block_forward(int P, int BH, int Ct, int n, int K, int V, const float* q, const float* k,
+                                 const float* v, const float* beta, const float* g, float* S, float* o) {
+  const Dims d{P, BH, Ct, n, Ct * n, K, V};
+  Intra x(d, (size_t)P * K * V + (size_t)P * d.C * V);
+  intra_all(d, q, k, v, beta, g, x);
+  float* starts = x.rest;
+  float* Vn = starts + (size_t)P * K * V;
+  state_scan(d, x, S, starts, Vn);
+  const int C = d.C;
+#pragma omp parallel for schedule(static)
+  for (int p = 0; p < P; ++p) {  // o = Aq Vn + Qd S_start
+    float* op = o + (size_t)p * Ct * V;
+    gemm(false, false, Ct, V, C, 1.f, x.Aq + (size_t)p * Ct * C, C, Vn + (size_t)p * C * V, V, 0.f, op, V);
+    gemm(false, false, Ct, V, K, 1.f, x.qd + (size_t)p * Ct * K, K, starts + (size_t)p * K * V, V, 1.f, op, V);
+  }
+}
+
+// Gradients of the block. S0 [BH, K, V] the entry state; dO [P, Ct, V]; dS [BH, K, V]: in, the gradient of the
+// state after the block; out, that of the entry state. dq, dk, dv, dbeta, dg: written, in the inputs' shapes.
+void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, const float* q, const float* k,
+                                  const float* v, const float* beta, const float* g, const float* S0,
+                                  const float* dO, float* dS, float* dq, float* dk, float* dv, float* dbeta,
+                                  float* dg) {
+  const Dims d{P, BH, Ct, n, Ct * n, K, V};
+  const int C = d.C, NC = P / BH;
+  const size_t KV = (size_t)K * V, CV = (size_t)C * V;
+  Intra x(d, BH * KV + P * KV + P * CV + P * CV + P * KV);
+  float* S = x.rest;  // the state, from S0 through the block
+  float* starts = S + BH * KV;
+  float* Vn = starts + P * KV;
+  float* dVn_all = Vn + P * CV;
+  float* dS1_all = dVn_all + P * CV;
+  intra_all(d, q, k, v, beta, g, x);
+  std::memcpy(S, S0, sizeof(float) * BH * KV);
+  state_scan(d, x, S, starts, Vn);
+
+  // dVn = Aq^T dO + Kd dS_after; dS_entering = Qd^T dO - W^T dVn + dec dS_after; dS1 keeps dS_after per chunk
+#pragma omp parallel for schedule(static)
+  for (int h = 0; h < BH; ++h) {
+    float* dSh = dS + (size_t)h * K * V;
+    for (int c = NC - 1; c >= 0; --c) {
+      const int p = c * BH + h;
+      const float* dOp = dO + (size_t)p * Ct * V;
+      float* dvn = dVn_all + (size_t)p * C * V;
+      float* ds1 = dS1_all + (size_t)p * K * V;
+      std::memcpy(ds1, dSh, sizeof(float) * K * V);
+      gemm(true, false, C, V, Ct, 1.f, x.Aq + (size_t)p * Ct * C, C, dOp, V, 0.f, dvn, V);
+      gemm(false, false, C, V, K, 1.f, x.kd + (size_t)p * C * K, K, ds1, V, 1.f, dvn, V);
+      const float dec = x.dec[p];
+      for (int i = 0; i < K * V; ++i) dSh[i] = dec * ds1[i];
+      gemm(true, false, K, V, Ct, 1.f, x.qd + (size_t)p * Ct * K, K, dOp, V, 1.f, dSh, V);
+      gemm(true, false, K, V, C, -1.f, x.W + (size_t)p * C * K, K, dvn, V, 1.f, dSh, V);
+    }
+  }
+
+#pragma omp parallel
+  {
+    std::vector<float> dW(C * K), dAq(Ct * C), dqd(Ct * K), dkd(C * K), drv(C * V), drk(C * K), dA(C * C),
+        dkb(C * K), dgk(C), dgq(Ct);
+#pragma omp for schedule(static)
+    for (int p = 0; p < P; ++p) {
+      const float* qp = q + (size_t)p * Ct * K;
+      const float* kp = k + (size_t)p * C * K;
+      const float* vp = v + (size_t)p * C * V;
+      const float* bp = beta + (size_t)p * C;
+      const float* dOp = dO + (size_t)p * Ct * V;
+      const float* start = starts + (size_t)p * K * V;
+      const float* vn = Vn + (size_t)p * C * V;
+      const float* dvn = dVn_all + (size_t)p * C * V;
+      const float* ds1 = dS1_all + (size_t)p * K * V;
+      const float* A = x.A + (size_t)p * C * C;
+      const float* Tm = x.Tm + (size_t)p * C * C;
+      const float* Aq = x.Aq + (size_t)p * Ct * C;
+      const float* qdec = x.qdec + (size_t)p * Ct * C;
+      const float* U = x.U + (size_t)p * C * V;
+      const float* W = x.W + (size_t)p * C * K;
+      const float* rk = x.rk + (size_t)p * C * K;
+      const float* kb = x.kb + (size_t)p * C * K;
+      const float* qd = x.qd + (size_t)p * Ct * K;
+      const float* kd = x.kd + (size_t)p * C * K;
+      const float* egk = x.exp_gk + (size_t)p * C;
+      const float* egq = x.exp_gq + (size_t)p * Ct;
+      const float* erest = x.exp_rest + (size_t)p * C;
+      float* dqp = dq + (size_t)p * Ct * K;
+      float* dkp = dk + (size_t)p * C * K;
+      float* dvp = dv + (size_t)p * C * V;
+      float* dbp = dbeta + (size_t)p * C;
+      float* dgp = dg + (size_t)p * Ct;
+
+      gemm(false, true, C, K, V, -1.f, dvn, V, start, V, 0.f, dW.data(), K);    // dW = -dVn S0^T
+      gemm(false, true, Ct, C, V, 1.f, dOp, V, vn, V, 0.f, dAq.data(), C);      // dAq = dO Vn^T
+      gemm(false, true, Ct, K, V, 1.f, dOp, V, start, V, 0.f, dqd.data(), K);   // dQd = dO S0^T
+      gemm(false, true, C, K, V, 1.f, vn, V, ds1, V, 0.f, dkd.data(), K);       // dKd = Vn dS1^T
+      gemm(true, false, C, V, C, 1.f, Tm, C, dvn, V, 0.f, drv.data(), V);       // U = Tm rv
+      gemm(true, false, C, K, C, 1.f, Tm, C, dW.data(), K, 0.f, drk.data(), K);  // W = Tm rk
+      // dL = -(drv U^T + drk W^T), strictly lower part
+      gemm(false, true, C, C, V, -1.f, drv.data(), V, U, V, 0.f, dA.data(), C);
+      gemm(false, true, C, C, K, -1.f, drk.data(), K, W, K, 1.f, dA.data(), C);
+      for (int i = 0; i < C; ++i)
+        for (int j = i; j < C; ++j) dA[i * C + j] = 0.f;
+      // log-decay gradients (before dA and dAq are turned into the raw products' gradients below)
+      std::fill(dgk.begin(), dgk.end(), 0.f);
+      std::fill(dgq.begin(), dgq.end(), 0.f);
+      float to_end_sum = 0.f;
+      for (int i = 0; i < C; ++i) {
+        float row = 0.f;
+        for (int j = 0; j < C; ++j) {
+          const float m = dA[i * C + j] * A[i * C + j];
+          row += m;
+          dgk[j] -= m;
+        }
+        dgk[i] += row;
+      }
+      for (int i = 0; i < Ct; ++i)
+        for (int j = 0; j < C; ++j) {
+          const float m = dAq[i * C + j] * Aq[i * C + j];
+          dgq[i] += m;
+          dgk[j] -= m;
+        }
+      for (int j = 0; j < C; ++j) {
+        float drk_rk = 0.f, to_end = 0.f;
+        for (int c = 0; c < K; ++c) {
+          drk_rk += drk[j * K + c] * rk[j * K + c];
+          to_end += dkd[j * K + c] * kd[j * K + c];
+        }
+        dgk[j] += drk_rk - to_end;
+        to_end_sum += to_end;
+      }
+      for (int i = 0; i < Ct; ++i) {
+        float s = 0.f;
+        for (int c = 0; c < K; ++c) s += dqd[i * K + c] * qd[i * K + c];
+        dgq[i] += s;
+        for (int j = 0; j < n; ++j) dgq[i] += dgk[i * n + j];
+      }
+      float state_term = 0.f;
+      for (int i = 0; i < K * V; ++i) state_term += ds1[i] * start[i];
+      dgq[Ct - 1] += to_end_sum + state_term * x.dec[p];
+      float acc = 0.f;  // gq = cumsum(g): dg is the reversed cumulative sum
+      for (int i = Ct - 1; i >= 0; --i) dgp[i] = (acc += dgq[i]);
+
+      // dE = dA * decay of the row's token; dAq_raw = dAq * q_decay (0 where unseen)
+      for (int i = 0; i < C; ++i)
+        for (int j = 0; j < C; ++j) dA[i * C + j] *= qdec[(i / n) * C + j];
+      for (int i = 0; i < Ct * C; ++i) dAq[i] *= qdec[i];
+      // dkb = drk exp(gk) + dE K
+      for (int j = 0; j < C; ++j)
+        for (int c = 0; c < K; ++c) dkb[j * K + c] = drk[j * K + c] * egk[j];
+      gemm(false, false, C, K, C, 1.f, dA.data(), C, kp, K, 1.f, dkb.data(), K);
+      // dk = dkb beta + dE^T kb + dAq_raw^T q + dkd exp_rest
+      for (int j = 0; j < C; ++j)
+        for (int c = 0; c < K; ++c) dkp[j * K + c] = dkb[j * K + c] * bp[j] + dkd[j * K + c] * erest[j];
+      gemm(true, false, C, K, C, 1.f, dA.data(), C, kb, K, 1.f, dkp, K);
+      gemm(true, false, C, K, Ct, 1.f, dAq.data(), C, qp, K, 1.f, dkp, K);
+      // dq = dqd exp(gq) + dAq_raw K
+      for (int i = 0; i < Ct; ++i)
+        for (int c = 0; c < K; ++c) dqp[i * K + c] = dqd[i * K + c] * egq[i];
+      gemm(false, false, Ct, K, C, 1.f, dAq.data(), C, kp, K, 1.f, dqp, K);
+      for (int j = 0; j < C; ++j) {
+        float s = 0.f;
+        for (int c = 0; c < V; ++c) {
+          dvp[j * V + c] = drv[j * V + c] * bp[j];
+          s += drv[j * V + c] * vp[j * V + c];
+        }
+        for (int c = 0; c < K; ++c) s += dkb[j * K + c] * kp[j * K + c];
+        dbp[j] = s;
+      }
+    }
+  }
+}
+
+}  // extern "C"
