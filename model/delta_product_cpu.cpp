@@ -16,6 +16,8 @@
 extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                        const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
+extern "C" void strsm_(const char* side, const char* uplo, const char* ta, const char* diag, const int* m, const int* n,
+                       const float* alpha, const float* a, const int* lda, float* b, const int* ldb);
 
 namespace {
 
@@ -42,12 +44,12 @@ float* scratch(size_t n) {
 // Everything of one (chunk, head) pair that does not depend on the state entering the chunk (_intra_chunk), for
 // all pairs of the block; `extra` more floats of scratch after them for the caller (state scan and backward).
 struct Intra {
-  float *A, *Tm, *Aq, *qdec, *U, *W, *rv, *rk, *kb, *qd, *kd, *exp_gk, *exp_gq, *exp_rest, *dec, *rest;
+  float *A, *Tm, *Aq, *tdec, *U, *W, *rv, *rk, *kb, *qd, *kd, *exp_gk, *exp_gq, *exp_rest, *dec, *rest;
   Intra(const Dims& d, size_t extra) {
     const size_t P = d.P, C = d.C, Ct = d.Ct, K = d.K, V = d.V;
-    const size_t sizes[] = {P * C * C, P * C * C, P * Ct * C, P * Ct * C, P * C * V, P * C * K, P * C * V,
+    const size_t sizes[] = {P * C * C, P * C * C, P * Ct * C, P * Ct * Ct, P * C * V, P * C * K, P * C * V,
                             P * C * K, P * C * K, P * Ct * K, P * C * K, P * C, P * Ct, P * C, P, extra};
-    float** slots[] = {&A, &Tm, &Aq, &qdec, &U, &W, &rv, &rk, &kb, &qd, &kd, &exp_gk, &exp_gq, &exp_rest, &dec, &rest};
+    float** slots[] = {&A, &Tm, &Aq, &tdec, &U, &W, &rv, &rk, &kb, &qd, &kd, &exp_gk, &exp_gq, &exp_rest, &dec, &rest};
     size_t total = 0;
     for (size_t size : sizes) total += (size + 15) / 16 * 16;  // each array on a 64-byte boundary
     float* at = scratch(total);
@@ -58,42 +60,65 @@ struct Intra {
   }
 };
 
+// M[rows, C] *= the decay from each column's token to each row's token, tdec[row / rows_per_token, col / n]
+void scale_by_token_decay(float* M, int rows, const float* tdec, int Ct, int n, int rows_per_token) {
+  const int C = Ct * n;
+  float decay[1024];  // one row's decays spread over the row's positions (C <= 1024, checked by the caller)
+  for (int i = 0; i < rows; ++i) {
+    if (i % rows_per_token == 0) {  // no division per element: an integer division costs more than the multiply
+      const float* t = tdec + (size_t)(i / rows_per_token) * Ct;
+      for (int m = 0; m < Ct; ++m)
+        for (int r = 0; r < n; ++r) decay[m * n + r] = t[m];
+    }
+    float* row = M + (size_t)i * C;
+    for (int j = 0; j < C; ++j) row[j] *= decay[j];
+  }
+}
+
 void intra_pair(const Dims& d, int p, const float* q, const float* k, const float* v, const float* beta,
                 const float* g, Intra& x) {
   const int Ct = d.Ct, C = d.C, K = d.K, V = d.V, n = d.n;
-  const float* qp = q + (size_t)p * Ct * K;
-  const float* kp = k + (size_t)p * C * K;
-  const float* vp = v + (size_t)p * C * V;
-  const float* bp = beta + (size_t)p * C;
-  const float* gp = g + (size_t)p * Ct;
-  float* A = x.A + (size_t)p * C * C;
-  float* Tm = x.Tm + (size_t)p * C * C;
-  float* Aq = x.Aq + (size_t)p * Ct * C;
-  float* qdec = x.qdec + (size_t)p * Ct * C;
-  float* U = x.U + (size_t)p * C * V;
-  float* W = x.W + (size_t)p * C * K;
-  float* rv = x.rv + (size_t)p * C * V;
-  float* rk = x.rk + (size_t)p * C * K;
-  float* kb = x.kb + (size_t)p * C * K;
-  float* qd = x.qd + (size_t)p * Ct * K;
-  float* kd = x.kd + (size_t)p * C * K;
-  float* egk = x.exp_gk + (size_t)p * C;
-  float* egq = x.exp_gq + (size_t)p * Ct;
-  float* erest = x.exp_rest + (size_t)p * C;
+  const float* __restrict qp = q + (size_t)p * Ct * K;
+  const float* __restrict kp = k + (size_t)p * C * K;
+  const float* __restrict vp = v + (size_t)p * C * V;
+  const float* __restrict bp = beta + (size_t)p * C;
+  const float* __restrict gp = g + (size_t)p * Ct;
+  float* __restrict A = x.A + (size_t)p * C * C;
+  float* __restrict Tm = x.Tm + (size_t)p * C * C;
+  float* __restrict Aq = x.Aq + (size_t)p * Ct * C;
+  float* __restrict tdec = x.tdec + (size_t)p * Ct * Ct;
+  float* __restrict U = x.U + (size_t)p * C * V;
+  float* __restrict W = x.W + (size_t)p * C * K;
+  float* __restrict rv = x.rv + (size_t)p * C * V;
+  float* __restrict rk = x.rk + (size_t)p * C * K;
+  float* __restrict kb = x.kb + (size_t)p * C * K;
+  float* __restrict qd = x.qd + (size_t)p * Ct * K;
+  float* __restrict kd = x.kd + (size_t)p * C * K;
+  float* __restrict egk = x.exp_gk + (size_t)p * C;
+  float* __restrict egq = x.exp_gq + (size_t)p * Ct;
+  float* __restrict erest = x.exp_rest + (size_t)p * C;
 
   float gq[256];  // cumulative log decay up to token i (Ct <= 256, checked by the caller)
   float acc = 0.f;
   for (int i = 0; i < Ct; ++i) gq[i] = (acc += gp[i]);
   const float glast = gq[Ct - 1];
   x.dec[p] = std::exp(glast);
-  for (int i = 0; i < Ct; ++i) egq[i] = std::exp(gq[i]);
-  for (int j = 0; j < C; ++j) {
-    egk[j] = std::exp(gq[j / n]);
-    erest[j] = std::exp(glast - gq[j / n]);
+  // decay from token m to token i, exp(gq_i - gq_m) = exp(g_{m+1}) ... exp(g_i) for m <= i, and 0 after i (what a
+  // query must not see): row i is row i - 1 times exp(g_i), Ct exps instead of Ct^2 (scalar exps were a third of
+  // this function at Ct = 64); a position j belongs to token j / n
+  for (int i = 0; i < Ct; ++i) {
+    float* row = tdec + (size_t)i * Ct;
+    const float step = std::exp(gp[i]);
+    for (int m = 0; m < i; ++m) row[m] = row[m - Ct] * step;
+    row[i] = 1.f;
+    for (int m = i + 1; m < Ct; ++m) row[m] = 0.f;
   }
-  // query of token i sees positions j with j / n <= i; decay exp(gq_i - gk_j) there, 0 elsewhere
-  for (int i = 0; i < Ct; ++i)
-    for (int j = 0; j < C; ++j) qdec[i * C + j] = (j / n <= i) ? std::exp(gq[i] - gq[j / n]) : 0.f;
+  for (int i = 0; i < Ct; ++i) egq[i] = std::exp(gq[i]);
+  for (int m = 0; m < Ct; ++m)
+    for (int r = 0; r < n; ++r) {
+      egk[m * n + r] = egq[m];
+      erest[m * n + r] = tdec[(Ct - 1) * Ct + m];  // exp(glast - gk_j)
+    }
   for (int j = 0; j < C; ++j) {
     const float b = bp[j];
     for (int c = 0; c < K; ++c) {
@@ -107,19 +132,16 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
     for (int c = 0; c < K; ++c) qd[i * K + c] = qp[i * K + c] * egq[i];
   gemm(false, true, C, C, K, 1.f, kb, K, kp, K, 0.f, A, C);    // A = (beta K) K^T
   gemm(false, true, Ct, C, K, 1.f, qp, K, kp, K, 0.f, Aq, C);  // Aq = Q K^T
-  for (int i = 0; i < C; ++i)
-    for (int j = 0; j < C; ++j) A[i * C + j] *= qdec[(i / n) * C + j];  // row i decays like token i / n
-  for (int i = 0; i < Ct * C; ++i) Aq[i] *= qdec[i];
-  // Tm = (I + tril(A, -1))^-1 by forward substitution: row i = e_i - sum_{j<i} A[i, j] row j
+  scale_by_token_decay(A, C, tdec, Ct, n, n);  // row i of A decays like token i / n
+  scale_by_token_decay(Aq, Ct, tdec, Ct, n, 1);
+  // Tm = (I + tril(A, -1))^-1: the unit lower-triangular solve (I + L) Tm = I, MKL's strsm. Column-major it
+  // reads Tm^T (I + L)^T = I, the right-side solve against the upper triangle of A's storage.
   std::fill(Tm, Tm + (size_t)C * C, 0.f);
-  for (int i = 0; i < C; ++i) {
-    float* row = Tm + (size_t)i * C;
-    row[i] = 1.f;
-    for (int j = 0; j < i; ++j) {
-      const float a = A[i * C + j];
-      const float* rj = Tm + (size_t)j * C;
-      for (int m = 0; m <= j; ++m) row[m] -= a * rj[m];
-    }
+  for (int i = 0; i < C; ++i) Tm[i * C + i] = 1.f;
+  {
+    const char side = 'R', uplo = 'U', ta = 'N', diag = 'U';
+    const float one = 1.f;
+    strsm_(&side, &uplo, &ta, &diag, &C, &C, &one, A, &C, Tm, &C);
   }
   gemm(false, false, C, V, C, 1.f, Tm, C, rv, V, 0.f, U, V);  // U = Tm beta V
   gemm(false, false, C, K, C, 1.f, Tm, C, rk, K, 0.f, W, K);  // W = Tm beta exp(gamma) K
@@ -155,8 +177,6 @@ void state_scan(const Dims& d, const Intra& x, float* S, float* starts, float* V
 }  // namespace
 
 extern "C" {
-
-int delta_product_block_max_tokens() { return 256; }
 
 // o [P, Ct, V] = the block's output; S [BH, K, V]: the entry state in, the state after the block out.
 void delta_product_block_forward(int P, int BH, int Ct, int n, int K, int V, const float* q, const float* k,
@@ -232,7 +252,7 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       const float* A = x.A + (size_t)p * C * C;
       const float* Tm = x.Tm + (size_t)p * C * C;
       const float* Aq = x.Aq + (size_t)p * Ct * C;
-      const float* qdec = x.qdec + (size_t)p * Ct * C;
+      const float* tdec = x.tdec + (size_t)p * Ct * Ct;
       const float* U = x.U + (size_t)p * C * V;
       const float* W = x.W + (size_t)p * C * K;
       const float* rk = x.rk + (size_t)p * C * K;
@@ -300,9 +320,8 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       for (int i = Ct - 1; i >= 0; --i) dgp[i] = (acc += dgq[i]);
 
       // dE = dA * decay of the row's token; dAq_raw = dAq * q_decay (0 where unseen)
-      for (int i = 0; i < C; ++i)
-        for (int j = 0; j < C; ++j) dA[i * C + j] *= qdec[(i / n) * C + j];
-      for (int i = 0; i < Ct * C; ++i) dAq[i] *= qdec[i];
+      scale_by_token_decay(dA.data(), C, tdec, Ct, n, n);
+      scale_by_token_decay(dAq.data(), Ct, tdec, Ct, n, 1);
       // dkb = drk exp(gk) + dE K
       for (int j = 0; j < C; ++j)
         for (int c = 0; c < K; ++c) dkb[j * K + c] = drk[j * K + c] * egk[j];

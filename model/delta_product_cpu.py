@@ -29,7 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("delta_product_cpu.cpp")
-MAX_TOKENS_PER_CHUNK = 256  # the kernel's stack buffer of per-token decays
+MAX_TOKENS_PER_CHUNK, MAX_POSITIONS_PER_CHUNK = 256, 1024  # the kernel's stack buffers of per-chunk decays
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
@@ -84,12 +84,13 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def qualifies(q: torch.Tensor, resets: dict, captures) -> bool:
-    """Whether a block [NC, B, H, Ct, K] can run fused: fp32 on CPU, no state reset inside it, and a captured state
-    (a document's last) at most after its last chunk, which is the state the kernel returns."""
-    NC, Ct = q.shape[0], q.shape[3]
+def qualifies(q: torch.Tensor, k: torch.Tensor, resets: dict, captures) -> bool:
+    """Whether a block (q [NC, B, H, Ct, K], k [NC, B, H, C, K]) can run fused: fp32 on CPU, no state reset inside
+    it, and a captured state (a document's last) at most after its last chunk, which is the state the kernel
+    returns."""
+    NC, Ct, C = q.shape[0], q.shape[3], k.shape[3]
     return (q.device.type == "cpu" and q.dtype == torch.float32 and not resets and Ct <= MAX_TOKENS_PER_CHUNK
-            and set(captures) <= {NC - 1} and library() is not None)
+            and C <= MAX_POSITIONS_PER_CHUNK and set(captures) <= {NC - 1} and library() is not None)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

@@ -284,14 +284,14 @@ def _state_scan(x, S0, resets, captures):
 _FUSED_CPU = True
 
 
-def _fused(q, resets, captures, inputs) -> bool:
+def _fused(q, k, resets, captures, inputs) -> bool:
     """Whether this block takes the fused CPU kernel: it has no autograd graph to record (inputs needing grad under
     grad mode take the torch ops, which autograd can follow) and delta_product_cpu.qualifies."""
     if not _FUSED_CPU or delta_product_cpu is None:
         return False
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         return False
-    return delta_product_cpu.qualifies(q, resets, captures)
+    return delta_product_cpu.qualifies(q, k, resets, captures)
 
 
 def _merge_heads(q, k, v, beta, g):
@@ -308,7 +308,7 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures, out=None):
     Returns (o [NC, B, H, Ct, V], {key: state [B, H, K, V]}, state after the last chunk [B, H, K, V]);
     o is written into `out` (contiguous, o's shape) when given.
     """
-    if _fused(q, resets, captures, (q, k, v, beta, g, S0)):
+    if _fused(q, k, resets, captures, (q, k, v, beta, g, S0)):
         o, S = delta_product_cpu.block_forward(q, k, v, beta, g, n, S0, out)
         return o, {key: S for key in captures.values()}, S
     NC, B, H, Ct, K = q.shape
@@ -332,7 +332,7 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
     contiguous tensors in the inputs' shapes (this block's slice of the whole gradient, so that no
     concatenation follows; None for g=None). Returns (dS0, {chunk: d reset}).
     """
-    if _fused(q, resets, d_captured, ()):
+    if _fused(q, k, resets, d_captured, ()):
         d_last = d_S_last + sum(d_captured.values()) if d_captured else d_S_last  # captured: after the last chunk
         return delta_product_cpu.block_backward(q, k, v, beta, g, n, S0, d_o, d_last, out), {}
     NC, B, H, Ct, K = q.shape
