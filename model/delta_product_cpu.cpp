@@ -43,17 +43,19 @@ float* scratch(size_t n) {
 
 // Everything of one (chunk, head) pair that does not depend on the state entering the chunk (_intra_chunk), for
 // all pairs of the block; `extra` more floats of scratch after them for the caller (state scan and backward).
+// U and W sit side by side in the rows of UW [C, V + K], as beta V and beta exp(gamma) K do in RVK: one matmul
+// Tm RVK gives both (and in backward, one gives both their gradients): one call of twice the width.
 struct Intra {
-  float *A, *Tm, *Aq, *tdec, *U, *W, *rv, *rk, *kb, *qd, *kd, *exp_gk, *exp_gq, *exp_rest, *dec, *rest;
+  float *A, *Tm, *Aq, *tdec, *UW, *RVK, *kb, *qd, *kd, *exp_gk, *exp_gq, *exp_rest, *dec, *rest;
   Intra(const Dims& d, size_t extra) {
     const size_t P = d.P, C = d.C, Ct = d.Ct, K = d.K, V = d.V;
-    const size_t sizes[] = {P * C * C, P * C * C, P * Ct * C, P * Ct * Ct, P * C * V, P * C * K, P * C * V,
-                            P * C * K, P * C * K, P * Ct * K, P * C * K, P * C, P * Ct, P * C, P, extra};
-    float** slots[] = {&A, &Tm, &Aq, &tdec, &U, &W, &rv, &rk, &kb, &qd, &kd, &exp_gk, &exp_gq, &exp_rest, &dec, &rest};
+    const size_t sizes[] = {P * C * C, P * C * C, P * Ct * C, P * Ct * Ct, P * C * (V + K), P * C * (V + K),
+                            P * C * K, P * Ct * K, P * C * K, P * C, P * Ct, P * C, P, extra};
+    float** slots[] = {&A, &Tm, &Aq, &tdec, &UW, &RVK, &kb, &qd, &kd, &exp_gk, &exp_gq, &exp_rest, &dec, &rest};
     size_t total = 0;
     for (size_t size : sizes) total += (size + 15) / 16 * 16;  // each array on a 64-byte boundary
     float* at = scratch(total);
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < 14; ++i) {
       *slots[i] = at;
       at += (sizes[i] + 15) / 16 * 16;
     }
@@ -87,10 +89,10 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
   float* __restrict Tm = x.Tm + (size_t)p * C * C;
   float* __restrict Aq = x.Aq + (size_t)p * Ct * C;
   float* __restrict tdec = x.tdec + (size_t)p * Ct * Ct;
-  float* __restrict U = x.U + (size_t)p * C * V;
-  float* __restrict W = x.W + (size_t)p * C * K;
-  float* __restrict rv = x.rv + (size_t)p * C * V;
-  float* __restrict rk = x.rk + (size_t)p * C * K;
+  const int LD = V + K;
+  float* __restrict UW = x.UW + (size_t)p * C * LD;
+  float* __restrict rv = x.RVK + (size_t)p * C * LD;  // rv in columns [0, V) of RVK, rk in [V, V + K)
+  float* __restrict rk = rv + V;
   float* __restrict kb = x.kb + (size_t)p * C * K;
   float* __restrict qd = x.qd + (size_t)p * Ct * K;
   float* __restrict kd = x.kd + (size_t)p * C * K;
@@ -123,10 +125,10 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
     const float b = bp[j];
     for (int c = 0; c < K; ++c) {
       kb[j * K + c] = b * kp[j * K + c];
-      rk[j * K + c] = kb[j * K + c] * egk[j];
+      rk[j * LD + c] = kb[j * K + c] * egk[j];
       kd[j * K + c] = kp[j * K + c] * erest[j];
     }
-    for (int c = 0; c < V; ++c) rv[j * V + c] = b * vp[j * V + c];
+    for (int c = 0; c < V; ++c) rv[j * LD + c] = b * vp[j * V + c];
   }
   for (int i = 0; i < Ct; ++i)
     for (int c = 0; c < K; ++c) qd[i * K + c] = qp[i * K + c] * egq[i];
@@ -143,8 +145,8 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
     const float one = 1.f;
     strsm_(&side, &uplo, &ta, &diag, &C, &C, &one, A, &C, Tm, &C);
   }
-  gemm(false, false, C, V, C, 1.f, Tm, C, rv, V, 0.f, U, V);  // U = Tm beta V
-  gemm(false, false, C, K, C, 1.f, Tm, C, rk, K, 0.f, W, K);  // W = Tm beta exp(gamma) K
+  // [U | W] = Tm [beta V | beta exp(gamma) K]
+  gemm(false, false, C, LD, C, 1.f, Tm, C, rv, LD, 0.f, UW, LD);
 }
 
 void intra_all(const Dims& d, const float* q, const float* k, const float* v, const float* beta, const float* g,
@@ -165,8 +167,9 @@ void state_scan(const Dims& d, const Intra& x, float* S, float* starts, float* V
       float* start = starts + (size_t)p * K * V;
       float* vn = Vn + (size_t)p * C * V;
       std::memcpy(start, Sh, sizeof(float) * K * V);
-      std::memcpy(vn, x.U + (size_t)p * C * V, sizeof(float) * C * V);
-      gemm(false, false, C, V, K, -1.f, x.W + (size_t)p * C * K, K, start, V, 1.f, vn, V);
+      const float* UW = x.UW + (size_t)p * C * (V + K);
+      for (int j = 0; j < C; ++j) std::memcpy(vn + (size_t)j * V, UW + (size_t)j * (V + K), sizeof(float) * V);
+      gemm(false, false, C, V, K, -1.f, UW + V, V + K, start, V, 1.f, vn, V);
       const float dec = x.dec[p];
       for (int i = 0; i < K * V; ++i) Sh[i] = dec * start[i];
       gemm(true, false, K, V, C, 1.f, x.kd + (size_t)p * C * K, K, vn, V, 1.f, Sh, V);
@@ -230,14 +233,18 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       const float dec = x.dec[p];
       for (int i = 0; i < K * V; ++i) dSh[i] = dec * ds1[i];
       gemm(true, false, K, V, Ct, 1.f, x.qd + (size_t)p * Ct * K, K, dOp, V, 1.f, dSh, V);
-      gemm(true, false, K, V, C, -1.f, x.W + (size_t)p * C * K, K, dvn, V, 1.f, dSh, V);
+      gemm(true, false, K, V, C, -1.f, x.UW + (size_t)p * C * (V + K) + V, V + K, dvn, V, 1.f, dSh, V);
     }
   }
 
 #pragma omp parallel
   {
-    std::vector<float> dW(C * K), dAq(Ct * C), dqd(Ct * K), dkd(C * K), drv(C * V), drk(C * K), dA(C * C),
-        dkb(C * K), dgk(C), dgq(Ct);
+    const int LD = V + K;
+    // DVW = [dVn | dW] and DRVK = [drv | drk] = Tm^T DVW, side by side like UW and RVK
+    std::vector<float> DVW(C * LD), DRVK(C * LD), dAq(Ct * C), dqd(Ct * K), dkd(C * K), dA(C * C), dkb(C * K),
+        dgk(C), dgq(Ct);
+    const float* drv = DRVK.data();
+    const float* drk = DRVK.data() + V;
 #pragma omp for schedule(static)
     for (int p = 0; p < P; ++p) {
       const float* qp = q + (size_t)p * Ct * K;
@@ -253,9 +260,8 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       const float* Tm = x.Tm + (size_t)p * C * C;
       const float* Aq = x.Aq + (size_t)p * Ct * C;
       const float* tdec = x.tdec + (size_t)p * Ct * Ct;
-      const float* U = x.U + (size_t)p * C * V;
-      const float* W = x.W + (size_t)p * C * K;
-      const float* rk = x.rk + (size_t)p * C * K;
+      const float* UW = x.UW + (size_t)p * C * LD;
+      const float* rk = x.RVK + (size_t)p * C * LD + V;
       const float* kb = x.kb + (size_t)p * C * K;
       const float* qd = x.qd + (size_t)p * Ct * K;
       const float* kd = x.kd + (size_t)p * C * K;
@@ -268,15 +274,14 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       float* dbp = dbeta + (size_t)p * C;
       float* dgp = dg + (size_t)p * Ct;
 
-      gemm(false, true, C, K, V, -1.f, dvn, V, start, V, 0.f, dW.data(), K);    // dW = -dVn S0^T
+      for (int j = 0; j < C; ++j) std::memcpy(DVW.data() + (size_t)j * LD, dvn + (size_t)j * V, sizeof(float) * V);
+      gemm(false, true, C, K, V, -1.f, dvn, V, start, V, 0.f, DVW.data() + V, LD);  // dW = -dVn S0^T
       gemm(false, true, Ct, C, V, 1.f, dOp, V, vn, V, 0.f, dAq.data(), C);      // dAq = dO Vn^T
       gemm(false, true, Ct, K, V, 1.f, dOp, V, start, V, 0.f, dqd.data(), K);   // dQd = dO S0^T
       gemm(false, true, C, K, V, 1.f, vn, V, ds1, V, 0.f, dkd.data(), K);       // dKd = Vn dS1^T
-      gemm(true, false, C, V, C, 1.f, Tm, C, dvn, V, 0.f, drv.data(), V);       // U = Tm rv
-      gemm(true, false, C, K, C, 1.f, Tm, C, dW.data(), K, 0.f, drk.data(), K);  // W = Tm rk
-      // dL = -(drv U^T + drk W^T), strictly lower part
-      gemm(false, true, C, C, V, -1.f, drv.data(), V, U, V, 0.f, dA.data(), C);
-      gemm(false, true, C, C, K, -1.f, drk.data(), K, W, K, 1.f, dA.data(), C);
+      gemm(true, false, C, LD, C, 1.f, Tm, C, DVW.data(), LD, 0.f, DRVK.data(), LD);  // [U | W] = Tm [rv | rk]
+      // dL = -(drv U^T + drk W^T) = -[drv | drk] [U | W]^T, strictly lower part
+      gemm(false, true, C, C, LD, -1.f, DRVK.data(), LD, UW, LD, 0.f, dA.data(), C);
       for (int i = 0; i < C; ++i)
         for (int j = i; j < C; ++j) dA[i * C + j] = 0.f;
       // log-decay gradients (before dA and dAq are turned into the raw products' gradients below)
@@ -301,7 +306,7 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       for (int j = 0; j < C; ++j) {
         float drk_rk = 0.f, to_end = 0.f;
         for (int c = 0; c < K; ++c) {
-          drk_rk += drk[j * K + c] * rk[j * K + c];
+          drk_rk += drk[j * LD + c] * rk[j * LD + c];
           to_end += dkd[j * K + c] * kd[j * K + c];
         }
         dgk[j] += drk_rk - to_end;
@@ -324,7 +329,7 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       scale_by_token_decay(dAq.data(), Ct, tdec, Ct, n, 1);
       // dkb = drk exp(gk) + dE K
       for (int j = 0; j < C; ++j)
-        for (int c = 0; c < K; ++c) dkb[j * K + c] = drk[j * K + c] * egk[j];
+        for (int c = 0; c < K; ++c) dkb[j * K + c] = drk[j * LD + c] * egk[j];
       gemm(false, false, C, K, C, 1.f, dA.data(), C, kp, K, 1.f, dkb.data(), K);
       // dk = dkb beta + dE^T kb + dAq_raw^T q + dkd exp_rest
       for (int j = 0; j < C; ++j)
@@ -338,8 +343,8 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       for (int j = 0; j < C; ++j) {
         float s = 0.f;
         for (int c = 0; c < V; ++c) {
-          dvp[j * V + c] = drv[j * V + c] * bp[j];
-          s += drv[j * V + c] * vp[j * V + c];
+          dvp[j * V + c] = drv[j * LD + c] * bp[j];
+          s += drv[j * LD + c] * vp[j * V + c];
         }
         for (int c = 0; c < K; ++c) s += dkb[j * K + c] * kp[j * K + c];
         dbp[j] = s;
