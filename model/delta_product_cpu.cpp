@@ -44,18 +44,19 @@ float* scratch(size_t n) {
 // Everything of one (chunk, head) pair that does not depend on the state entering the chunk (_intra_chunk), for
 // all pairs of the block; `extra` more floats of scratch after them for the caller (state scan and backward).
 // U and W sit side by side in the rows of UW [C, V + K], as beta V and beta exp(gamma) K do in RVK: one matmul
-// Tm RVK gives both (and in backward, one gives both their gradients): one call of twice the width.
+// Tm RVK gives both (and in backward, one gives both their gradients): one call of twice the width. Likewise Aq
+// follows A [C, C] in the rows of AAq [C + Ct, C], as Q follows beta K in KBQ [C + Ct, K]: AAq = KBQ K^T.
 struct Intra {
-  float *A, *Tm, *Aq, *tdec, *UW, *RVK, *kb, *qd, *kd, *exp_gk, *exp_gq, *exp_rest, *dec, *rest;
+  float *AAq, *Tm, *tdec, *UW, *RVK, *KBQ, *qd, *kd, *exp_gk, *exp_gq, *exp_rest, *dec, *rest;
   Intra(const Dims& d, size_t extra) {
     const size_t P = d.P, C = d.C, Ct = d.Ct, K = d.K, V = d.V;
-    const size_t sizes[] = {P * C * C, P * C * C, P * Ct * C, P * Ct * Ct, P * C * (V + K), P * C * (V + K),
-                            P * C * K, P * Ct * K, P * C * K, P * C, P * Ct, P * C, P, extra};
-    float** slots[] = {&A, &Tm, &Aq, &tdec, &UW, &RVK, &kb, &qd, &kd, &exp_gk, &exp_gq, &exp_rest, &dec, &rest};
+    const size_t sizes[] = {P * (C + Ct) * C, P * C * C, P * Ct * Ct, P * C * (V + K), P * C * (V + K),
+                            P * (C + Ct) * K, P * Ct * K, P * C * K, P * C, P * Ct, P * C, P, extra};
+    float** slots[] = {&AAq, &Tm, &tdec, &UW, &RVK, &KBQ, &qd, &kd, &exp_gk, &exp_gq, &exp_rest, &dec, &rest};
     size_t total = 0;
     for (size_t size : sizes) total += (size + 15) / 16 * 16;  // each array on a 64-byte boundary
     float* at = scratch(total);
-    for (int i = 0; i < 14; ++i) {
+    for (int i = 0; i < 13; ++i) {
       *slots[i] = at;
       at += (sizes[i] + 15) / 16 * 16;
     }
@@ -85,15 +86,15 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
   const float* __restrict vp = v + (size_t)p * C * V;
   const float* __restrict bp = beta + (size_t)p * C;
   const float* __restrict gp = g + (size_t)p * Ct;
-  float* __restrict A = x.A + (size_t)p * C * C;
+  float* __restrict A = x.AAq + (size_t)p * (C + Ct) * C;
   float* __restrict Tm = x.Tm + (size_t)p * C * C;
-  float* __restrict Aq = x.Aq + (size_t)p * Ct * C;
+  float* __restrict Aq = A + (size_t)C * C;
   float* __restrict tdec = x.tdec + (size_t)p * Ct * Ct;
   const int LD = V + K;
   float* __restrict UW = x.UW + (size_t)p * C * LD;
   float* __restrict rv = x.RVK + (size_t)p * C * LD;  // rv in columns [0, V) of RVK, rk in [V, V + K)
   float* __restrict rk = rv + V;
-  float* __restrict kb = x.kb + (size_t)p * C * K;
+  float* __restrict kb = x.KBQ + (size_t)p * (C + Ct) * K;
   float* __restrict qd = x.qd + (size_t)p * Ct * K;
   float* __restrict kd = x.kd + (size_t)p * C * K;
   float* __restrict egk = x.exp_gk + (size_t)p * C;
@@ -132,8 +133,8 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
   }
   for (int i = 0; i < Ct; ++i)
     for (int c = 0; c < K; ++c) qd[i * K + c] = qp[i * K + c] * egq[i];
-  gemm(false, true, C, C, K, 1.f, kb, K, kp, K, 0.f, A, C);    // A = (beta K) K^T
-  gemm(false, true, Ct, C, K, 1.f, qp, K, kp, K, 0.f, Aq, C);  // Aq = Q K^T
+  std::memcpy(kb + (size_t)C * K, qp, sizeof(float) * Ct * K);
+  gemm(false, true, C + Ct, C, K, 1.f, kb, K, kp, K, 0.f, A, C);  // [A; Aq] = [beta K; Q] K^T
   scale_by_token_decay(A, C, tdec, Ct, n, n);  // row i of A decays like token i / n
   scale_by_token_decay(Aq, Ct, tdec, Ct, n, 1);
   // Tm = (I + tril(A, -1))^-1: the unit lower-triangular solve (I + L) Tm = I, MKL's strsm. Column-major it
@@ -194,7 +195,8 @@ void delta_product_block_forward(int P, int BH, int Ct, int n, int K, int V, con
 #pragma omp parallel for schedule(static)
   for (int p = 0; p < P; ++p) {  // o = Aq Vn + Qd S_start
     float* op = o + (size_t)p * Ct * V;
-    gemm(false, false, Ct, V, C, 1.f, x.Aq + (size_t)p * Ct * C, C, Vn + (size_t)p * C * V, V, 0.f, op, V);
+    const float* Aq = x.AAq + (size_t)p * (C + Ct) * C + C * C;
+    gemm(false, false, Ct, V, C, 1.f, Aq, C, Vn + (size_t)p * C * V, V, 0.f, op, V);
     gemm(false, false, Ct, V, K, 1.f, x.qd + (size_t)p * Ct * K, K, starts + (size_t)p * K * V, V, 1.f, op, V);
   }
 }
@@ -228,7 +230,7 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       float* dvn = dVn_all + (size_t)p * C * V;
       float* ds1 = dS1_all + (size_t)p * K * V;
       std::memcpy(ds1, dSh, sizeof(float) * K * V);
-      gemm(true, false, C, V, Ct, 1.f, x.Aq + (size_t)p * Ct * C, C, dOp, V, 0.f, dvn, V);
+      gemm(true, false, C, V, Ct, 1.f, x.AAq + (size_t)p * (C + Ct) * C + C * C, C, dOp, V, 0.f, dvn, V);
       gemm(false, false, C, V, K, 1.f, x.kd + (size_t)p * C * K, K, ds1, V, 1.f, dvn, V);
       const float dec = x.dec[p];
       for (int i = 0; i < K * V; ++i) dSh[i] = dec * ds1[i];
@@ -241,13 +243,16 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
   {
     const int LD = V + K;
     // DVW = [dVn | dW] and DRVK = [drv | drk] = Tm^T DVW, side by side like UW and RVK
-    std::vector<float> DVW(C * LD), DRVK(C * LD), dAq(Ct * C), dqd(Ct * K), dkd(C * K), dA(C * C), dkb(C * K),
+    // dAAq = [dA; dAq] and DKBQ = [dkb; dq] stacked like AAq and KBQ
+    std::vector<float> DVW(C * LD), DRVK(C * LD), dAAq((C + Ct) * C), DKBQ((C + Ct) * K), dqd(Ct * K), dkd(C * K),
         dgk(C), dgq(Ct);
+    float* dA = dAAq.data();
+    float* dAq = dA + C * C;
+    float* dkb = DKBQ.data();
     const float* drv = DRVK.data();
     const float* drk = DRVK.data() + V;
 #pragma omp for schedule(static)
     for (int p = 0; p < P; ++p) {
-      const float* qp = q + (size_t)p * Ct * K;
       const float* kp = k + (size_t)p * C * K;
       const float* vp = v + (size_t)p * C * V;
       const float* bp = beta + (size_t)p * C;
@@ -256,13 +261,13 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       const float* vn = Vn + (size_t)p * C * V;
       const float* dvn = dVn_all + (size_t)p * C * V;
       const float* ds1 = dS1_all + (size_t)p * K * V;
-      const float* A = x.A + (size_t)p * C * C;
+      const float* A = x.AAq + (size_t)p * (C + Ct) * C;
       const float* Tm = x.Tm + (size_t)p * C * C;
-      const float* Aq = x.Aq + (size_t)p * Ct * C;
+      const float* Aq = A + C * C;
       const float* tdec = x.tdec + (size_t)p * Ct * Ct;
       const float* UW = x.UW + (size_t)p * C * LD;
       const float* rk = x.RVK + (size_t)p * C * LD + V;
-      const float* kb = x.kb + (size_t)p * C * K;
+      const float* KBQ = x.KBQ + (size_t)p * (C + Ct) * K;
       const float* qd = x.qd + (size_t)p * Ct * K;
       const float* kd = x.kd + (size_t)p * C * K;
       const float* egk = x.exp_gk + (size_t)p * C;
@@ -276,20 +281,22 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
 
       for (int j = 0; j < C; ++j) std::memcpy(DVW.data() + (size_t)j * LD, dvn + (size_t)j * V, sizeof(float) * V);
       gemm(false, true, C, K, V, -1.f, dvn, V, start, V, 0.f, DVW.data() + V, LD);  // dW = -dVn S0^T
-      gemm(false, true, Ct, C, V, 1.f, dOp, V, vn, V, 0.f, dAq.data(), C);      // dAq = dO Vn^T
+      gemm(false, true, Ct, C, V, 1.f, dOp, V, vn, V, 0.f, dAq, C);      // dAq = dO Vn^T
       gemm(false, true, Ct, K, V, 1.f, dOp, V, start, V, 0.f, dqd.data(), K);   // dQd = dO S0^T
       gemm(false, true, C, K, V, 1.f, vn, V, ds1, V, 0.f, dkd.data(), K);       // dKd = Vn dS1^T
       gemm(true, false, C, LD, C, 1.f, Tm, C, DVW.data(), LD, 0.f, DRVK.data(), LD);  // [U | W] = Tm [rv | rk]
       // dL = -(drv U^T + drk W^T) = -[drv | drk] [U | W]^T, strictly lower part
-      gemm(false, true, C, C, LD, -1.f, DRVK.data(), LD, UW, LD, 0.f, dA.data(), C);
+      gemm(false, true, C, C, LD, -1.f, DRVK.data(), LD, UW, LD, 0.f, dA, C);
       for (int i = 0; i < C; ++i)
         for (int j = i; j < C; ++j) dA[i * C + j] = 0.f;
-      // log-decay gradients (before dA and dAq are turned into the raw products' gradients below)
+      // log-decay gradients (before dA and dAq are turned into the raw products' gradients below). The sums are
+      // `omp simd` reductions: without leave to reorder them the compiler keeps float sums scalar.
       std::fill(dgk.begin(), dgk.end(), 0.f);
       std::fill(dgq.begin(), dgq.end(), 0.f);
       float to_end_sum = 0.f;
       for (int i = 0; i < C; ++i) {
         float row = 0.f;
+#pragma omp simd reduction(+ : row)
         for (int j = 0; j < C; ++j) {
           const float m = dA[i * C + j] * A[i * C + j];
           row += m;
@@ -297,14 +304,19 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
         }
         dgk[i] += row;
       }
-      for (int i = 0; i < Ct; ++i)
+      for (int i = 0; i < Ct; ++i) {
+        float row = 0.f;
+#pragma omp simd reduction(+ : row)
         for (int j = 0; j < C; ++j) {
           const float m = dAq[i * C + j] * Aq[i * C + j];
-          dgq[i] += m;
+          row += m;
           dgk[j] -= m;
         }
+        dgq[i] += row;
+      }
       for (int j = 0; j < C; ++j) {
         float drk_rk = 0.f, to_end = 0.f;
+#pragma omp simd reduction(+ : drk_rk, to_end)
         for (int c = 0; c < K; ++c) {
           drk_rk += drk[j * LD + c] * rk[j * LD + c];
           to_end += dkd[j * K + c] * kd[j * K + c];
@@ -314,38 +326,40 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       }
       for (int i = 0; i < Ct; ++i) {
         float s = 0.f;
+#pragma omp simd reduction(+ : s)
         for (int c = 0; c < K; ++c) s += dqd[i * K + c] * qd[i * K + c];
         dgq[i] += s;
         for (int j = 0; j < n; ++j) dgq[i] += dgk[i * n + j];
       }
       float state_term = 0.f;
+#pragma omp simd reduction(+ : state_term)
       for (int i = 0; i < K * V; ++i) state_term += ds1[i] * start[i];
       dgq[Ct - 1] += to_end_sum + state_term * x.dec[p];
       float acc = 0.f;  // gq = cumsum(g): dg is the reversed cumulative sum
       for (int i = Ct - 1; i >= 0; --i) dgp[i] = (acc += dgq[i]);
 
       // dE = dA * decay of the row's token; dAq_raw = dAq * q_decay (0 where unseen)
-      scale_by_token_decay(dA.data(), C, tdec, Ct, n, n);
-      scale_by_token_decay(dAq.data(), Ct, tdec, Ct, n, 1);
-      // dkb = drk exp(gk) + dE K
+      scale_by_token_decay(dA, C, tdec, Ct, n, n);
+      scale_by_token_decay(dAq, Ct, tdec, Ct, n, 1);
+      // [dkb; dq] = [drk exp(gk); dqd exp(gq)] + [dE; dAq_raw] K
       for (int j = 0; j < C; ++j)
         for (int c = 0; c < K; ++c) dkb[j * K + c] = drk[j * LD + c] * egk[j];
-      gemm(false, false, C, K, C, 1.f, dA.data(), C, kp, K, 1.f, dkb.data(), K);
-      // dk = dkb beta + dE^T kb + dAq_raw^T q + dkd exp_rest
+      for (int i = 0; i < Ct; ++i)
+        for (int c = 0; c < K; ++c) dkb[(C + i) * K + c] = dqd[i * K + c] * egq[i];
+      gemm(false, false, C + Ct, K, C, 1.f, dA, C, kp, K, 1.f, dkb, K);
+      std::memcpy(dqp, dkb + (size_t)C * K, sizeof(float) * Ct * K);
+      // dk = dkb beta + dE^T kb + dAq_raw^T q + dkd exp_rest = ... + [dE; dAq_raw]^T [beta K; Q]
       for (int j = 0; j < C; ++j)
         for (int c = 0; c < K; ++c) dkp[j * K + c] = dkb[j * K + c] * bp[j] + dkd[j * K + c] * erest[j];
-      gemm(true, false, C, K, C, 1.f, dA.data(), C, kb, K, 1.f, dkp, K);
-      gemm(true, false, C, K, Ct, 1.f, dAq.data(), C, qp, K, 1.f, dkp, K);
-      // dq = dqd exp(gq) + dAq_raw K
-      for (int i = 0; i < Ct; ++i)
-        for (int c = 0; c < K; ++c) dqp[i * K + c] = dqd[i * K + c] * egq[i];
-      gemm(false, false, Ct, K, C, 1.f, dAq.data(), C, kp, K, 1.f, dqp, K);
+      gemm(true, false, C, K, C + Ct, 1.f, dA, C, KBQ, K, 1.f, dkp, K);
       for (int j = 0; j < C; ++j) {
         float s = 0.f;
+#pragma omp simd reduction(+ : s)
         for (int c = 0; c < V; ++c) {
           dvp[j * V + c] = drv[j * LD + c] * bp[j];
           s += drv[j * LD + c] * vp[j * V + c];
         }
+#pragma omp simd reduction(+ : s)
         for (int c = 0; c < K; ++c) s += dkb[j * K + c] * kp[j * K + c];
         dbp[j] = s;
       }
