@@ -102,7 +102,7 @@ def host_copy_line() -> str:
 
 
 _memmove = None
-_copy_threads: ThreadPoolExecutor | None = None
+_copy_threads: dict[int, ThreadPoolExecutor] = {}  # by thread count: torch.set_num_threads may change it
 
 
 def _libc_memmove():
@@ -125,7 +125,6 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     ones stay out of torch too: after each of its parallel regions torch's OpenMP threads spin for a while, and
     interleaved with the threaded copies they took half the cores (host copy of a 2.4 GiB state, 1 MiB tensors
     between 32-64 MiB ones: 0.24 s against 0.14 s). Anything else goes through copy_."""
-    global _copy_threads
     nbytes = src.numel() * src.element_size()
     memmove = _libc_memmove()
     if (not memmove or src.device.type != "cpu" or dst.device.type != "cpu" or src.dtype != dst.dtype
@@ -137,9 +136,10 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         if nbytes:
             memmove(d, s, nbytes)
         return dst
-    if _copy_threads is None or _copy_threads._max_workers != threads:
-        _copy_threads = ThreadPoolExecutor(threads, thread_name_prefix="seedlm-copy")
+    if threads not in _copy_threads:
+        _copy_threads[threads] = ThreadPoolExecutor(threads, thread_name_prefix="seedlm-copy")
+    pool = _copy_threads[threads]
     piece = -(-nbytes // threads // 4096) * 4096  # page multiples: no two threads store into one cache line
-    list(_copy_threads.map(lambda p: memmove(*p), [(d + o, s + o, min(piece, nbytes - o))
+    list(pool.map(lambda p: memmove(*p), [(d + o, s + o, min(piece, nbytes - o))
                                                     for o in range(0, nbytes, piece)]))
     return dst

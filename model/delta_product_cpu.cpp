@@ -294,7 +294,9 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       std::fill(dgk.begin(), dgk.end(), 0.f);
       std::fill(dgq.begin(), dgq.end(), 0.f);
       float to_end_sum = 0.f;
-      for (int i = 0; i < C; ++i) {
+      // each entry of [A; Aq] decays by exp(g_row - g_column): its gradient times its value goes to the row's
+      // log decay (position i of A, token i of Aq) and minus that to the column's
+      for (int i = 0; i < C + Ct; ++i) {
         float row = 0.f;
 #pragma omp simd reduction(+ : row)
         for (int j = 0; j < C; ++j) {
@@ -302,17 +304,7 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
           row += m;
           dgk[j] -= m;
         }
-        dgk[i] += row;
-      }
-      for (int i = 0; i < Ct; ++i) {
-        float row = 0.f;
-#pragma omp simd reduction(+ : row)
-        for (int j = 0; j < C; ++j) {
-          const float m = dAq[i * C + j] * Aq[i * C + j];
-          row += m;
-          dgk[j] -= m;
-        }
-        dgq[i] += row;
+        (i < C ? dgk[i] : dgq[i - C]) += row;
       }
       for (int j = 0; j < C; ++j) {
         float drk_rk = 0.f, to_end = 0.f;

@@ -93,17 +93,13 @@ def qualifies(q: torch.Tensor, k: torch.Tensor, resets: dict, captures) -> bool:
             and C <= MAX_POSITIONS_PER_CHUNK and set(captures) <= {NC - 1} and library() is not None)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous()
-
-
 def block_forward(q, k, v, beta, g, n, S0, out=None):
     """_chunk_scan's forward for a block that qualifies. q [NC, B, H, Ct, K] ... as there; g None: ungated.
     Returns (o [NC, B, H, Ct, V], the state after the block [B, H, K, V])."""
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
-    q, k, v, beta = _flat(q), _flat(k), _flat(v), _flat(beta)
-    g = _flat(g) if g is not None else q.new_zeros(NC, B, H, Ct)  # exp(0) = 1: the ungated recurrence
+    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    g = g.contiguous() if g is not None else q.new_zeros(NC, B, H, Ct)  # exp(0) = 1: the ungated recurrence
     S = S0.to(torch.float32).reshape(B * H, K, V).clone()
     o = out if out is not None else q.new_empty(NC, B, H, Ct, V)
     assert o.is_contiguous() and o.shape == (NC, B, H, Ct, V)
@@ -117,13 +113,13 @@ def block_backward(q, k, v, beta, g, n, S0, d_o, d_S_last, grads):
     (contiguous, the inputs' shapes; None for g=None) and returns that of the entry state [B, H, K, V]."""
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
-    q, k, v, beta, d_o = _flat(q), _flat(k), _flat(v), _flat(beta), _flat(d_o)
+    q, k, v, beta, d_o = (x.contiguous() for x in (q, k, v, beta, d_o))
     gated = g is not None
-    g = _flat(g) if gated else q.new_zeros(NC, B, H, Ct)
+    g = g.contiguous() if gated else q.new_zeros(NC, B, H, Ct)
     dq, dk, dv, dbeta, dg = grads
     dg = dg if gated else torch.empty_like(g)
     assert all(x.is_contiguous() for x in (dq, dk, dv, dbeta, dg))
-    S0 = _flat(S0.to(torch.float32))
+    S0 = S0.to(torch.float32).contiguous()
     dS = d_S_last.to(torch.float32).reshape(B * H, K, V).clone()
     library().delta_product_block_backward(
         NC * B * H, B * H, Ct, n, K, V, q.data_ptr(), k.data_ptr(), v.data_ptr(), beta.data_ptr(), g.data_ptr(),

@@ -126,19 +126,25 @@ def test_chunk_matches_recurrence_fwd_bwd(n, use_g):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def _blocked_case(monkeypatch, chunks_per_block, T, offsets, seed, n=2, B=1, H=2, K=8, V=6, C=8):
+    """Blocks of `chunks_per_block` chunks of C positions; inputs (float64), cu_seqlens (None unpacked) and the
+    output and final-state gradients for a run over T tokens, packed at `offsets` when given."""
+    monkeypatch.setattr(kernels, "_CPU_BLOCK_ELEMENTS", chunks_per_block * B * H * C * (C + 2 * (K + V)))
+    N = len(offsets) - 1 if offsets else B
+    inputs = make_inputs(B=B, T=T, H=H, K=K, V=V, n=n, N=N, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    d_o = torch.randn(B, T, H, V, generator=gen, dtype=F64)
+    d_s = torch.randn(N, H, K, V, generator=gen, dtype=F64)
+    return inputs, (torch.tensor(offsets) if offsets else None), d_o, d_s
+
+
 @pytest.mark.parametrize("chunks_per_block", [1, 3])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_cache_blocks_match_recurrence(monkeypatch, chunks_per_block, varlen):
     """On CPU long inputs run in blocks of chunks; force tiny blocks so the hand-over is exercised."""
-    n, B, T, H, K, V, C = 2, 1, 37, 2, 8, 6, 8
-    monkeypatch.setattr(kernels, "_CPU_BLOCK_ELEMENTS", chunks_per_block * B * H * C * (C + 2 * (K + V)))
-    offsets = [0, 9, 9, 30, 37] if varlen else None
-    N = len(offsets) - 1 if varlen else B
-    inputs = make_inputs(B=B, T=T, H=H, K=K, V=V, n=n, N=N, seed=21)
-    cu = torch.tensor(offsets) if varlen else None
-    gen = torch.Generator().manual_seed(22)
-    d_o = torch.randn(B, T, H, V, generator=gen, dtype=F64)
-    d_s = torch.randn(N, H, K, V, generator=gen, dtype=F64)
+    n, C = 2, 8
+    inputs, cu, d_o, d_s = _blocked_case(monkeypatch, chunks_per_block, T=37, offsets=[0, 9, 9, 30, 37] if varlen
+                                         else None, seed=21)
     o_r, s_r, g_r = _run_with_grads(recurrent_delta_product, inputs, n, d_o, d_s, cu_seqlens=cu)
     o_c, s_c, g_c = _run_with_grads(chunk_delta_product, inputs, n, d_o, d_s, cu_seqlens=cu, chunk_size=C)
     torch.testing.assert_close(o_c, o_r, rtol=0, atol=1e-10)
@@ -383,15 +389,8 @@ def test_fused_cpu_blocks_hand_over_to_each_other_and_to_the_torch_ops(monkeypat
     if fused.library() is None:
         pytest.skip("the fused kernel is not built here")
     calls = _count_fused_blocks(monkeypatch)
-    n, B, T, H, K, V, C = 2, 1, 61, 2, 8, 6, 8
-    monkeypatch.setattr(kernels, "_CPU_BLOCK_ELEMENTS", 2 * B * H * C * (C + 2 * (K + V)))
-    offsets = [0, 3, 40, 61] if varlen else None
-    N = len(offsets) - 1 if varlen else B
-    inputs = make_inputs(B=B, T=T, H=H, K=K, V=V, n=n, N=N, seed=23)
-    cu = torch.tensor(offsets) if varlen else None
-    gen = torch.Generator().manual_seed(24)
-    d_o = torch.randn(B, T, H, V, generator=gen, dtype=F64)
-    d_s = torch.randn(N, H, K, V, generator=gen, dtype=F64)
+    n, C = 2, 8
+    inputs, cu, d_o, d_s = _blocked_case(monkeypatch, 2, T=61, offsets=[0, 3, 40, 61] if varlen else None, seed=23)
     o_r, s_r, g_r = _run_with_grads(recurrent_delta_product, inputs, n, d_o, d_s, cu_seqlens=cu)
     f32 = [x.float() for x in inputs]
     o_c, s_c, g_c = _run_with_grads(chunk_delta_product, f32, n, d_o.float(), d_s.float(), cu_seqlens=cu,
