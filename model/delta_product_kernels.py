@@ -32,7 +32,6 @@ except Exception:  # ImportError, or a broken triton install
     _fla_chunk_gated_delta_product = None
 
 
-
 def _sibling_module(name: str):
     """model/<name>.py loaded by path, for when this file is loaded by path itself (tests, benchmarks); None if
     it is not beside this file (remote code copies only this one)."""
