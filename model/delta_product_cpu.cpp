@@ -8,8 +8,12 @@
 // Shapes, row-major, P = chunks in the block x B*H pairs, pair p = chunk * BH + head:
 //   q [P, Ct, K] (already scaled), k [P, C, K], v [P, C, V], beta [P, C], g [P, Ct] (log decay; zeros when
 //   ungated), C = Ct * n, the n keys of a token side by side. States S [BH, K, V].
+// The tensors in and out (q, k, v, beta, g, o, dO and the gradients) are strided views: each comes with 4 strides
+// in elements, of its chunk, batch, head and row dimensions (its last dimension contiguous). The caller's
+// token-major tensors [B, T, H, K] are read and written where they are, with no chunk-major copies.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -30,8 +34,14 @@ void gemm(bool ta, bool tb, int M, int N, int K, float alpha, const float* A, in
 }
 
 struct Dims {
-  int P, BH, Ct, n, C, K, V;
+  int P, BH, H, Ct, n, C, K, V;
 };
+
+// Where pair p (chunk p / BH, batch and head p % BH) of a strided tensor starts; strides s: chunk, batch, head, row.
+inline size_t at(const Dims& d, const int64_t* s, int p) {
+  const int c = p / d.BH, bh = p % d.BH;
+  return (size_t)(c * s[0] + (bh / d.H) * s[1] + (bh % d.H) * s[2]);
+}
 
 // Scratch memory, kept from call to call by the calling thread: a fresh allocation per block was mapped and
 // zero-filled each time (page faults on megabytes per block).
@@ -78,14 +88,21 @@ void scale_by_token_decay(float* M, int rows, const float* tdec, int Ct, int n, 
   }
 }
 
-void intra_pair(const Dims& d, int p, const float* q, const float* k, const float* v, const float* beta,
-                const float* g, Intra& x) {
+// Inputs of a call: the tensors and their strides (see the top of the file).
+struct In {
+  const float *q, *k, *v, *beta, *g;
+  const int64_t *sq, *sk, *sv, *sb, *sg;
+};
+
+void intra_pair(const Dims& d, int p, const In& in, Intra& x) {
   const int Ct = d.Ct, C = d.C, K = d.K, V = d.V, n = d.n;
-  const float* __restrict qp = q + (size_t)p * Ct * K;
-  const float* __restrict kp = k + (size_t)p * C * K;
-  const float* __restrict vp = v + (size_t)p * C * V;
-  const float* __restrict bp = beta + (size_t)p * C;
-  const float* __restrict gp = g + (size_t)p * Ct;
+  const float* __restrict qp = in.q + at(d, in.sq, p);
+  const float* __restrict kp = in.k + at(d, in.sk, p);
+  const float* __restrict vp = in.v + at(d, in.sv, p);
+  const float* __restrict bp = in.beta + at(d, in.sb, p);
+  const float* __restrict gp = in.g + at(d, in.sg, p);
+  const int ldq = (int)in.sq[3], ldk = (int)in.sk[3], ldv = (int)in.sv[3], ldb = (int)in.sb[3],
+            ldg = (int)in.sg[3];
   float* __restrict A = x.AAq + (size_t)p * (C + Ct) * C;
   float* __restrict Tm = x.Tm + (size_t)p * C * C;
   float* __restrict Aq = A + (size_t)C * C;
@@ -103,7 +120,7 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
 
   float gq[256];  // cumulative log decay up to token i (Ct <= 256, checked by the caller)
   float acc = 0.f;
-  for (int i = 0; i < Ct; ++i) gq[i] = (acc += gp[i]);
+  for (int i = 0; i < Ct; ++i) gq[i] = (acc += gp[i * ldg]);
   const float glast = gq[Ct - 1];
   x.dec[p] = std::exp(glast);
   // decay from token m to token i, exp(gq_i - gq_m) = exp(g_{m+1}) ... exp(g_i) for m <= i, and 0 after i (what a
@@ -111,7 +128,7 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
   // this function at Ct = 64); a position j belongs to token j / n
   for (int i = 0; i < Ct; ++i) {
     float* row = tdec + (size_t)i * Ct;
-    const float step = std::exp(gp[i]);
+    const float step = std::exp(gp[i * ldg]);
     for (int m = 0; m < i; ++m) row[m] = row[m - Ct] * step;
     row[i] = 1.f;
     for (int m = i + 1; m < Ct; ++m) row[m] = 0.f;
@@ -123,18 +140,20 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
       erest[m * n + r] = tdec[(Ct - 1) * Ct + m];  // exp(glast - gk_j)
     }
   for (int j = 0; j < C; ++j) {
-    const float b = bp[j];
+    const float b = bp[j * ldb];
     for (int c = 0; c < K; ++c) {
-      kb[j * K + c] = b * kp[j * K + c];
+      kb[j * K + c] = b * kp[j * ldk + c];
       rk[j * LD + c] = kb[j * K + c] * egk[j];
-      kd[j * K + c] = kp[j * K + c] * erest[j];
+      kd[j * K + c] = kp[j * ldk + c] * erest[j];
     }
-    for (int c = 0; c < V; ++c) rv[j * LD + c] = b * vp[j * V + c];
+    for (int c = 0; c < V; ++c) rv[j * LD + c] = b * vp[j * ldv + c];
   }
   for (int i = 0; i < Ct; ++i)
-    for (int c = 0; c < K; ++c) qd[i * K + c] = qp[i * K + c] * egq[i];
-  std::memcpy(kb + (size_t)C * K, qp, sizeof(float) * Ct * K);
-  gemm(false, true, C + Ct, C, K, 1.f, kb, K, kp, K, 0.f, A, C);  // [A; Aq] = [beta K; Q] K^T
+    for (int c = 0; c < K; ++c) {
+      qd[i * K + c] = qp[i * ldq + c] * egq[i];
+      kb[(C + i) * K + c] = qp[i * ldq + c];
+    }
+  gemm(false, true, C + Ct, C, K, 1.f, kb, K, kp, ldk, 0.f, A, C);  // [A; Aq] = [beta K; Q] K^T
   scale_by_token_decay(A, C, tdec, Ct, n, n);  // row i of A decays like token i / n
   scale_by_token_decay(Aq, Ct, tdec, Ct, n, 1);
   // Tm = (I + tril(A, -1))^-1: the unit lower-triangular solve (I + L) Tm = I, MKL's strsm. Column-major it
@@ -150,10 +169,9 @@ void intra_pair(const Dims& d, int p, const float* q, const float* k, const floa
   gemm(false, false, C, LD, C, 1.f, Tm, C, rv, LD, 0.f, UW, LD);
 }
 
-void intra_all(const Dims& d, const float* q, const float* k, const float* v, const float* beta, const float* g,
-               Intra& x) {
+void intra_all(const Dims& d, const In& in, Intra& x) {
 #pragma omp parallel for schedule(static)
-  for (int p = 0; p < d.P; ++p) intra_pair(d, p, q, k, v, beta, g, x);
+  for (int p = 0; p < d.P; ++p) intra_pair(d, p, in, x);
 }
 
 // The sequential part, per head: Vn = U - W S, S <- dec S + Kd^T Vn. starts [P, K, V] gets the state entering
@@ -182,32 +200,42 @@ void state_scan(const Dims& d, const Intra& x, float* S, float* starts, float* V
 
 extern "C" {
 
-// o [P, Ct, V] = the block's output; S [BH, K, V]: the entry state in, the state after the block out.
-void delta_product_block_forward(int P, int BH, int Ct, int n, int K, int V, const float* q, const float* k,
-                                 const float* v, const float* beta, const float* g, float* S, float* o) {
-  const Dims d{P, BH, Ct, n, Ct * n, K, V};
+// o [P, Ct, V] = the block's output; S [BH, K, V]: the entry state in, the state after the block out. strides:
+// 4 each for q, k, v, beta, g and o.
+void delta_product_block_forward(int P, int BH, int H, int Ct, int n, int K, int V, const float* q, const float* k,
+                                 const float* v, const float* beta, const float* g, float* S, float* o,
+                                 const int64_t* strides) {
+  const Dims d{P, BH, H, Ct, n, Ct * n, K, V};
+  const In in{q, k, v, beta, g, strides, strides + 4, strides + 8, strides + 12, strides + 16};
+  const int64_t* so = strides + 20;
   Intra x(d, (size_t)P * K * V + (size_t)P * d.C * V);
-  intra_all(d, q, k, v, beta, g, x);
+  intra_all(d, in, x);
   float* starts = x.rest;
   float* Vn = starts + (size_t)P * K * V;
   state_scan(d, x, S, starts, Vn);
   const int C = d.C;
 #pragma omp parallel for schedule(static)
   for (int p = 0; p < P; ++p) {  // o = Aq Vn + Qd S_start
-    float* op = o + (size_t)p * Ct * V;
+    float* op = o + at(d, so, p);
+    const int ldo = (int)so[3];
     const float* Aq = x.AAq + (size_t)p * (C + Ct) * C + C * C;
-    gemm(false, false, Ct, V, C, 1.f, Aq, C, Vn + (size_t)p * C * V, V, 0.f, op, V);
-    gemm(false, false, Ct, V, K, 1.f, x.qd + (size_t)p * Ct * K, K, starts + (size_t)p * K * V, V, 1.f, op, V);
+    gemm(false, false, Ct, V, C, 1.f, Aq, C, Vn + (size_t)p * C * V, V, 0.f, op, ldo);
+    gemm(false, false, Ct, V, K, 1.f, x.qd + (size_t)p * Ct * K, K, starts + (size_t)p * K * V, V, 1.f, op, ldo);
   }
 }
 
 // Gradients of the block. S0 [BH, K, V] the entry state; dO [P, Ct, V]; dS [BH, K, V]: in, the gradient of the
 // state after the block; out, that of the entry state. dq, dk, dv, dbeta, dg: written, in the inputs' shapes.
-void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, const float* q, const float* k,
+// strides: 4 each for q, k, v, beta, g, dO, dq, dk, dv, dbeta and dg.
+void delta_product_block_backward(int P, int BH, int H, int Ct, int n, int K, int V, const float* q, const float* k,
                                   const float* v, const float* beta, const float* g, const float* S0,
                                   const float* dO, float* dS, float* dq, float* dk, float* dv, float* dbeta,
-                                  float* dg) {
-  const Dims d{P, BH, Ct, n, Ct * n, K, V};
+                                  float* dg, const int64_t* strides) {
+  const Dims d{P, BH, H, Ct, n, Ct * n, K, V};
+  const In in{q, k, v, beta, g, strides, strides + 4, strides + 8, strides + 12, strides + 16};
+  const int64_t *sdo = strides + 20, *sdq = strides + 24, *sdk = strides + 28, *sdv = strides + 32,
+                *sdb = strides + 36, *sdg = strides + 40;
+  const int lddo = (int)sdo[3], ldk = (int)in.sk[3], ldv = (int)in.sv[3], ldb = (int)in.sb[3];
   const int C = d.C, NC = P / BH;
   const size_t KV = (size_t)K * V, CV = (size_t)C * V;
   Intra x(d, BH * KV + P * KV + P * CV + P * CV + P * KV);
@@ -216,7 +244,7 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
   float* Vn = starts + P * KV;
   float* dVn_all = Vn + P * CV;
   float* dS1_all = dVn_all + P * CV;
-  intra_all(d, q, k, v, beta, g, x);
+  intra_all(d, in, x);
   std::memcpy(S, S0, sizeof(float) * BH * KV);
   state_scan(d, x, S, starts, Vn);
 
@@ -226,15 +254,15 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
     float* dSh = dS + (size_t)h * K * V;
     for (int c = NC - 1; c >= 0; --c) {
       const int p = c * BH + h;
-      const float* dOp = dO + (size_t)p * Ct * V;
+      const float* dOp = dO + at(d, sdo, p);
       float* dvn = dVn_all + (size_t)p * C * V;
       float* ds1 = dS1_all + (size_t)p * K * V;
       std::memcpy(ds1, dSh, sizeof(float) * K * V);
-      gemm(true, false, C, V, Ct, 1.f, x.AAq + (size_t)p * (C + Ct) * C + C * C, C, dOp, V, 0.f, dvn, V);
+      gemm(true, false, C, V, Ct, 1.f, x.AAq + (size_t)p * (C + Ct) * C + C * C, C, dOp, lddo, 0.f, dvn, V);
       gemm(false, false, C, V, K, 1.f, x.kd + (size_t)p * C * K, K, ds1, V, 1.f, dvn, V);
       const float dec = x.dec[p];
       for (int i = 0; i < K * V; ++i) dSh[i] = dec * ds1[i];
-      gemm(true, false, K, V, Ct, 1.f, x.qd + (size_t)p * Ct * K, K, dOp, V, 1.f, dSh, V);
+      gemm(true, false, K, V, Ct, 1.f, x.qd + (size_t)p * Ct * K, K, dOp, lddo, 1.f, dSh, V);
       gemm(true, false, K, V, C, -1.f, x.UW + (size_t)p * C * (V + K) + V, V + K, dvn, V, 1.f, dSh, V);
     }
   }
@@ -253,17 +281,16 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
     const float* drk = DRVK.data() + V;
 #pragma omp for schedule(static)
     for (int p = 0; p < P; ++p) {
-      const float* kp = k + (size_t)p * C * K;
-      const float* vp = v + (size_t)p * C * V;
-      const float* bp = beta + (size_t)p * C;
-      const float* dOp = dO + (size_t)p * Ct * V;
+      const float* kp = k + at(d, in.sk, p);
+      const float* vp = v + at(d, in.sv, p);
+      const float* bp = beta + at(d, in.sb, p);
+      const float* dOp = dO + at(d, sdo, p);
       const float* start = starts + (size_t)p * K * V;
       const float* vn = Vn + (size_t)p * C * V;
       const float* dvn = dVn_all + (size_t)p * C * V;
       const float* ds1 = dS1_all + (size_t)p * K * V;
       const float* A = x.AAq + (size_t)p * (C + Ct) * C;
       const float* Tm = x.Tm + (size_t)p * C * C;
-      const float* Aq = A + C * C;
       const float* tdec = x.tdec + (size_t)p * Ct * Ct;
       const float* UW = x.UW + (size_t)p * C * LD;
       const float* rk = x.RVK + (size_t)p * C * LD + V;
@@ -273,16 +300,17 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       const float* egk = x.exp_gk + (size_t)p * C;
       const float* egq = x.exp_gq + (size_t)p * Ct;
       const float* erest = x.exp_rest + (size_t)p * C;
-      float* dqp = dq + (size_t)p * Ct * K;
-      float* dkp = dk + (size_t)p * C * K;
-      float* dvp = dv + (size_t)p * C * V;
-      float* dbp = dbeta + (size_t)p * C;
-      float* dgp = dg + (size_t)p * Ct;
+      float* dqp = dq + at(d, sdq, p);
+      float* dkp = dk + at(d, sdk, p);
+      float* dvp = dv + at(d, sdv, p);
+      float* dbp = dbeta + at(d, sdb, p);
+      float* dgp = dg + at(d, sdg, p);
+      const int lddq = (int)sdq[3], lddk = (int)sdk[3], lddv = (int)sdv[3], lddb = (int)sdb[3], lddg = (int)sdg[3];
 
       for (int j = 0; j < C; ++j) std::memcpy(DVW.data() + (size_t)j * LD, dvn + (size_t)j * V, sizeof(float) * V);
       gemm(false, true, C, K, V, -1.f, dvn, V, start, V, 0.f, DVW.data() + V, LD);  // dW = -dVn S0^T
-      gemm(false, true, Ct, C, V, 1.f, dOp, V, vn, V, 0.f, dAq, C);      // dAq = dO Vn^T
-      gemm(false, true, Ct, K, V, 1.f, dOp, V, start, V, 0.f, dqd.data(), K);   // dQd = dO S0^T
+      gemm(false, true, Ct, C, V, 1.f, dOp, lddo, vn, V, 0.f, dAq, C);      // dAq = dO Vn^T
+      gemm(false, true, Ct, K, V, 1.f, dOp, lddo, start, V, 0.f, dqd.data(), K);   // dQd = dO S0^T
       gemm(false, true, C, K, V, 1.f, vn, V, ds1, V, 0.f, dkd.data(), K);       // dKd = Vn dS1^T
       gemm(true, false, C, LD, C, 1.f, Tm, C, DVW.data(), LD, 0.f, DRVK.data(), LD);  // [U | W] = Tm [rv | rk]
       // dL = -(drv U^T + drk W^T) = -[drv | drk] [U | W]^T, strictly lower part
@@ -328,7 +356,7 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
       for (int i = 0; i < K * V; ++i) state_term += ds1[i] * start[i];
       dgq[Ct - 1] += to_end_sum + state_term * x.dec[p];
       float acc = 0.f;  // gq = cumsum(g): dg is the reversed cumulative sum
-      for (int i = Ct - 1; i >= 0; --i) dgp[i] = (acc += dgq[i]);
+      for (int i = Ct - 1; i >= 0; --i) dgp[i * lddg] = (acc += dgq[i]);
 
       // dE = dA * decay of the row's token; dAq_raw = dAq * q_decay (0 where unseen)
       scale_by_token_decay(dA, C, tdec, Ct, n, n);
@@ -338,22 +366,23 @@ void delta_product_block_backward(int P, int BH, int Ct, int n, int K, int V, co
         for (int c = 0; c < K; ++c) dkb[j * K + c] = drk[j * LD + c] * egk[j];
       for (int i = 0; i < Ct; ++i)
         for (int c = 0; c < K; ++c) dkb[(C + i) * K + c] = dqd[i * K + c] * egq[i];
-      gemm(false, false, C + Ct, K, C, 1.f, dA, C, kp, K, 1.f, dkb, K);
-      std::memcpy(dqp, dkb + (size_t)C * K, sizeof(float) * Ct * K);
+      gemm(false, false, C + Ct, K, C, 1.f, dA, C, kp, ldk, 1.f, dkb, K);
+      for (int i = 0; i < Ct; ++i)
+        std::memcpy(dqp + (size_t)i * lddq, dkb + (size_t)(C + i) * K, sizeof(float) * K);
       // dk = dkb beta + dE^T kb + dAq_raw^T q + dkd exp_rest = ... + [dE; dAq_raw]^T [beta K; Q]
       for (int j = 0; j < C; ++j)
-        for (int c = 0; c < K; ++c) dkp[j * K + c] = dkb[j * K + c] * bp[j] + dkd[j * K + c] * erest[j];
-      gemm(true, false, C, K, C + Ct, 1.f, dA, C, KBQ, K, 1.f, dkp, K);
+        for (int c = 0; c < K; ++c) dkp[j * lddk + c] = dkb[j * K + c] * bp[j * ldb] + dkd[j * K + c] * erest[j];
+      gemm(true, false, C, K, C + Ct, 1.f, dA, C, KBQ, K, 1.f, dkp, lddk);
       for (int j = 0; j < C; ++j) {
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
         for (int c = 0; c < V; ++c) {
-          dvp[j * V + c] = drv[j * LD + c] * bp[j];
-          s += drv[j * LD + c] * vp[j * V + c];
+          dvp[j * lddv + c] = drv[j * LD + c] * bp[j * ldb];
+          s += drv[j * LD + c] * vp[j * ldv + c];
         }
 #pragma omp simd reduction(+ : s)
-        for (int c = 0; c < K; ++c) s += dkb[j * K + c] * kp[j * K + c];
-        dbp[j] = s;
+        for (int c = 0; c < K; ++c) s += dkb[j * K + c] * kp[j * ldk + c];
+        dbp[j * lddb] = s;
       }
     }
   }

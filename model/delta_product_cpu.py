@@ -77,9 +77,9 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"the fused DeltaProduct CPU kernel could not be built, the torch ops serve instead "
                       f"(slower): {detail[-500:]}", stacklevel=2)
         return None
-    ints, ptr = [ctypes.c_int] * 6, ctypes.c_void_p
-    lib.delta_product_block_forward.argtypes = [*ints, *[ptr] * 7]
-    lib.delta_product_block_backward.argtypes = [*ints, *[ptr] * 13]
+    ints, ptr = [ctypes.c_int] * 7, ctypes.c_void_p
+    lib.delta_product_block_forward.argtypes = [*ints, *[ptr] * 8]
+    lib.delta_product_block_backward.argtypes = [*ints, *[ptr] * 14]
     _library = lib
     return lib
 
@@ -93,36 +93,51 @@ def qualifies(q: torch.Tensor, k: torch.Tensor, resets: dict, captures) -> bool:
             and C <= MAX_POSITIONS_PER_CHUNK and set(captures) <= {NC - 1} and library() is not None)
 
 
+def _strides(*tensors: torch.Tensor) -> torch.Tensor:
+    """The kernel's stride table: per tensor, the element strides of its chunk, batch, head and row dimensions."""
+    return torch.tensor([list(x.stride()[:4]) for x in tensors], dtype=torch.int64)
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its last dimension is contiguous (the kernel reads any other strides), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def block_forward(q, k, v, beta, g, n, S0, out=None):
-    """_chunk_scan's forward for a block that qualifies. q [NC, B, H, Ct, K] ... as there; g None: ungated.
-    Returns (o [NC, B, H, Ct, V], the state after the block [B, H, K, V])."""
+    """_chunk_scan's forward for a block that qualifies. q [NC, B, H, Ct, K] ... as there, any strides (chunk-major
+    views of token-major tensors are read in place); g None: ungated. `out` (o's shape, any strides, e.g. a view of
+    the token-major output) receives o. Returns (o [NC, B, H, Ct, V], the state after the block [B, H, K, V])."""
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
-    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
-    g = g.contiguous() if g is not None else q.new_zeros(NC, B, H, Ct)  # exp(0) = 1: the ungated recurrence
+    q, k, v = _rows_contiguous(q), _rows_contiguous(k), _rows_contiguous(v)
+    g = g if g is not None else q.new_zeros(NC, B, H, Ct)  # exp(0) = 1: the ungated recurrence
     S = S0.to(torch.float32).reshape(B * H, K, V).clone()
     o = out if out is not None else q.new_empty(NC, B, H, Ct, V)
-    assert o.is_contiguous() and o.shape == (NC, B, H, Ct, V)
-    library().delta_product_block_forward(NC * B * H, B * H, Ct, n, K, V, q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                          beta.data_ptr(), g.data_ptr(), S.data_ptr(), o.data_ptr())
+    assert o.shape == (NC, B, H, Ct, V) and o.stride(-1) == 1
+    strides = _strides(q, k, v, beta, g, o)
+    library().delta_product_block_forward(
+        NC * B * H, B * H, H, Ct, n, K, V, q.data_ptr(), k.data_ptr(), v.data_ptr(), beta.data_ptr(), g.data_ptr(),
+        S.data_ptr(), o.data_ptr(), strides.data_ptr())
     return o, S.view(B, H, K, V)
 
 
 def block_backward(q, k, v, beta, g, n, S0, d_o, d_S_last, grads):
     """_chunk_scan_backward for a block that qualifies: writes the gradients of q, k, v, beta, g into `grads`
-    (contiguous, the inputs' shapes; None for g=None) and returns that of the entry state [B, H, K, V]."""
+    (the inputs' shapes, any strides with the last dimension contiguous; None for g=None) and returns that of the
+    entry state [B, H, K, V]."""
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
-    q, k, v, beta, d_o = (x.contiguous() for x in (q, k, v, beta, d_o))
+    q, k, v, d_o = (_rows_contiguous(x) for x in (q, k, v, d_o))
     gated = g is not None
-    g = g.contiguous() if gated else q.new_zeros(NC, B, H, Ct)
+    g = g if gated else q.new_zeros(NC, B, H, Ct)
     dq, dk, dv, dbeta, dg = grads
     dg = dg if gated else torch.empty_like(g)
-    assert all(x.is_contiguous() for x in (dq, dk, dv, dbeta, dg))
+    assert all(x.stride(-1) == 1 for x in (dq, dk, dv))
     S0 = S0.to(torch.float32).contiguous()
     dS = d_S_last.to(torch.float32).reshape(B * H, K, V).clone()
+    strides = _strides(q, k, v, beta, g, d_o, dq, dk, dv, dbeta, dg)
     library().delta_product_block_backward(
-        NC * B * H, B * H, Ct, n, K, V, q.data_ptr(), k.data_ptr(), v.data_ptr(), beta.data_ptr(), g.data_ptr(),
+        NC * B * H, B * H, H, Ct, n, K, V, q.data_ptr(), k.data_ptr(), v.data_ptr(), beta.data_ptr(), g.data_ptr(),
         S0.data_ptr(), d_o.data_ptr(), dS.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), dbeta.data_ptr(),
-        dg.data_ptr())
+        dg.data_ptr(), strides.data_ptr())
     return dS.view(B, H, K, V)

@@ -293,8 +293,14 @@ def _fused(q, k, resets, captures, inputs) -> bool:
     return delta_product_cpu.qualifies(q, k, resets, captures)
 
 
+def _fused_layout(x) -> bool:
+    """Whether chunk_delta_product hands the blocks token-major views (see _to_chunks): where the fused kernel runs."""
+    return (_FUSED_CPU and delta_product_cpu is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and delta_product_cpu.library() is not None)
+
+
 def _merge_heads(q, k, v, beta, g):
-    """[NC, B, H, ...] -> [NC, B*H, ...] (views: _to_chunks made q, k, v contiguous)."""
+    """[NC, B, H, ...] -> [NC, B*H, ...] (views where _to_chunks made q, k, v contiguous)."""
     return [x.flatten(1, 2) if x is not None else None for x in (q, k, v, beta, g)]
 
 
@@ -316,10 +322,13 @@ def _chunk_scan(q, k, v, beta, g, n, S0, resets, captures, out=None):
     merged = lambda S: S.reshape(B * H, K, V)
     S_starts, Vn, finals, S = _state_scan(
         x, merged(S0), {c: merged(s) for c, s in resets.items()}, captures)
+    direct = out is not None and out.is_contiguous()  # a strided `out` (the fused layout) gets a copy
     o = torch.baddbmm(torch.bmm(x["Aq"].flatten(0, 1), Vn.flatten(0, 1)), x["qd"].flatten(0, 1),
-                      S_starts.flatten(0, 1), out=out.flatten(0, 2) if out is not None else None)
+                      S_starts.flatten(0, 1), out=out.flatten(0, 2) if direct else None).view(NC, B, H, Ct, V)
+    if out is not None and not direct:
+        o = out.copy_(o)
     unmerged = lambda S: S.view(B, H, K, V)
-    return o.view(NC, B, H, Ct, V), {key: unmerged(s) for key, s in finals.items()}, unmerged(S)
+    return o, {key: unmerged(s) for key, s in finals.items()}, unmerged(S)
 
 
 def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captured, out):
@@ -334,6 +343,13 @@ def _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captu
     if _fused(q, k, resets, d_captured, ()):
         d_last = d_S_last + sum(d_captured.values()) if d_captured else d_S_last  # captured: after the last chunk
         return delta_product_cpu.block_backward(q, k, v, beta, g, n, S0, d_o, d_last, out), {}
+    if any(t is not None and not t.is_contiguous() for t in out):  # strided gradients (the fused layout): via copies
+        staged = [torch.empty(t.shape, dtype=t.dtype, device=t.device) if t is not None else None for t in out]
+        dS, d_resets = _chunk_scan_backward(q, k, v, beta, g, n, S0, resets, d_o, d_S_last, d_captured, staged)
+        for t, s in zip(out, staged):
+            if t is not None:
+                t.copy_(s)
+        return dS, d_resets
     NC, B, H, Ct, K = q.shape
     V = v.shape[-1]
     merged = lambda S: S.reshape(B * H, K, V)
@@ -441,6 +457,15 @@ def _blocked_scan(chunks, n, S0, resets, captures):
     return torch.cat(outs, dim=0) if len(outs) > 1 else outs[0], finals
 
 
+def _chunk_output(q, V):
+    """o [NC, B, H, Ct, V] for chunk tensors like q: contiguous, or, when q is a view of token-major memory (the
+    fused kernel's layout), a view of token-major memory too, so that _from_chunks needs no copy."""
+    NC, B, H, Ct, _ = q.shape
+    if q.is_contiguous():
+        return q.new_empty(NC, B, H, Ct, V)
+    return q.new_empty(B, NC, Ct, H, V).permute(1, 0, 3, 2, 4)
+
+
 class _RecomputedScan(torch.autograd.Function):
     """_blocked_scan that saves only its inputs and the state entering each block of chunks.
 
@@ -461,7 +486,7 @@ class _RecomputedScan(torch.autograd.Function):
         resets = dict(zip(reset_chunks, reset_states))
         captures = {c: i for i, c in enumerate(capture_chunks)}
         NC, B, H, Ct, _ = q.shape
-        o = q.new_empty(NC, B, H, Ct, v.shape[-1])  # each block writes its slice: no concatenation
+        o = _chunk_output(q, v.shape[-1])  # each block writes its slice: no concatenation
         finals, entry_states, S = {}, [], S0
         for i, (piece, o_piece) in enumerate(zip(_split_blocks(chunks, block), o.split(block, dim=0))):
             lo, hi = i * block, (i + 1) * block
@@ -483,7 +508,7 @@ class _RecomputedScan(torch.autograd.Function):
         pieces = _split_blocks((q, k, v, beta, g), block)
         d_o_pieces = d_o.split(block, dim=0)
         # each block writes its slice of the whole gradients (contiguous, in the inputs' shapes)
-        grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) if x is not None else None
+        grads = [torch.empty_like(x) if x is not None else None  # the inputs' strides (_to_chunks)
                  for x in (q, k, v, beta, g)]
         grad_pieces = _split_blocks(grads, block)
         d_resets = [None] * len(reset_states)
@@ -512,14 +537,17 @@ def _scan(chunks, n, S0, resets, captures):
     return o, {captures[c]: S for c, S in zip(capture_chunks, states)}
 
 
-def _to_chunks(qf, kf, vf, bf, gf, Ct, n):
-    """Token-major padded tensors -> chunk-major [NC, B, H, ...] (see _chunk_scan for the shapes)."""
+def _to_chunks(qf, kf, vf, bf, gf, Ct, n, copy=True):
+    """Token-major padded tensors -> chunk-major [NC, B, H, ...] (see _chunk_scan for the shapes). copy=False keeps
+    q, k, v as views of the token-major memory, for the fused CPU kernel, which reads any strides: the copies and
+    their gradients' copies back were a fifth of its forward + backward."""
     B, Tp, H, K = qf.shape
     V = vf.shape[-1]
     NC = Tp // Ct
-    q = qf.reshape(B, NC, Ct, H, K).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, Ct, K]
-    k = kf.reshape(B, NC, Ct * n, H, K).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, C, K] interleaved
-    v = vf.reshape(B, NC, Ct * n, H, V).permute(1, 0, 3, 2, 4).contiguous()  # [NC, B, H, C, V]
+    layout = (lambda x: x.contiguous()) if copy else (lambda x: x)
+    q = layout(qf.reshape(B, NC, Ct, H, K).permute(1, 0, 3, 2, 4))  # [NC, B, H, Ct, K]
+    k = layout(kf.reshape(B, NC, Ct * n, H, K).permute(1, 0, 3, 2, 4))  # [NC, B, H, C, K] interleaved
+    v = layout(vf.reshape(B, NC, Ct * n, H, V).permute(1, 0, 3, 2, 4))  # [NC, B, H, C, V]
     b = bf.reshape(B, NC, Ct * n, H).permute(1, 0, 3, 2)  # [NC, B, H, C]
     g = gf.reshape(B, NC, Ct, H).permute(1, 0, 3, 2) if gf is not None else None  # [NC, B, H, Ct]
     return q, k, v, b, g
@@ -628,7 +656,7 @@ def chunk_delta_product(
         if pad:
             qf, kf, vf, bf = (torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], dim=1) for x in (qf, kf, vf, bf))
             gf = torch.cat([gf, gf.new_zeros(B, pad, H)], dim=1) if gf is not None else None
-        chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
+        chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n, copy=not _fused_layout(qf))
         NC = chunks[0].shape[0]
         S0 = h0 if h0 is not None else q.new_zeros(B, H, K, V, dtype=dt)
         o, finals = _scan(chunks, n, S0, resets={}, captures={NC - 1: "all"})
@@ -639,7 +667,7 @@ def chunk_delta_product(
         src, dest, doc_chunks = _varlen_layout(cu_seqlens.tolist(), Ct, q.device)
         qf, kf, vf, bf = (_gather_tokens(x, src) for x in (qf, kf, vf, bf))
         gf = _gather_tokens(gf, src) if gf is not None else None
-        chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n)
+        chunks = _to_chunks(qf, kf, vf, bf, gf, Ct, n, copy=not _fused_layout(qf))
         zeros = q.new_zeros(1, H, K, V, dtype=dt)
         resets, captures = {}, {}
         for i, span in enumerate(doc_chunks):
