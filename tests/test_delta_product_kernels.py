@@ -415,3 +415,13 @@ def test_fused_cpu_kernel_that_fails_to_build_falls_back_with_a_warning(monkeypa
                                        num_householder=2)
     torch.testing.assert_close(o, o_r, rtol=0, atol=1e-5)
     assert fused.library() is None  # tried once: no warning, no build at every call
+
+
+def test_fused_cpu_kernel_can_be_turned_off(monkeypatch, recwarn):
+    monkeypatch.setattr(fused, "_library", False)
+    monkeypatch.setenv("SEEDLM_FUSED_CPU_KERNEL", "0")
+    assert fused.library() is None
+    inputs = [x.float() for x in make_inputs(B=1, T=20, n=2, use_g=True)]
+    calls = _count_fused_blocks(monkeypatch)
+    chunk_delta_product(*inputs[:5], initial_state=inputs[5], num_householder=2)
+    assert calls == {"forward": 0, "backward": 0} and not recwarn.list
