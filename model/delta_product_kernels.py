@@ -507,7 +507,7 @@ class _RecomputedScan(torch.autograd.Function):
         block = ctx.block
         pieces = _split_blocks((q, k, v, beta, g), block)
         d_o_pieces = d_o.split(block, dim=0)
-        # each block writes its slice of the whole gradients (contiguous, in the inputs' shapes)
+        # each block writes its slice of the whole gradients (in the inputs' shapes and strides)
         grads = [torch.empty_like(x) if x is not None else None  # the inputs' strides (_to_chunks)
                  for x in (q, k, v, beta, g)]
         grad_pieces = _split_blocks(grads, block)
@@ -539,8 +539,8 @@ def _scan(chunks, n, S0, resets, captures):
 
 def _to_chunks(qf, kf, vf, bf, gf, Ct, n, copy=True):
     """Token-major padded tensors -> chunk-major [NC, B, H, ...] (see _chunk_scan for the shapes). copy=False keeps
-    q, k, v as views of the token-major memory, for the fused CPU kernel, which reads any strides: the copies and
-    their gradients' copies back were a fifth of its forward + backward."""
+    q, k, v as views of the token-major memory, for the fused CPU kernel, which reads any strides: without the
+    copies and their gradients' copies back it is 4-7% faster at T = 4096, n_h 2-3."""
     B, Tp, H, K = qf.shape
     V = vf.shape[-1]
     NC = Tp // Ct
