@@ -199,8 +199,10 @@ def host_copy(obj, staging: HostStaging, copies: dict | None = None):
     storage (a parameter in DeepSpeed's flat ZeRO buffer) is copied alone, compactly: what DeepSpeed's
     clone_tensors_for_torch_save does before torch.save, so the engine skips that clone
     (CollectingCheckpointEngine.preserves_storage_sharing) and every byte is copied once, not twice (the clone
-    was 0.07 of the 0.36 s a 2-rank expert-parallel save held the loop, by cProfile of one save). The
-    containers DeepSpeed's state dicts are made of are rebuilt; anything else is kept as it is."""
+    was 0.07 of the 0.36 s a 2-rank expert-parallel save held the loop, by cProfile of one save). The bytes
+    move by host_memory.copy_bytes (glibc's memmove on torch's threads, streaming past the caches above glibc's
+    non-temporal threshold). The containers DeepSpeed's state dicts are made of are rebuilt; anything else is
+    kept as it is."""
     copies = {} if copies is None else copies  # storage data_ptr, or a part's (ptr, offset, shape, ...) -> copy
     if isinstance(obj, torch.Tensor):
         obj = obj.detach()
