@@ -140,6 +140,6 @@ def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         _copy_threads[threads] = ThreadPoolExecutor(threads, thread_name_prefix="seedlm-copy")
     pool = _copy_threads[threads]
     piece = -(-nbytes // threads // 4096) * 4096  # page multiples: no two threads store into one cache line
-    list(pool.map(lambda p: memmove(*p), [(d + o, s + o, min(piece, nbytes - o))
-                                                    for o in range(0, nbytes, piece)]))
+    pieces = [(d + o, s + o, min(piece, nbytes - o)) for o in range(0, nbytes, piece)]
+    list(pool.map(lambda p: memmove(*p), pieces))
     return dst

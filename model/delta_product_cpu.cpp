@@ -2,8 +2,8 @@
 // from its entry state. The same math as _chunk_scan / _chunk_scan_backward in delta_product_kernels.py (read the
 // comments there for the derivation), fused per (chunk, head): each one's 64 x 64 tiles stay in the core's cache
 // through all their products and elementwise steps, the matmuls are single-threaded MKL sgemm calls (torch's MKL)
-// and the (chunk, head) pairs are spread over torch's OpenMP threads. Built and loaded by delta_product_kernels.py
-// with ctypes (no torch headers); plain C ABI.
+// and the (chunk, head) pairs are spread over torch's OpenMP threads. Built and loaded by delta_product_cpu.py with
+// ctypes (no torch headers); plain C ABI; delta_product_kernels.py calls it per block.
 //
 // Shapes, row-major, P = chunks in the block x B*H pairs, pair p = chunk * BH + head:
 //   q [P, Ct, K] (already scaled), k [P, C, K], v [P, C, V], beta [P, C], g [P, Ct] (log decay; zeros when

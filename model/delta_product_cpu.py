@@ -33,7 +33,7 @@ MAX_TOKENS_PER_CHUNK, MAX_POSITIONS_PER_CHUNK = 256, 1024  # the kernel's stack 
 _library: ctypes.CDLL | None | bool = False  # False: not tried yet
 
 
-def _cpu_model() -> str:
+def _cpu_model() -> str:  # benchmarks/floors.py has its twin; this file may import only stdlib and torch
     try:
         with open("/proc/cpuinfo") as f:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
