@@ -46,8 +46,10 @@ the tensors the layers save (norm inputs and outputs, projections, rotary q/k, a
 the sigmoid gate, router logits and indices, the routed tokens' expert activations, the DeltaProduct layer's
 projections, betas and gates; tests/test_plan.py checks it against `saved_bytes_for_backward` on real models).
 A checkpointed layer keeps only its input; in backward one layer at a time recomputes its forward, so the peak
-adds one layer's activations. The loss (model/fused_loss.py) keeps 9 bytes per token and, in backward, one
-chunk's fp32 logits and their softmax and gradient.
+adds one layer's activations. The loss (model/fused_loss.py) forms its gradients in the forward, chunk by chunk
+over the tokens: it keeps the gradient of its input (in the place of the input it kept before) and the weight's
+gradient ([vocab, hidden], whatever the token count), and the chunk's fp32 logits and softmax come and go while
+every activation is alive.
 """
 
 from __future__ import annotations
@@ -213,20 +215,22 @@ def checkpointed_layers(num_layers: int, mode: str, every: int) -> set[int]:
 
 
 def activation_bytes_per_token(config, mode: str = "none", every: int = 2, a: int = 4, batch: int = 1) -> dict:
-    """Bytes per token kept for backward by the whole causal LM ('saved'), and the extra peak in backward
-    while one checkpointed layer recomputes its forward ('recompute')."""
+    """Bytes per token kept for backward by the whole causal LM ('saved'), the extra peak in backward while one
+    checkpointed layer recomputes its forward ('recompute'), and the bytes kept whatever the token count
+    ('fixed': the LM head weight's gradient, which the loss forms in its forward)."""
     hidden = config.hidden_size
     recomputed = checkpointed_layers(config.num_hidden_layers, mode, every)
     per_layer = [layer_bytes(config, i, a, batch) for i in range(config.num_hidden_layers)]
     layers = sum(a * hidden if i in recomputed else per_layer[i] for i in range(config.num_hidden_layers))
-    # token ids; the final norm (its weighted output is the loss's input); the loss's targets and mask
-    ends = INDEX_BYTES + a * norm_elements(hidden) + INDEX_BYTES + 1
+    # token ids; the final norm (the loss keeps the gradient of its weighted output, the same bytes)
+    ends = INDEX_BYTES + a * norm_elements(hidden)
     recompute = max((per_layer[i] for i in recomputed), default=0)
-    return {"saved": layers + ends, "recompute": recompute}
+    return {"saved": layers + ends, "recompute": recompute, "fixed": a * config.vocab_size * hidden}
 
 
 def loss_peak_bytes(config, tokens: int) -> float:
-    """model/fused_loss.py in backward: one chunk's fp32 logits, softmax and gradient (3 x 4 bytes x vocab)."""
+    """model/fused_loss.py in its forward: one chunk's fp32 logits, softmax and gradient (at most 3 x 4 bytes x
+    vocab per token; fp32 overwrites one buffer in place)."""
     from seedlm.model.fused_loss import default_chunk_size
 
     chunk = min(tokens, default_chunk_size(tokens, config.vocab_size, config.hidden_size))
@@ -332,7 +336,7 @@ def build_plan(run, nodes: int = 1, gpus_per_node: int = 1, gpu_memory: int | st
     tokens = micro_batch * seq_len
     acts = activation_bytes_per_token(model_config, t.activation_checkpointing, t.activation_checkpointing_every,
                                       a=a, batch=micro_batch)
-    activations = tokens * acts["saved"] + tokens * acts["recompute"]
+    activations = tokens * acts["saved"] + tokens * acts["recompute"] + acts["fixed"]
     loss = loss_peak_bytes(model_config, tokens)
     usable = int(memory * (1 - MEMORY_MARGIN))
     rows = []
@@ -406,8 +410,8 @@ def what_to_change(plan: Plan, count: ParameterCount, acts: dict, model_config) 
                      f"{plan.micro_batch_size} x {plan.seq_len} tokens")
         if not plan.activation_checkpointing.startswith("full"):
             lines.append("- train.activation_checkpointing=full keeps one hidden state per layer and token")
-        room = plan.usable_memory - states
-        per_sequence = (terms["activations"] + terms["loss"]) / plan.micro_batch_size
+        room = plan.usable_memory - states - acts["fixed"]  # the head's weight gradient, whatever the batch
+        per_sequence = (terms["activations"] - acts["fixed"] + terms["loss"]) / plan.micro_batch_size
         fitting_batch = int(room // per_sequence) if room > 0 else 0
         if fitting_batch >= 1:
             lines.append(f"- micro_batch_size={fitting_batch} fits (raise train.grad_accum_steps to keep the "

@@ -3,14 +3,16 @@
 The plain head computes logits = hidden @ W^T for every token, upcasts them to fp32, and cross-entropy keeps
 the fp32 log-softmax [N, V] for backward: 4 * V bytes per token, 2.5 GB per 4096 tokens at a 151k vocabulary
 (and the logits, its gradient and the upcast copy come and go beside it).
-Here the forward walks over chunks of tokens and keeps only each token's loss summed; the backward recomputes
-each chunk's logits and turns them into the chunk's gradients. Saved for backward: the hidden states and the
-weight (both alive anyway) and the targets (9 bytes per token: int64 target and a bool mask).
+Here the forward walks over chunks of tokens: each chunk's logits give its tokens' losses and, when autograd
+records, at once the chunk's gradients (Liger's way), so no [N, V] tensor is ever whole. Saved for backward:
+the gradients of the hidden states [N, H] (the bytes the hidden states took before: nothing else keeps them)
+and of the weight [V, H]; the backward only scales them by the incoming gradient.
 
-Why recompute rather than compute the gradients in the forward (Liger's way): that holds a full fp32
-grad_W [V, H] from the forward until the backward, as large as the weight itself (2.5 GB at V = 151k,
-H = 4096) and on every rank even when ZeRO-3 shards the weight; recomputing costs one more [N, H] x [H, V]
-matmul per step (four instead of three for the head) and keeps nothing per token beyond the targets.
+Why in the forward and not by recomputing the logits in the backward: the loss is the last op of a training
+forward and its backward the first op of the backward, so the gradients are alive across no other work; a
+recomputing backward allocates the same [N, H] and [V, H] gradients at that same point, plus one more
+[N, H] x [H, V] matmul (four for the head instead of three). Measured: the MoE training step of
+benchmarks/bench_gated_moe.py ...
 
 Imports only torch (exported with the checkpoint as remote code).
 """
@@ -31,37 +33,35 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
     hidden [N, H] and weight [V, H] in any float dtype (the matmul runs in their dtype, as nn.Linear does;
     the softmax in fp32, as transformers' loss upcasts), targets [N] int64. Returns a 0-d fp32 tensor.
-    Gradients flow to hidden and weight (a tied embedding weight included); the weight's gradient is summed
-    over the chunks in fp32 at least.
+    With `with_grad` the forward also forms the gradients of hidden and weight (those that require one) for a
+    loss gradient of 1, and the backward scales them by the incoming one, in place: the backward runs once
+    (a second one, after retain_graph=True, is refused). The weight's gradient (a tied embedding weight
+    included) is summed over the chunks in fp32 at least.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, with_grad):
         valid = targets != ignore_index  # [N]
         safe_targets = torch.where(valid, targets, 0)  # any index: its loss is masked out below
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            logprobs = torch.log_softmax((hidden[rows] @ weight.T).float(), dim=-1)  # [C, V]
-            target_logprobs = logprobs.gather(1, safe_targets[rows, None]).squeeze(1)  # [C]
-            loss -= (target_logprobs * valid[rows]).sum()
-        ctx.save_for_backward(hidden, weight, safe_targets, valid)
-        ctx.chunk_size = chunk_size
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, safe_targets, valid = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_hidden = with_grad and ctx.needs_input_grad[0]
+        need_weight = with_grad and ctx.needs_input_grad[1]
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         sum_dtype = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros(weight.shape, dtype=sum_dtype, device=weight.device) if need_weight else None
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored tokens, times the incoming gradient
-            grad_logits = torch.softmax((hidden[rows] @ weight.T).float(), dim=-1)  # [C, V]
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits = (hidden[rows] @ weight.T).float()  # [C, V]
+            logsumexp = torch.logsumexp(logits, dim=-1)  # [C]
+            target_logits = logits.gather(1, safe_targets[rows, None]).squeeze(1)  # [C]
+            loss += ((logsumexp - target_logits) * valid[rows]).sum()
+            if not (need_hidden or need_weight):
+                continue
+            # d(loss)/d(logits) = softmax - one_hot(target), zero on ignored tokens; the softmax overwrites the
+            # logits (one [C, V] fp32 buffer per chunk)
+            grad_logits = logits.sub_(logsumexp[:, None]).exp_()
             grad_logits.scatter_add_(1, safe_targets[rows, None], grad_logits.new_full((grad_logits.shape[0], 1), -1.0))
-            grad_logits *= (valid[rows] * grad_loss)[:, None]
+            grad_logits *= valid[rows, None]
             grad_logits = grad_logits.to(hidden.dtype)  # back to the matmul dtype, as logits.float()'s backward does
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
@@ -71,7 +71,21 @@ class LinearCrossEntropySum(torch.autograd.Function):
                 grad_weight += grad_logits.T @ hidden[rows]  # a bf16 / fp16 chunk's gradient, summed in fp32
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError("linear_cross_entropy's backward runs once: its gradients were formed in the "
+                               "forward and are scaled in place (retain_graph=True cannot backward through it twice)")
+        ctx.used = True
+        grad_hidden, grad_weight = ctx.saved_tensors
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.mul_(grad_loss.to(grad.dtype))
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -98,7 +112,8 @@ def linear_cross_entropy(
         raise ValueError(f"{targets.shape[0]} targets for {hidden.shape[0]} hidden states: labels must be [B, T]")
     if chunk_size is None:
         chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], weight.shape[1])
-    loss_sum = LinearCrossEntropySum.apply(hidden, weight, targets, ignore_index, chunk_size)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    loss_sum = LinearCrossEntropySum.apply(hidden, weight, targets, ignore_index, chunk_size, with_grad)
     if num_items_in_batch is None:
         return loss_sum / (targets != ignore_index).sum()  # no target at all: 0/0 = nan, as cross_entropy's mean
     if torch.is_tensor(num_items_in_batch):

@@ -87,6 +87,31 @@ def test_bf16_matmul_with_fp32_softmax():
     torch.testing.assert_close(fused[2], plain[2], rtol=2e-2, atol=1e-4)
 
 
+def test_a_frozen_head_gets_no_gradient_and_the_hidden_states_theirs():
+    h, w, labels = random_case(torch.float64)
+    h = h.clone().requires_grad_()
+    ForCausalLMLoss(h @ w.T, labels, vocab_size=50).backward()
+    expected, h.grad = h.grad, None
+    frozen = w.clone()  # requires no gradient: the loss forms only the hidden states' one
+    linear_cross_entropy(h, frozen, labels, chunk_size=5).backward()
+    torch.testing.assert_close(h.grad, expected, **TOLERANCE)
+    assert frozen.grad is None
+    with torch.no_grad():  # no gradient at all: the loss alone, the same
+        loss = linear_cross_entropy(h, w, labels, chunk_size=5)
+    torch.testing.assert_close(loss, ForCausalLMLoss(h.detach() @ w.T, labels, vocab_size=50), **TOLERANCE)
+
+
+def test_a_second_backward_is_refused_with_a_message():
+    # the gradients are formed in the forward and scaled in place by the backward: a second backward through
+    # the same graph would scale them twice, so it is refused rather than silently wrong
+    h, w, labels = random_case(torch.float32)
+    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, labels) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+
+
 def test_no_target_at_all_is_nan_as_in_transformers():
     h, w, labels = random_case(torch.float32)
     labels[:] = -100
@@ -106,10 +131,10 @@ def test_saved_bytes_stay_per_token_small():
     labels = torch.randint(0, vocab, (1, tokens))
     plain = saved_bytes_for_backward(lambda: ForCausalLMLoss(h @ w.T, labels, vocab_size=vocab))
     fused = saved_bytes_for_backward(lambda: linear_cross_entropy(h, w, labels))
-    # beyond the hidden states and the weight (both alive anyway): per token an int64 target and a bool mask;
-    # the plain head keeps the fp32 log-softmax (saved by log_softmax and nll_loss alike),
-    # 4 * vocab bytes per token
-    bound = h.nbytes + w.nbytes + 9 * tokens + 64  # and the token count the mean divides by
+    # the fused loss keeps the gradients it formed in the forward, as large as the hidden states and the weight,
+    # and nothing per token beyond them; the plain head keeps the fp32 log-softmax (saved by log_softmax and
+    # nll_loss alike), 4 * vocab bytes per token
+    bound = h.nbytes + w.nbytes + 64  # and the token count the mean divides by
     assert fused <= bound < plain
     assert plain >= h.nbytes + w.nbytes + 4 * vocab * tokens  # and its targets
 
