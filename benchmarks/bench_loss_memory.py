@@ -2,11 +2,14 @@
 
 - plain: logits = hidden @ W^T, then transformers' ForCausalLMLoss (what the model did before the fused loss,
   and still does with `return_logits=True`);
-- fused: model/fused_loss.py linear_cross_entropy, chunk by chunk over the tokens, recomputing in backward.
+- fused: model/fused_loss.py linear_cross_entropy, chunk by chunk over the tokens, its gradients formed in the
+  forward.
 
 For each vocabulary size, at --tokens tokens and --hidden hidden size:
 - saved bytes per token for backward: the distinct storages autograd saves (saved_tensors_hooks), beyond the
-  hidden states and the weight, which are alive anyway (a number that does not depend on load);
+  hidden states and the weight, which are alive anyway (a number that does not depend on load). The fused loss
+  keeps the gradients of those two instead, formed in its forward: the plain path allocates the same two at the
+  start of its backward, so they are in both peaks;
 - peak: the most memory one forward + backward held above its inputs (CUDA: max_memory_allocated; CPU: the
   peak RSS of a fresh process that runs one step, above its RSS just before the step), the gradients included;
 - step time of forward + backward over --rounds rounds after one warmup, plain and fused in turn in each
@@ -198,7 +201,9 @@ def report(result: dict, peak_flops: float | None = None) -> str:
             f"| {ratio_spread(r['fused_times'], r['plain_times']).format('{:.2f}', 'x')} |"
         )
     lines.append("")
-    lines.append("saved B/token: bytes saved for backward per token beyond the hidden states and the weight.")
+    lines.append("saved B/token: bytes saved for backward per token beyond the hidden states and the weight; the "
+                 "fused loss's are the gradients of those two, formed in its forward (the plain path allocates the "
+                 "same two at the start of its backward: both peaks hold them).")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ The page-fault count is printed; to see the ops without it, keep freed memory in
 --compare OLD_FILE skips the profiler and times this kernel against another copy side by side instead:
 --rounds rounds, the two taking turns within each round (best of 3 calls each), min / median / max per
 cell of the time and of the % of the fp32 matmul peak (benchmarks/floors.py) measured beside that round's
-cell, and time(T_max) / time(T_min) per round.
+cell, and time(T_max) / time(T_min) per round, as measured and with each time scaled by its cell's peak.
 
     git show main:model/delta_product_kernels.py > /tmp/old.py
     python benchmarks/profile_delta_product.py --compare /tmp/old.py --householder 1 2 3 --rounds 5
@@ -140,6 +140,11 @@ def compare(args, kernels):
             ratios = {name: [a / b for a, b in zip(times[name, hi], times[name, lo])] for name in variants}
             print(f"  time({hi}) / time({lo}) per round, min/median/max: "
                   + "; ".join(f"{name} {spread(r)}" for name, r in ratios.items()))
+            # each time in matmul-peak units (time x the peak beside it): the drift between the two cells is out
+            scaled = {name: [a * pa / (b * pb) for a, b, pa, pb in zip(times[name, hi], times[name, lo], peaks[hi],
+                                                                          peaks[lo])] for name in variants}
+            print("  the same, each time scaled by its cell's round peak: "
+                  + "; ".join(f"{name} {spread(r)}" for name, r in scaled.items()))
 
 
 def main(argv=None):
