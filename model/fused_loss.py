@@ -84,9 +84,10 @@ class LinearCrossEntropySum(torch.autograd.Function):
                                "forward and are scaled in place (retain_graph=True cannot backward through it twice)")
         ctx.used = True
         grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.item()  # a Python number: bf16 gradients are scaled in fp32, not by a bf16-rounded scale
         for grad in (grad_hidden, grad_weight):
             if grad is not None:
-                grad.mul_(grad_loss.to(grad.dtype))
+                grad.mul_(scale)
         return grad_hidden, grad_weight, None, None, None, None
 
 
