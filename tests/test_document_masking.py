@@ -74,6 +74,19 @@ def test_varlen_attention_matches_dense_mask_forward_and_backward(family):
     torch.testing.assert_close(varlen_logits[:1, :7], alone, rtol=1e-10, atol=1e-10)
 
 
+def _cpu_has_avx512() -> bool:
+    try:
+        return "avx512f" in open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+
+
+# Seen 2026-12-01 on an AMD EPYC VM (Zen 3, AVX2 only), at this test's code of the day before as well: torch 2.13's
+# compiled CPU flex attention returned NaN for half the logits of this packed batch; the Intel Xeon (AVX-512) CI
+# passes. Not our mask (test_flex_attention_block_mask_matches_dense_mask_with_padding_and_a_cache checks it
+# elementwise); which CPU feature matters is not established.
+@pytest.mark.xfail(not _cpu_has_avx512(), reason="torch's CPU flex attention gave NaN on an AVX2-only AMD EPYC",
+                   strict=False)
 def test_flex_attention_matches_dense_mask_forward():
     # FlexAttention has no backward on CPU (torch 2.13 raises NotImplementedError); check_cuda_paths.py checks
     # its backward on CUDA. One model only: transformers compiles flex_attention on first use (seconds here).
