@@ -1,11 +1,12 @@
 """`seedlm train` against a bare PyTorch loop, and per-rank memory of ZeRO 0-3, side by side in one run.
 
 1. Throughput: the same model preset, batch and AdamW hyperparameters, on the same packed batches:
-   a bare loop (model, torch.optim.AdamW, clip, no DeepSpeed) and `seedlm train` (ZeRO 0 and ZeRO 1, its
-   metrics.jsonl giving tokens/s per step), each a fresh process so that neither inherits the other's
-   heap or threads. Median over the steps after warm-up; the three run in turn in each of --rounds rounds,
-   and each ratio to the bare loop is taken within a round and reported as min / median / max over the
-   rounds (benchmarks/rounds.py). Goal: overhead <= 10% in the worst round.
+   a bare loop (model, torch.optim.AdamW, clip, no DeepSpeed) and `seedlm train` (ZeRO 0 and ZeRO 1; the
+   Trainer itself, paced), each a fresh process so that neither inherits the other's heap or threads, and
+   all three stepped in turn one step at a time (paced_loops), so that a machine whose speed drifts slows
+   them alike. --rounds rounds of --steps steps after --warmup; each ratio to the bare loop is taken within
+   a round and reported as min / median / max over the rounds (benchmarks/rounds.py). Goal: overhead <= 10%
+   in the worst round.
 2. Memory: on 2 gloo ranks, the bytes each rank holds in parameters (its ZeRO-3 partition), fp32 master
    copies and optimizer state after one step, for ZeRO 0, 1, 2 and 3. Goal: ZeRO-3 <= 0.55x ZeRO-0.
 
@@ -16,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import random
@@ -34,51 +34,159 @@ from benchmarks.rounds import (  # noqa: E402
     add_rounds_argument,
     goal,
     goal_status,
-    interleaved_rounds,
     ratio_spread,
     resolve_rounds,
 )
 
 
-def bare_loop_tokens_per_sec(preset: str, tok_dir: Path, data_args: dict, steps: int, warmup: int, lr: float) -> float:
-    """Plain PyTorch: fetch a batch, forward with labels, backward, clip, AdamW step; per-step times."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class BareLoop:
+    """Plain PyTorch: fetch a batch, forward with labels, backward, clip, AdamW step."""
 
-    from seedlm.data_pipeline import DataConfig, build_dataloader, load_tokenizer
-    from seedlm.launch.presets import load_model_config
+    def __init__(self, preset: str, tok_dir: Path, data_args: dict, lr: float):
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(tok_dir)
-    data_cfg = DataConfig.from_dict({**data_args, "tokenizer": str(tok_dir)})
-    batches = iter(build_dataloader(data_cfg, tokenizer))
-    config = load_model_config(preset, vocab_size=len(tokenizer))
-    torch.manual_seed(0)
-    net = AutoModelForCausalLM.from_config(config).train()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()  # the batch fetch counts, as in the trainer's tokens/s window
-        batch = next(batches)
-        loss = net(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss
+        from seedlm.data_pipeline import DataConfig, build_dataloader, load_tokenizer
+        from seedlm.launch.presets import load_model_config
+
+        tokenizer = load_tokenizer(tok_dir)
+        data_cfg = DataConfig.from_dict({**data_args, "tokenizer": str(tok_dir)})
+        self.batches = iter(build_dataloader(data_cfg, tokenizer))
+        config = load_model_config(preset, vocab_size=len(tokenizer))
+        torch.manual_seed(0)
+        self.net = AutoModelForCausalLM.from_config(config).train()
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(self) -> None:
+        import torch
+
+        batch = next(self.batches)  # the batch fetch counts, as in the trainer's tokens/s window
+        loss = self.net(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"]).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    return data_cfg.micro_batch_size * data_cfg.seq_len / statistics.median(times)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
-def bare_loop_in_subprocess(preset: str, tok_dir: Path, data_args: dict, steps: int, warmup: int, lr: float) -> float:
-    """bare_loop_tokens_per_sec in a fresh process (2 torch threads), as `seedlm train` runs."""
-    spec = json.dumps({"preset": preset, "tok_dir": str(tok_dir), "data_args": data_args, "steps": steps,
-                       "warmup": warmup, "lr": lr})
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--bare-worker", spec], cwd=REPO,
-                            env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"bare loop failed:\n{result.stderr[-2000:]}")
-    return float(result.stdout.strip().splitlines()[-1])
+# ---------------------------------------------------------------- paced loops
+# This VM kind's speed drifts from minute to minute (a 2048^3 matmul at 70-145 GFLOP/s within one minute), so
+# loops run one after the other, even in rounds, compare different machines. Here each loop lives in its own
+# fresh process (its own heap and threads) and the coordinator lets one step run at a time, the loops in turn:
+# a drift slows every loop's steps alike.
+
+PACE_GAP_S = 0.05  # between turns: the last loop's OpenMP threads stop spinning before the next one starts
+
+
+def train_overrides(tok_dir: Path, data_args: dict, max_steps: int, lr: float, out: Path, extra=()) -> list[str]:
+    """`seedlm train` overrides for the benchmark loader's data: no eval, one save at the end, no progress bar."""
+    return [
+        f"output_dir={out}", f"tokenizer.path={tok_dir}", f"max_steps={max_steps}", f"train.lr={lr}",
+        "train.warmup_steps=0", "train.eval_interval=0", f"save_interval={max_steps}", "train.progress_bar=false",
+        "train.tensorboard=false", "train.peak_tflops=1.0", "resume=none",
+        f"model_overrides.vocab_size={data_args['vocab_size']}", *extra,
+    ] + [f"data.{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in data_args.items()
+         if k != "vocab_size"]
+
+
+def paced_worker(spec: dict) -> None:
+    """One loop in this process, stepped by the coordinator over the socket `spec['fd']`: ('ready', name) once
+    built, then for each 'go' one step, answered with the seconds from the 'go' to the next step's start (so the
+    trainer's own work between steps counts); 'finish' runs the last step untimed and lets the loop end."""
+    from multiprocessing.connection import Connection
+
+    import torch
+
+    torch.set_num_threads(2)
+    conn = Connection(spec["fd"])
+    if spec["loop"] == "bare":
+        loop = BareLoop(spec["preset"], Path(spec["tok_dir"]), spec["data_args"], spec["lr"])
+        conn.send(("ready", spec["name"]))
+        while conn.recv() == "go":
+            start = time.perf_counter()
+            loop.step()
+            conn.send(time.perf_counter() - start)
+        return
+
+    from seedlm.launch.config import check_run_config, load_run_config
+    from seedlm.launch.distributed import exit_process
+    from seedlm.launch.trainer import Trainer
+
+    class PacedTrainer(Trainer):
+        go_time: float | None = None
+        started = False
+
+        def train_step(self, batches):
+            now = time.perf_counter()
+            if not self.started:
+                conn.send(("ready", spec["name"]))
+                self.started = True
+            elif self.go_time is not None:
+                conn.send(now - self.go_time)
+            self.go_time = time.perf_counter() if conn.recv() == "go" else None
+            return super().train_step(batches)
+
+    run = load_run_config(spec["preset"], spec["overrides"])
+    check_run_config(run)
+    PacedTrainer(run).train()
+    exit_process(0)  # as the `seedlm` command leaves (gloo's teardown)
+
+
+def paced_loops(specs: dict[str, dict], warmup: int, steps: int, logdir: Path) -> dict[str, list[float]]:
+    """{name: seconds of each timed step}: each loop of `specs` in a fresh process (paced_worker), all built
+    first, then one step at a time, the loops in turn, the order rotated each step. A trainer spec runs
+    warmup + steps + 1 steps (its max_steps): the last one is the untimed 'finish'."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    procs, conns, logs = {}, {}, {}
+    try:
+        for name, spec in specs.items():
+            ours, theirs = socket.socketpair()
+            logs[name] = open(logdir / f"{name}.log", "w+")
+            procs[name] = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--paced-worker",
+                 json.dumps({**spec, "name": name, "fd": theirs.fileno()})],
+                cwd=REPO, env=env, pass_fds=[theirs.fileno()], stdout=logs[name], stderr=subprocess.STDOUT)
+            theirs.close()  # the child holds its end: a child that dies closes the socket, and recv raises EOFError
+            conns[name] = Connection(ours.detach())
+
+        def receive(name):
+            try:
+                return conns[name].recv()
+            except EOFError:
+                procs[name].wait()
+                logs[name].seek(0)
+                raise RuntimeError(f"{name} loop failed (exit {procs[name].returncode}):\n"
+                                   f"{logs[name].read()[-3000:]}") from None
+
+        for name in specs:
+            message = receive(name)
+            if message != ("ready", name):
+                raise RuntimeError(f"{name} loop: expected ('ready', {name!r}), got {message!r}")
+        seconds = {name: [] for name in specs}
+        names = list(specs)
+        for i in range(warmup + steps):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                time.sleep(PACE_GAP_S)
+                conns[name].send("go")
+                busy = receive(name)
+                if i >= warmup:
+                    seconds[name].append(busy)
+        for name in names:
+            conns[name].send("finish")
+        for name, proc in procs.items():
+            if proc.wait(timeout=600) != 0:
+                logs[name].seek(0)
+                raise RuntimeError(f"{name} loop exited {proc.returncode}:\n{logs[name].read()[-3000:]}")
+        return seconds
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for f in logs.values():
+            f.close()
 
 
 def seedlm_train_records(preset, tok_dir, data_args, max_steps, lr, workdir, name, nproc=1, overrides=()):
@@ -89,13 +197,7 @@ def seedlm_train_records(preset, tok_dir, data_args, max_steps, lr, workdir, nam
     from seedlm.launch.distributed import free_port
 
     out = workdir / name
-    overrides = [
-        f"output_dir={out}", f"tokenizer.path={tok_dir}", f"max_steps={max_steps}", f"train.lr={lr}",
-        "train.warmup_steps=0", "train.eval_interval=0", f"save_interval={max_steps}", "train.progress_bar=false",
-        "train.tensorboard=false", "train.peak_tflops=1.0", "resume=none",
-        f"model_overrides.vocab_size={data_args['vocab_size']}", *overrides,
-    ] + [f"data.{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in data_args.items()
-         if k != "vocab_size"]
+    overrides = train_overrides(tok_dir, data_args, max_steps, lr, out, overrides)
     env = dict(os.environ, HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     launcher = [sys.executable]
     if nproc > 1:
@@ -107,13 +209,6 @@ def seedlm_train_records(preset, tok_dir, data_args, max_steps, lr, workdir, nam
     if result.returncode != 0:
         raise RuntimeError(f"seedlm train ({name}) failed:\n{result.stderr[-2000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def seedlm_train_tokens_per_sec(preset, tok_dir, data_args, steps, warmup, lr, zero_stage, workdir, name=None) -> float:
-    records = seedlm_train_records(preset, tok_dir, data_args, warmup + steps, lr, workdir,
-                                   name or f"run_zero{zero_stage}", overrides=[f"zero_stage={zero_stage}"])
-    per_step = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][warmup:]
-    return statistics.median(per_step)
 
 
 def memory_worker(zero_stage: int, preset: str, vocab: int, out_dir: Path) -> None:
@@ -199,14 +294,14 @@ def loader_args(corpus: Path, seq_len: int, micro_batch_size: int) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gated_moe_tiny", help="model preset (configs/models)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round and loop")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="a few steps, to check the script runs")
     add_rounds_argument(p)
     p.add_argument("--memory-worker", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--bare-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--paced-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, default=4096, help=argparse.SUPPRESS)
     p.add_argument("--memory-out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -217,7 +312,8 @@ def parse_args(argv=None):
 
 
 def measure(args) -> dict:
-    """Bare loop and `seedlm train` ZeRO 0/1 tokens/s per round, per-rank memory of ZeRO 0-3, the step's FLOPs."""
+    """Bare loop and `seedlm train` ZeRO 0/1 tokens/s per round (paced_loops: --rounds rounds of --steps steps
+    each), per-rank memory of ZeRO 0-3, the step's FLOPs."""
     import torch
 
     from benchmarks.floors import training_step_flops
@@ -228,15 +324,18 @@ def measure(args) -> dict:
         workdir = Path(tmp)
         corpus, tok_dir, vocab = tiny_corpus_and_tokenizer(workdir)
         data_args = loader_args(corpus, args.seq_len, args.micro_batch_size)
-        runs = itertools.count()  # each `seedlm train` run writes its own output folder
-        measures = {"bare": lambda: bare_loop_in_subprocess(args.preset, tok_dir, data_args, args.steps, args.warmup,
-                                                            1e-3)}
+        timed = args.rounds * args.steps
+        specs = {"bare": {"loop": "bare", "preset": args.preset, "tok_dir": str(tok_dir), "data_args": data_args,
+                          "lr": 1e-3}}
         for stage in (0, 1):
-            measures[stage] = lambda stage=stage: seedlm_train_tokens_per_sec(
-                args.preset, tok_dir, {**data_args, "vocab_size": vocab}, args.steps, args.warmup, 1e-3, stage,
-                workdir, name=f"run{next(runs)}_zero{stage}")
-        rounds = interleaved_rounds(measures, args.rounds)  # in turn: a disturbance hits one round of each loop
-        bare, ours = rounds.pop("bare"), rounds
+            overrides = train_overrides(tok_dir, {**data_args, "vocab_size": vocab}, args.warmup + timed + 1, 1e-3,
+                                        workdir / f"run_zero{stage}", [f"zero_stage={stage}"])
+            specs[stage] = {"loop": "seedlm train", "preset": args.preset, "overrides": overrides}
+        seconds = paced_loops(specs, args.warmup, timed, workdir)
+        tokens = args.micro_batch_size * args.seq_len
+        per_round = {name: [tokens / statistics.median(s[r * args.steps:(r + 1) * args.steps])
+                            for r in range(args.rounds)] for name, s in seconds.items()}
+        bare, ours = per_round.pop("bare"), per_round
         memory = memory_by_stage(args.preset, vocab, stages=(0, 3) if args.smoke else (0, 1, 2, 3))
     flops = training_step_flops(load_model_config(args.preset, vocab_size=vocab), args.micro_batch_size, args.seq_len)
     return {"args": vars(args), "threads": torch.get_num_threads(), "bare": bare, "ours": ours, "memory": memory,
@@ -251,10 +350,12 @@ def report(result: dict, peak_flops: float) -> str:
     peak_share = lambda tps: Spread.of(100 * floor * t / tokens for t in tps).format("{:.0f}", "%")
     lines = [
         f"`seedlm train` against a bare PyTorch loop: preset {a['preset']}, {a['micro_batch_size']}x{a['seq_len']} "
-        f"batches from the same loader, AdamW, clipping; each loop a fresh process with {result['threads']} threads; "
-        f"median tokens/s over {a['steps']} steps after {a['warmup']} warm-up steps; {a['rounds']} rounds, the "
-        "loops in turn in each. Tokens/s: the median over the rounds; ratios: min / median / max over the rounds, "
-        "each taken within a round. % of peak: the step's forward + backward FLOPs (AdamW not counted) at the "
+        f"batches from the same loader, AdamW, clipping; each loop a fresh process with {result['threads']} threads, "
+        f"all three stepped in turn, one step at a time (the order rotated each step, {PACE_GAP_S * 1000:.0f} ms "
+        f"between turns, the time from a step's start to the next one's counted); {a['warmup']} warm-up steps, then "
+        f"{a['rounds']} rounds of {a['steps']} steps, tokens/s the median step of a round. Tokens/s: the median over "
+        "the rounds; ratios: min / median / max over the rounds, each taken within a round. % of peak: the step's "
+        "forward + backward FLOPs (AdamW not counted) at the "
         "matmul peak.",
         "",
         "| loop | tokens/s | vs bare loop | % of peak |",
@@ -291,13 +392,8 @@ def main(argv=None) -> int:
 
         memory_worker(args.memory_worker, args.preset, args.vocab, args.memory_out)
         exit_process(0)  # not the interpreter's teardown, where DeepSpeed's gloo groups can abort the rank
-    if args.bare_worker is not None:
-        import torch
-
-        torch.set_num_threads(2)
-        spec = json.loads(args.bare_worker)
-        print(bare_loop_tokens_per_sec(spec["preset"], Path(spec["tok_dir"]), spec["data_args"], spec["steps"],
-                                       spec["warmup"], spec["lr"]))
+    if args.paced_worker is not None:
+        paced_worker(json.loads(args.paced_worker))
         return 0
     import torch
 
