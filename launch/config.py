@@ -373,7 +373,8 @@ def world_size_from_environment(env=os.environ) -> tuple[int, str]:
 def check_run_config(run: RunConfig, world_size: int | None = None):
     """Every check of a loaded config that needs neither data nor a process group, so that `--print-config`
     refuses what the run would: the model config, expert parallelism against the world size (None: from the
-    environment) and ZeRO stage, and the tokenizer's fit in the model's vocabulary. Returns the model config."""
+    environment) and ZeRO stage, the tokenizer's fit in the model's vocabulary, and an attention kernel this
+    machine cannot train with. Returns the model config."""
     from seedlm.launch.expert_parallel import ExpertParallelError, validate_expert_parallel
 
     model_config = model_config_from_run(run)
@@ -386,6 +387,13 @@ def check_run_config(run: RunConfig, world_size: int | None = None):
     except ExpertParallelError as err:
         raise ExpertParallelError(f"{err} (world size {world_size}, from {where})") from None
     check_tokenizer_fits(run, model_config.vocab_size)
+    if run.train.attn_implementation == "flex_attention":
+        import torch
+
+        if not torch.cuda.is_available():  # model/layers.py refuses it too; here before the data and the engine
+            raise ConfigError("train.attn_implementation=flex_attention needs CUDA: torch's CPU FlexAttention has no "
+                              "backward, and its forward reads past the end of q/k/v at some lengths (wrong values "
+                              "or NaN); on CPU use sdpa or varlen_attention")
     return model_config
 
 

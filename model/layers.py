@@ -4,7 +4,7 @@ and the SwiGLU MLP.
 Imports only torch and transformers (this file travels with exported checkpoints for trust_remote_code).
 The attention kernel is chosen through transformers' attention interface (`config._attn_implementation`):
 "sdpa" (default, CPU and GPU), "eager" (needed to return attention weights, e.g. for attention-sink
-statistics), and for packed documents without a dense [T, T] mask: "flex_attention" (a document block mask),
+statistics), and for packed documents without a dense [T, T] mask: "flex_attention" (CUDA; a document block mask),
 "varlen_attention" (torch's varlen flash kernel from cu_seqlens, registered below) or "flash_attention_2"
 (flash-attn's varlen kernel, read from position_ids by transformers; only when flash-attn is installed).
 """
@@ -202,10 +202,12 @@ def causal_attention_mask(
     device = position_ids.device if position_ids is not None else attention_mask.device
     key_mask = attention_mask[:, -key_length:].bool() if padded else None
     if attn_implementation == "flex_attention":
-        if device.type == "cpu" and torch.is_grad_enabled():  # say so before the forward, not in backward
-            raise ValueError("attn_implementation='flex_attention' has no backward on CPU (torch's FlexAttention): "
-                             "train on CPU with 'varlen_attention' or 'sdpa', or run this forward under "
-                             "torch.no_grad()")
+        if device.type == "cpu":  # said before the forward: its results would be wrong, and training fails late
+            raise ValueError(
+                "attn_implementation='flex_attention' runs on CUDA only here: torch's compiled CPU FlexAttention has "
+                "no backward, and its forward (torch 2.13) reads past the end of q/k/v at some lengths (seen: "
+                "lengths 8, 24, ..., 120 on an AVX2 CPU), returning wrong values or NaN. On CPU use 'sdpa' or "
+                "'varlen_attention' (the same attention, exact)")
         return document_block_mask(docs, key_mask, query_length, past_length, batch_size, device)
     plain_causal = not packed and not padded and (past_length == 0 or query_length == 1)
     if attn_implementation in ("sdpa", VARLEN_ATTENTION) and plain_causal:

@@ -135,6 +135,12 @@ def test_the_host_allocator_cache_and_a_fixed_threshold_are_not_taken_together(c
     assert code == 2 and out == "" and "choose one" in err
 
 
+def test_flex_attention_is_refused_for_training_without_cuda(capsys):
+    code, out, err = train(capsys, "gated_moe_tiny", "train.attn_implementation=flex_attention", "--print-config")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "flex_attention needs CUDA" in err and "use sdpa or varlen_attention" in err
+
+
 KEEP_FREED_PROBE = """
 import resource, sys, torch
 from seedlm.launch.host_memory import keep_freed_blocks

@@ -1,5 +1,6 @@
-"""Packed documents without a dense [T, T] mask: varlen attention (cu_seqlens) and FlexAttention (a document
-block mask) give the dense-mask path's outputs and gradients, in both model families."""
+"""Packed documents without a dense [T, T] mask: varlen attention (cu_seqlens) gives the dense-mask path's outputs
+and gradients, in both model families; FlexAttention's document block mask equals the dense mask (its kernel is
+refused on CPU and checked on CUDA by benchmarks/check_cuda_paths.py)."""
 
 import copy
 
@@ -7,7 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from seedlm.model.layers import DocumentSpans, causal_attention_mask, packed_cu_seqlens
+from seedlm.model.layers import (
+    DocumentSpans,
+    causal_attention_mask,
+    document_block_mask,
+    document_ids,
+    packed_cu_seqlens,
+)
 from tests.test_deltaproduct_model import make_model as make_deltaproduct
 from tests.test_gated_moe import make_model as make_gated_moe
 
@@ -74,44 +81,28 @@ def test_varlen_attention_matches_dense_mask_forward_and_backward(family):
     torch.testing.assert_close(varlen_logits[:1, :7], alone, rtol=1e-10, atol=1e-10)
 
 
-def _cpu_has_avx512() -> bool:
-    try:
-        return "avx512f" in open("/proc/cpuinfo").read()
-    except OSError:
-        return True
-
-
-# Seen 2026-12-01 on an AMD EPYC VM (Zen 3, AVX2 only), at this test's code of the day before as well: torch 2.13's
-# compiled CPU flex attention returned NaN for half the logits of this packed batch; the Intel Xeon (AVX-512) CI
-# passes. Not our mask (test_flex_attention_block_mask_matches_dense_mask_with_padding_and_a_cache checks it
-# elementwise); which CPU feature matters is not established.
-@pytest.mark.xfail(not _cpu_has_avx512(), reason="torch's CPU flex attention gave NaN on an AVX2-only AMD EPYC",
-                   strict=False)
-def test_flex_attention_matches_dense_mask_forward():
-    # FlexAttention has no backward on CPU (torch 2.13 raises NotImplementedError); check_cuda_paths.py checks
-    # its backward on CUDA. One model only: transformers compiles flex_attention on first use (seconds here).
+def test_flex_attention_is_refused_on_cpu_before_the_forward():
+    # torch 2.13's compiled CPU FlexAttention read past the end of q/k/v here (AMD EPYC, AVX2: NaN or wrong logits
+    # for this 24-token batch) and has no backward: refused with the reason, in training and under no_grad alike
     model = make_gated_moe(dtype=torch.float32)
     flex_model = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), attn_implementation="flex_attention")
-    flex_model.load_state_dict(model.state_dict())
     input_ids, position_ids = packed_batch(model.config.vocab_size)
-    with torch.no_grad():
-        dense = model(input_ids, position_ids=position_ids).logits
-        flex = flex_model.eval()(input_ids, position_ids=position_ids).logits
-    torch.testing.assert_close(flex, dense, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="'flex_attention' has no backward on CPU.*'varlen_attention' or 'sdpa'"):
-        flex_model(input_ids, position_ids=position_ids)  # a training forward here: refused before it runs
+    reason = "'flex_attention' runs on CUDA only.*reads past the end.*use 'sdpa' or 'varlen_attention'"
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match=reason):
+            flex_model(input_ids, position_ids=position_ids)
 
 
-@torch.no_grad()  # generation: FlexAttention runs forward-only on CPU
 def test_flex_attention_block_mask_matches_dense_mask_with_padding_and_a_cache():
+    # the BlockMask itself (built on CPU; check_cuda_paths.py runs it through the kernel on CUDA)
     padding = torch.ones(2, 10, dtype=torch.long)
     padding[1, :4] = 0  # left padding in row 1; 6 cached tokens, 4 new ones
     dense = causal_attention_mask("sdpa", 4, 6, padding, None, batch_size=2)  # [2, 1, 4, 10]
-    block_mask = causal_attention_mask("flex_attention", 4, 6, padding, None, batch_size=2)
+    block_mask = document_block_mask(None, padding.bool(), 4, 6, 2, "cpu")
     b, q, kv = torch.meshgrid(torch.arange(2), torch.arange(4), torch.arange(10), indexing="ij")
     assert torch.equal(block_mask.mask_mod(b, 0, q, kv), dense[:, 0])
     packed = causal_attention_mask("sdpa", 24, 0, None, POSITION_IDS, batch_size=2)
-    block_mask = causal_attention_mask("flex_attention", 24, 0, None, POSITION_IDS, batch_size=2)
+    block_mask = document_block_mask(document_ids(POSITION_IDS), None, 24, 0, 2, "cpu")
     b, q, kv = torch.meshgrid(torch.arange(2), torch.arange(24), torch.arange(24), indexing="ij")
     assert torch.equal(block_mask.mask_mod(b, 0, q, kv), packed[:, 0])
 
