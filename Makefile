@@ -26,8 +26,10 @@ install: $(STAMP)
 quickstart: install
 	$(VENV)/bin/seedlm train quickstart
 
+# two workers (pytest-xdist): much of a test is one process importing torch or waiting on its ranks, so two
+# side by side use the two cores of a small machine; the SLURM tests share one worker (tests/test_slurm.py)
 test: install
-	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup tests
 
 bench: install
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/seedlm bench
