@@ -51,6 +51,7 @@ def parse_args(argv=None):
     if args.smoke:
         args.vocab_size, args.train_chars, args.seq_len, args.batch_size = 512, 300_000, 128, 4
         args.seconds, args.steps, args.shuffle_buffer = 1.0, 1, 16
+        args.workers = [0, 1]  # in-process and worker-process loading; a second worker is the same code
     return args
 
 
