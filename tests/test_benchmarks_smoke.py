@@ -168,8 +168,8 @@ def test_seedlm_bench_runs_a_memory_benchmark_with_its_rounds():
     assert len(times) == 2  # one row per T of the smoke sizes, each with its spread
 
 
-# The smoke run of every benchmark, in two halves of about the same time, so that the test suite's two workers
-# (pytest-xdist, Makefile) can run them side by side; together they are a whole `seedlm bench --smoke`.
+# The smoke run of every benchmark in two halves of about the same time (~4 minutes each on the AMD EPYC VM), each
+# well inside its timeout; together they are a whole `seedlm bench --smoke`.
 SMOKE_HALVES = [
     ["gated_moe", "delta_product", "data_pipeline", "trainer", "loss_memory", "delta_product_memory",
      "activation_checkpointing", "checkpoint_save"],
@@ -189,7 +189,7 @@ def test_seedlm_bench_smoke_rewrites_only_the_marked_blocks_of_a_readme_copy(tmp
     with readme.open("ab") as f:  # someone's own subsection, Windows line endings and trailing spaces included
         f.write(b"\n### Someone's own subsection\r\n\r\ntrailing text  \r\n")
     before = readme.read_bytes().decode()
-    # each benchmark starts its own process (measure_in_child); ~5 minutes a half on the AMD EPYC kind
+    # each benchmark starts its own process (measure_in_child)
     result = seedlm_bench("--smoke", "--only", *half, "--readme", str(readme), timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     after = readme.read_bytes().decode()

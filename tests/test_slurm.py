@@ -19,8 +19,7 @@ import pytest
 
 from tests.helpers import tiny_run_overrides, write_tiny_corpus_and_tokenizer
 
-# one cluster (munge and the slurm daemons are the machine's): every test of this file on one xdist worker
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
