@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -53,23 +52,39 @@ def model_fields(smoke: bool) -> dict:
             "model_overrides.moe_intermediate_size": 512, "model_overrides.shared_expert_intermediate_size": 512}
 
 
+def build_deepspeed_shm_op() -> None:
+    """DeepSpeed compiles its shared-memory collectives for CPU (g++, ~1.2 GB resident) in the first gloo run on a
+    machine (a torch extension, cached after): built here, in this process, because a rank's peak RSS under
+    /usr/bin/time counts the compiler it waited for (rusage of reaped children); a first measured run read
+    1.78 GB for the tiny model's rank 1."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
 def two_rank_train_peak_rss(train_args: list[str], cwd: Path, timeout: float | None = None) -> list[int]:
     """`seedlm train TRAIN_ARGS` on 2 gloo ranks (one thread each), each rank under /usr/bin/time: each rank's
-    peak RSS in bytes. glibc's own MALLOC_* variables are dropped: the run's settings are what is measured."""
+    peak RSS in bytes, in rank order. glibc's own MALLOC_* variables are dropped: the run's settings are what is
+    measured."""
     from seedlm.launch.distributed import free_port
 
+    build_deepspeed_shm_op()
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"):
         env.pop(name, None)
     with tempfile.TemporaryDirectory() as tmp:
-        peak_file = Path(tmp) / "peak_rss.txt"  # each rank appends its line in one write (stderr interleaves)
+        # each rank writes its own file, named by the RANK torchrun gives it (sh expands it): one file for all
+        # gets the lines in the order the ranks exit, which a loaded machine changes from run to run
+        peak_file = Path(tmp) / "peak_rss_kb"
+        rank_under_time = 'exec /usr/bin/time -o "$0.$RANK" -f %M "$@"'
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "--no-python", "/usr/bin/time", "-a", "-o", str(peak_file),
-               "-f", "peak_rss_kb=%M", sys.executable, "-m", "seedlm.launch.cli", "train", *train_args]
+               f"--master_port={free_port()}", "--no-python", "sh", "-c", rank_under_time, str(peak_file),
+               sys.executable, "-m", "seedlm.launch.cli", "train", *train_args]
         result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"seedlm train on 2 ranks failed:\n{result.stderr[-4000:]}")
-        return [int(kb) * 1024 for kb in re.findall(r"peak_rss_kb=(\d+)", peak_file.read_text())]
+        return [int(Path(f"{peak_file}.{rank}").read_text().split()[-1]) * 1024 for rank in range(2)]
 
 
 def run(a, workdir: Path, corpus: Path, tok: Path, mode: str, index: int) -> dict:
