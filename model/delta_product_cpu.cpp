@@ -20,8 +20,6 @@
 extern "C" void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
                        const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
-extern "C" void strsm_(const char* side, const char* uplo, const char* ta, const char* diag, const int* m, const int* n,
-                       const float* alpha, const float* a, const int* lda, float* b, const int* ldb);
 
 namespace {
 
@@ -86,6 +84,58 @@ void scale_by_token_decay(float* M, int rows, const float* tdec, int Ct, int n, 
     float* row = M + (size_t)i * C;
     for (int j = 0; j < C; ++j) row[j] *= decay[j];
   }
+}
+
+// 8 floats, GCC's vector extension: an AVX register where there is one, lowered to whatever the target has elsewhere
+typedef float f8 __attribute__((vector_size(32)));
+inline f8 load8(const float* p) {
+  f8 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+inline void store8(float* p, f8 x) { std::memcpy(p, &x, sizeof x); }
+
+// Tm = (I + tril(A, -1))^-1 for row-major C x C (A's diagonal and upper part are not read), by forward substitution:
+// row i of Tm = e_i - sum_{j<i} A[i, j] Tm[j, :], where row j is zero after column j. Four rows at a time: first the
+// finished rows' terms, 16 columns at a time in 8 register accumulators (independent chains; one row alone is a
+// chain of dependent FMAs, latency-bound), then the four rows' own terms in order. Rows are padded to a multiple of
+// 16 in a scratch copy. On a 63 x 63 triangle (AMD EPYC): 4 us, where MKL's strsm took 19-23 us (10% of the kernel)
+// and row-by-row axpys 11 us.
+void unit_lower_inverse(const float* __restrict A, int C, float* __restrict Tm) {
+  const int L = (C + 15) / 16 * 16;
+  thread_local std::vector<float> padded;
+  if (padded.size() < (size_t)C * L) padded.resize((size_t)C * L);
+  float* __restrict W = padded.data();
+  std::fill(W, W + (size_t)C * L, 0.f);
+  for (int i0 = 0; i0 < C; i0 += 4) {
+    const int R = std::min(4, C - i0);
+    const float* a[4];  // the rows of A; past the last row, the last one again (computed, not stored)
+    for (int r = 0; r < 4; ++r) a[r] = A + (size_t)(i0 + std::min(r, R - 1)) * C;
+    for (int cb = 0; cb < i0; cb += 16) {  // columns [cb, cb + 16): rows j >= cb have terms there
+      f8 acc[4][2] = {};
+      for (int j = cb; j < i0; ++j) {
+        const f8 t0 = load8(W + (size_t)j * L + cb), t1 = load8(W + (size_t)j * L + cb + 8);
+        for (int r = 0; r < 4; ++r) {
+          acc[r][0] -= a[r][j] * t0;
+          acc[r][1] -= a[r][j] * t1;
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        store8(W + (size_t)(i0 + r) * L + cb, acc[r][0]);
+        store8(W + (size_t)(i0 + r) * L + cb + 8, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* row = W + (size_t)(i0 + r) * L;
+      row[i0 + r] = 1.f;
+      for (int s = 0; s < r; ++s) {
+        const float f = a[r][i0 + s];
+        const float* t = W + (size_t)(i0 + s) * L;
+        for (int m = 0; m < L; m += 8) store8(row + m, load8(row + m) - f * load8(t + m));
+      }
+    }
+  }
+  for (int i = 0; i < C; ++i) std::copy(W + (size_t)i * L, W + (size_t)i * L + C, Tm + (size_t)i * C);
 }
 
 // Inputs of a call: the tensors and their strides (see the top of the file).
@@ -156,15 +206,7 @@ void intra_pair(const Dims& d, int p, const In& in, Intra& x) {
   gemm(false, true, C + Ct, C, K, 1.f, kb, K, kp, ldk, 0.f, A, C);  // [A; Aq] = [beta K; Q] K^T
   scale_by_token_decay(A, C, tdec, Ct, n, n);  // row i of A decays like token i / n
   scale_by_token_decay(Aq, Ct, tdec, Ct, n, 1);
-  // Tm = (I + tril(A, -1))^-1: the unit lower-triangular solve (I + L) Tm = I, MKL's strsm. Column-major it
-  // reads Tm^T (I + L)^T = I, the right-side solve against the upper triangle of A's storage.
-  std::fill(Tm, Tm + (size_t)C * C, 0.f);
-  for (int i = 0; i < C; ++i) Tm[i * C + i] = 1.f;
-  {
-    const char side = 'R', uplo = 'U', ta = 'N', diag = 'U';
-    const float one = 1.f;
-    strsm_(&side, &uplo, &ta, &diag, &C, &C, &one, A, &C, Tm, &C);
-  }
+  unit_lower_inverse(A, C, Tm);
   // [U | W] = Tm [beta V | beta exp(gamma) K]
   gemm(false, false, C, LD, C, 1.f, Tm, C, rv, LD, 0.f, UW, LD);
 }
