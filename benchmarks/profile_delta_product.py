@@ -20,8 +20,8 @@ The page-fault count is printed; to see the ops without it, keep freed memory in
 
 --compare OLD_FILE skips the profiler and times this kernel against another copy side by side instead:
 --rounds rounds, the two taking turns within each round (best of 3 calls each), min / median / max per
-cell of the time and of the % of the fp32 matmul peak (benchmarks/floors.py) measured beside that round's
-cell, and time(T_max) / time(T_min) per round, as measured and with each time scaled by its cell's peak.
+cell of the time and of the % of the fp32 matmul peak (benchmarks/floors.py) measured right before each
+timing, and time(T_max) / time(T_min) per round, as measured and with each time scaled by the peak beside it.
 
     git show main:model/delta_product_kernels.py > /tmp/old.py
     python benchmarks/profile_delta_product.py --compare /tmp/old.py --householder 1 2 3 --rounds 5
@@ -108,9 +108,10 @@ def seconds(fn, *fn_args):
 def compare(args, kernels):
     """This kernel against args.compare side by side; prints one line per cell and the linearity per round.
 
-    % of peak is per round, against the matmul peak measured beside that round's cell: on a host whose speed
-    drifts (seen: 70-144 GFLOP/s within a minute on an AMD EPYC VM) a peak taken once at the start would
-    measure the drift, not the kernel."""
+    % of peak is per round, against the matmul peak measured right before that variant's timing in that round's
+    cell: on a host whose speed drifts (seen: 70-144 GFLOP/s within a minute on an AMD EPYC VM) a peak taken once
+    at the start would measure the drift, not the kernel, and one taken per cell is seconds away from the second
+    variant's timing at T = 4096."""
     variants = {"this": kernels, "compared": load_kernels(args.compare)}
     peak = matmul_peak_flops()
     print(f"{cpu_model()}; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (best of 3 at the start); "
@@ -120,30 +121,31 @@ def compare(args, kernels):
     for n in args.householder:
         data = {T: make_inputs(T, n, args.heads, args.head_dim, args.head_dim) for T in args.seq_lens}
         times = {(name, T): [] for name in variants for T in args.seq_lens}
-        peaks = {T: [] for T in args.seq_lens}  # the matmul peak beside each round's cell
+        peaks = {(name, T): [] for name in variants for T in args.seq_lens}  # measured beside each timing
         for kern in variants.values():  # warmup
             forward_backward(kern, *data[lo], n, args.chunk_size)
         for _ in range(args.rounds):
             for T in args.seq_lens:
-                peaks[T].append(matmul_peak_flops(rounds=1))
                 for name, kern in variants.items():
+                    peaks[name, T].append(matmul_peak_flops(rounds=1))
                     best = min(seconds(forward_backward, kern, *data[T], n, args.chunk_size) for _ in range(3))
                     times[name, T].append(best)
         for T in args.seq_lens:
             flops = chunk_delta_product_flops(T, n, args.heads, args.head_dim, args.head_dim, args.chunk_size)
             cells = [f"{name} {spread([1e3 * t for t in times[name, T]])} ms, "
-                     f"{spread([100 * flops / t / p for t, p in zip(times[name, T], peaks[T])])}% of peak"
+                     f"{spread([100 * flops / t / p for t, p in zip(times[name, T], peaks[name, T])])}% of peak"
                      for name in variants]
-            print(f"n_h={n} T={T}: " + "; ".join(cells) + f" (round peaks {spread([p / 1e9 for p in peaks[T]])}"
-                  " GFLOP/s)")
+            beside = [p / 1e9 for name in variants for p in peaks[name, T]]
+            print(f"n_h={n} T={T}: " + "; ".join(cells) + f" (peaks beside the timings {spread(beside)} GFLOP/s)")
         if lo != hi:
             ratios = {name: [a / b for a, b in zip(times[name, hi], times[name, lo])] for name in variants}
             print(f"  time({hi}) / time({lo}) per round, min/median/max: "
                   + "; ".join(f"{name} {spread(r)}" for name, r in ratios.items()))
             # each time in matmul-peak units (time x the peak beside it): the drift between the two cells is out
-            scaled = {name: [a * pa / (b * pb) for a, b, pa, pb in zip(times[name, hi], times[name, lo], peaks[hi],
-                                                                          peaks[lo])] for name in variants}
-            print("  the same, each time scaled by its cell's round peak: "
+            scaled = {name: [a * pa / (b * pb) for a, b, pa, pb in zip(times[name, hi], times[name, lo],
+                                                                          peaks[name, hi], peaks[name, lo])]
+                      for name in variants}
+            print("  the same, each time scaled by the peak measured beside it: "
                   + "; ".join(f"{name} {spread(r)}" for name, r in scaled.items()))
 
 
