@@ -150,7 +150,12 @@ def measure_in_child(module_name: str, argv: list[str]) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # Forked from a fork server that imported torch, transformers and seedlm once, in a process that has run
+    # nothing (no OpenMP thread pool to inherit): a spawned child paid those imports each time, 8-12 s of CPU on
+    # the AMD EPYC VM, 11 times per `seedlm bench`. Each child is still a fresh process with its own heap.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "seedlm", "benchmarks.floors", "benchmarks.rounds"])
+    with ProcessPoolExecutor(1, mp_context=context) as pool:
         return pool.submit(_measure, module_name, argv).result()
 
 

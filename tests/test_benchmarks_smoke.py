@@ -102,20 +102,32 @@ def test_seedlm_bench_help_lists_every_option_and_benchmark():
         assert f"\n  {name} " in result.stdout, name
 
 
-def test_user_mistakes_stop_before_anything_is_measured(tmp_path):
-    result = seedlm_bench("--only", "gated_moee")
-    assert result.returncode == 2
-    assert "argument --only: no benchmark 'gated_moee' (did you mean 'gated_moe'?); the benchmarks: " in result.stderr
-    result = seedlm_bench("--rounds", "1")
-    assert result.returncode == 2 and "argument --rounds: 1: at least 2 rounds are needed" in result.stderr
-    result = seedlm_bench("--readme", str(tmp_path / "missing.md"))
-    assert result.returncode == 2 and "missing.md: no such file" in result.stderr
+def bench_in_process(capsys, *argv) -> tuple[int, str]:
+    """`seedlm bench ARGV` in this process (a fresh interpreter costs ~10 s of imports): (exit code, stderr)."""
+    from seedlm.launch.cli import main as seedlm
+
+    try:
+        code = seedlm(["bench", *argv])
+    except SystemExit as exit:  # argparse's refusals
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
+def test_user_mistakes_stop_before_anything_is_measured(tmp_path, capsys):
+    code, err = bench_in_process(capsys, "--only", "gated_moee")
+    assert code == 2
+    assert "argument --only: no benchmark 'gated_moee' (did you mean 'gated_moe'?); the benchmarks: " in err
+    code, err = bench_in_process(capsys, "--rounds", "1")
+    assert code == 2 and "argument --rounds: 1: at least 2 rounds are needed" in err
+    code, err = bench_in_process(capsys, "--readme", str(tmp_path / "missing.md"))
+    assert code == 2 and "missing.md: no such file" in err
     readme = tmp_path / "README.md"
     readme.write_text("# notes\n<!-- bench:gated_moe -->\n<!-- /bench:gated_moe -->\n")
-    result = seedlm_bench("--only", "gated_moe", "delta_product", "--readme", str(readme))
-    assert result.returncode == 2
-    assert "no block for 'delta_product': add the lines <!-- bench:delta_product -->" in result.stderr
-    assert "measuring" not in result.stderr
+    code, err = bench_in_process(capsys, "--only", "gated_moe", "delta_product", "--readme", str(readme))
+    assert code == 2
+    assert "no block for 'delta_product': add the lines <!-- bench:delta_product -->" in err
+    assert "measuring" not in err
+    assert readme.read_text() == "# notes\n<!-- bench:gated_moe -->\n<!-- /bench:gated_moe -->\n"
 
 
 def test_seedlm_bench_outside_a_checkout_says_it_needs_one(tmp_path, monkeypatch, capsys):
