@@ -29,7 +29,7 @@ quickstart: install
 # one test at a time: two pytest-xdist workers took the 2-core AMD EPYC VM from 38 to 29 min but made the suite
 # flaky (free ports taken by the other worker's ranks, a SLURM signal landing before its run had started)
 test: install
-	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/python -m pytest -q --durations=25 tests
 
 bench: install
 	HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu $(VENV)/bin/seedlm bench
