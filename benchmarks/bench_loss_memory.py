@@ -23,7 +23,6 @@ For each vocabulary size, at --tokens tokens and --hidden hidden size:
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.fresh_process import fresh_process_context  # noqa: E402
 from benchmarks.rounds import Spread, add_rounds_argument, interleaved_rounds, ratio_spread, resolve_rounds  # noqa: E402
 from seedlm.launch.metrics import saved_bytes_for_backward  # noqa: E402
 from seedlm.model.fused_loss import linear_cross_entropy  # noqa: E402
@@ -90,8 +90,8 @@ def rss_and_peak_bytes() -> tuple[int, int]:
 
 
 def cpu_peak_in_fresh_process(name, tokens, hidden, vocab, dtype, threads, queue):
-    """Runs in a spawned process: peak RSS of one forward + backward above the RSS before it. (Not getrusage's
-    ru_maxrss: it survives the exec that starts this process, so it can hold the parent's peak.)"""
+    """Runs in a fresh process: peak RSS of one forward + backward above the RSS before it. (Not getrusage's
+    ru_maxrss: it can hold a parent's peak.)"""
     if threads:
         torch.set_num_threads(threads)
     LOSSES[name](*make_inputs(256, 16, 64, dtype, "cpu")).backward()  # load kernels and thread pools first
@@ -113,7 +113,7 @@ def peak_bytes(name, args, vocab) -> int:
         LOSSES[name](h, w, labels).backward()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    ctx = multiprocessing.get_context("spawn")  # a fresh process: its peak RSS is this step's alone
+    ctx = fresh_process_context("benchmarks.bench_loss_memory")  # a fresh heap: its peak RSS is this step's alone
     queue = ctx.Queue()
     proc = ctx.Process(
         target=cpu_peak_in_fresh_process, args=(name, args.tokens, args.hidden, vocab, dtype, args.threads, queue)

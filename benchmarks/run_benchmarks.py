@@ -147,14 +147,11 @@ def measure_in_child(module_name: str, argv: list[str]) -> dict:
     """One benchmark's measure() in a fresh process, its result sent back. Run in this process, what the
     in-process benchmarks allocate stays in it (glibc keeps freed heap, the allocator's caches): on a 24 GiB
     machine the runner held 12.8 GB by the checkpoint benchmark, whose two ranks then ran it out of memory."""
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    # Forked from a fork server that imported torch, transformers and seedlm once, in a process that has run
-    # nothing (no OpenMP thread pool to inherit): a spawned child paid those imports each time, 8-12 s of CPU on
-    # the AMD EPYC VM, 11 times per `seedlm bench`. Each child is still a fresh process with its own heap.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "seedlm", "benchmarks.floors", "benchmarks.rounds"])
+    from benchmarks.fresh_process import fresh_process_context
+
+    context = fresh_process_context("seedlm", "benchmarks.floors", "benchmarks.rounds")
     with ProcessPoolExecutor(1, mp_context=context) as pool:
         return pool.submit(_measure, module_name, argv).result()
 
