@@ -131,12 +131,11 @@ def test_user_mistakes_stop_before_anything_is_measured(tmp_path, capsys):
 
 
 def test_seedlm_bench_outside_a_checkout_says_it_needs_one(tmp_path, monkeypatch, capsys):
-    from seedlm.launch.cli import main as seedlm
     from seedlm.launch.commands import bench
 
     monkeypatch.setattr(bench, "RUNNER", tmp_path / "benchmarks" / "run_benchmarks.py")  # as from a wheel
-    assert seedlm(["bench", "--smoke"]) == 2
-    err = capsys.readouterr().err
+    code, err = bench_in_process(capsys, "--smoke")
+    assert code == 2
     assert err.count("\n") == 1 and "scripts of a source checkout" in err and "Clone the repository" in err
 
 
